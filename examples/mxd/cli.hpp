@@ -1,0 +1,140 @@
+// SPDX-License-Identifier: MIT
+// Argument parsing shared by the mxd subcommands: positionals, `--flag value`, `--flag=value`.
+#pragma once
+
+#include <cmath>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <mxd/error.hpp>
+
+namespace mxd::cli {
+
+class Args {
+public:
+  /// Parses argv[first..argc); every --flag must be in `flags` (value flags) or `switches`.
+  Args(int argc, char** argv, int first, const std::set<std::string>& flags,
+       const std::set<std::string>& switches = {}) {
+    for (int i = first; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a == "-h" || a == "--help") {
+        help_ = true;
+        continue;
+      }
+      if (a.rfind("--", 0) != 0) {
+        positional_.push_back(a);
+        continue;
+      }
+      std::string key = a.substr(2), value;
+      const auto eq = key.find('=');
+      const bool inline_value = eq != std::string::npos;
+      if (inline_value) {
+        value = key.substr(eq + 1);
+        key = key.substr(0, eq);
+      }
+      if (switches.count(key)) {
+        MXD_CHECK(!inline_value || value == "1" || value == "0", "--", key, " takes no value");
+        values_[key].push_back(inline_value ? value : "1");
+        continue;
+      }
+      MXD_CHECK(flags.count(key), "unknown option --", key, " (see --help)");
+      if (!inline_value) {
+        MXD_CHECK(i + 1 < argc, "option --", key, " needs a value");
+        value = argv[++i];
+      }
+      values_[key].push_back(value);
+    }
+  }
+
+  bool help() const { return help_; }
+  const std::vector<std::string>& positional() const { return positional_; }
+  bool has(const std::string& key) const { return values_.count(key) != 0; }
+  /// Every value given for a repeatable option, in order.
+  std::vector<std::string> all(const std::string& key) const {
+    auto it = values_.find(key);
+    return it == values_.end() ? std::vector<std::string>{} : it->second;
+  }
+  std::string get(const std::string& key, const std::string& fallback) const {
+    auto it = values_.find(key);
+    return it == values_.end() ? fallback : it->second.back();
+  }
+  bool flag(const std::string& key) const { return get(key, "0") == "1"; }
+
+  long long get_int(const std::string& key, long long fallback) const {
+    if (!has(key)) return fallback;
+    const std::string v = get(key, "");
+    std::size_t used = 0;
+    long long out = 0;
+    try {
+      out = std::stoll(v, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    MXD_CHECK(used == v.size() && !v.empty(), "--", key, " = '", v, "' is not an integer");
+    return out;
+  }
+
+  double get_double(const std::string& key, double fallback) const {
+    if (!has(key)) return fallback;
+    const std::string v = get(key, "");
+    std::size_t used = 0;
+    double out = 0;
+    try {
+      out = std::stod(v, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    MXD_CHECK(used == v.size() && !v.empty() && std::isfinite(out), "--", key, " = '", v,
+              "' is not a finite number");
+    return out;
+  }
+
+private:
+  bool help_ = false;
+  std::vector<std::string> positional_;
+  std::map<std::string, std::vector<std::string>> values_;
+};
+
+}  // namespace mxd::cli
+
+#include <mxd/config.hpp>
+
+namespace mxd::cli {
+
+/// The layer flags shared by `mxd train` and `mxd bench`.
+inline const std::set<std::string>& layer_flags() {
+  static const std::set<std::string> f = {"d-in", "d-hidden", "d-out", "experts", "k", "activation"};
+  return f;
+}
+inline const std::set<std::string>& layer_switches() {
+  static const std::set<std::string> s = {"glu", "skip"};
+  return s;
+}
+
+inline const char* layer_flags_help() {
+  return "  --d-in I          input width\n"
+         "  --d-hidden H      hidden width of the encoder\n"
+         "  --d-out O         output width\n"
+         "  --experts N       number of experts\n"
+         "  --k K             experts selected per row\n"
+         "  --activation A    relu | gelu | gelu_tanh | sigmoid | silu\n"
+         "  --glu, --skip     GLU encoder; linear skip connection (needs I == O)\n";
+}
+
+/// Applies the layer flags present in `args` on top of `defaults` and validates the result.
+inline Config layer_config(const Args& args, Config c) {
+  c.d_in = args.get_int("d-in", c.d_in);
+  c.d_hidden = args.get_int("d-hidden", c.d_hidden);
+  c.d_out = args.get_int("d-out", c.d_out);
+  c.n_experts = args.get_int("experts", c.n_experts);
+  c.k = args.get_int("k", c.k);
+  if (args.has("activation")) c.activation = parse_activation(args.get("activation", ""));
+  if (args.has("glu")) c.glu = args.flag("glu");
+  if (args.has("skip")) c.skip = args.flag("skip");
+  c.validate();
+  return c;
+}
+
+}  // namespace mxd::cli

@@ -1,0 +1,11 @@
+// SPDX-License-Identifier: MIT
+// The subcommands of the mxd tool. Each takes argv from the subcommand's name on and returns
+// the exit status; errors are thrown as mxd::Error and reported by main.
+#pragma once
+
+namespace mxd::cli {
+
+int run_eval(int argc, char** argv);  // eval.cpp
+int run_demo(int argc, char** argv);  // demo.cpp: the built-in default job
+
+}  // namespace mxd::cli

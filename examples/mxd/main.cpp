@@ -1,0 +1,56 @@
+// SPDX-License-Identifier: MIT
+// mxd: the command-line tool. With no arguments it runs the built-in default job.
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include <mxd/error.hpp>
+
+#include "commands.hpp"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(int, char**);
+  const char* summary;
+};
+
+const Command commands[] = {
+    {"eval", mxd::cli::run_eval, "forward, backward and loss of a layer stored in a safetensors file"},
+    {"demo", mxd::cli::run_demo, "one forward and backward of a built-in layer, with timings"},
+};
+
+void usage(std::FILE* out) {
+  std::fprintf(out,
+               "mxd: Mixture of Decoders layers (arXiv 2505.21364) from the command line.\n\n"
+               "usage: mxd [COMMAND [ARGS...]]\n"
+               "       mxd COMMAND --help\n\n"
+               "With no command, runs `mxd demo` on its built-in default.\n\ncommands:\n");
+  for (const Command& c : commands) std::fprintf(out, "  %-8s %s\n", c.name, c.summary);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    if (argc < 2) return mxd::cli::run_demo(argc, argv);
+    const std::string name = argv[1];
+    if (name == "-h" || name == "--help" || name == "help") {
+      usage(stdout);
+      return 0;
+    }
+    for (const Command& c : commands)
+      if (name == c.name) return c.run(argc, argv);
+    std::fprintf(stderr, "mxd: unknown command '%s'\n\n", name.c_str());
+    usage(stderr);
+    return 2;
+  } catch (const mxd::Error& e) {
+    std::fprintf(stderr, "mxd: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mxd: internal error: %s\n", e.what());
+    return 3;
+  }
+}

@@ -1,0 +1,379 @@
+// SPDX-License-Identifier: MIT
+/// @file backend/cpu.hpp
+/// @brief backend<cpu>: the layer's primitives on the host, with Eigen GEMMs and OpenMP threads.
+///
+/// Results are bit-identical for any thread count: work is split into pieces whose boundaries
+/// depend only on the shapes, never on the number of threads, and each piece is computed by one
+/// thread in a fixed order. For the same reason mxd does its own threading and asks Eigen not to.
+#pragma once
+
+#ifndef EIGEN_DONT_PARALLELIZE
+#define EIGEN_DONT_PARALLELIZE
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "../activation.hpp"
+#include "../layer.hpp"
+#include "../tensor.hpp"
+
+namespace mxd {
+
+/// Host execution context: how many threads the primitives may use (0 = all available).
+template <>
+struct Context<cpu> {
+  int threads = 0;
+
+  int resolved_threads() const {
+#if defined(_OPENMP)
+    return threads > 0 ? threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+  }
+};
+
+namespace detail {
+
+template <class T>
+struct identity { using type = T; };
+
+// A read-only host view whose T is not deduced from this argument (it converts from View<T>).
+template <class T>
+using cview = View<const typename identity<T>::type, cpu>;
+
+template <class T>
+using EigenMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+                            Eigen::OuterStride<>>;
+template <class T>
+using EigenConstMap =
+    Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+               Eigen::OuterStride<>>;
+
+template <class T>
+EigenConstMap<T> as_eigen(cview<T> v) {
+  return {v.data, v.rows, v.cols, Eigen::OuterStride<>(v.ld)};
+}
+template <class T>
+EigenMap<T> as_eigen(View<T, cpu> v) {
+  return {v.data, v.rows, v.cols, Eigen::OuterStride<>(v.ld)};
+}
+
+// Runs body(i) for i in [0, n) on up to `threads` threads. Each i must be independent work.
+template <class F>
+void parallel_for(int threads, index_t n, F&& body) {
+#if defined(_OPENMP)
+  if (threads > 1 && n > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (index_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  for (index_t i = 0; i < n; ++i) body(i);
+}
+
+// Splits [0, n) into chunks of `grain` and runs body(begin, end) on each chunk.
+template <class F>
+void parallel_chunks(int threads, index_t n, index_t grain, F&& body) {
+  const index_t chunks = (n + grain - 1) / grain;
+  parallel_for(threads, chunks, [&](index_t c) { body(c * grain, std::min(n, (c + 1) * grain)); });
+}
+
+// Strict order of gate candidates: larger value first, then smaller index. A total order, so
+// the selection is unique and independent of the scan order.
+template <class T>
+struct Candidate {
+  T value;
+  std::int32_t index;
+  bool operator<(const Candidate& o) const {  // "better than"
+    return value > o.value || (value == o.value && index < o.index);
+  }
+};
+
+}  // namespace detail
+
+template <>
+struct backend<cpu> {
+  template <class T>
+  using cview = detail::cview<T>;
+  using Ctx = Context<cpu>;
+
+  /// Output panels are this wide: the split depends on the shape only (see the file comment).
+  static constexpr index_t gemm_panel = 256;
+
+  /// C = alpha op(A) op(B) + beta C, row-major. op(A): [M, K], op(B): [K, N], C: [M, N].
+  /// beta == 0 never reads C.
+  template <class T>
+  static void gemm(Ctx& ctx, bool trans_a, bool trans_b, T alpha, cview<T> A, cview<T> B, T beta,
+                   View<T, cpu> C) {
+    const index_t M = trans_a ? A.cols : A.rows, K = trans_a ? A.rows : A.cols;
+    const index_t Kb = trans_b ? B.cols : B.rows, N = trans_b ? B.rows : B.cols;
+    MXD_CHECK(K == Kb && C.rows == M && C.cols == N, "gemm: shapes [", M, ", ", K, "] x [", Kb,
+              ", ", N, "] -> [", C.rows, ", ", C.cols, "] do not match");
+    if (M == 0 || N == 0) return;
+    // Split the longer side of C into fixed panels; each is one single-threaded Eigen product.
+    const bool split_rows = M >= N;
+    const index_t extent = split_rows ? M : N;
+    detail::parallel_chunks(ctx.resolved_threads(), extent, gemm_panel, [&](index_t b, index_t e) {
+      const index_t m0 = split_rows ? b : 0, m = split_rows ? e - b : M;
+      const index_t n0 = split_rows ? 0 : b, n = split_rows ? N : e - b;
+      auto a = detail::as_eigen<T>(A);
+      auto bm = detail::as_eigen<T>(B);
+      auto c = detail::as_eigen<T>(C).block(m0, n0, m, n);
+      if (beta == T(0)) c.setZero();
+      else if (beta != T(1)) c *= beta;
+      if (K == 0) return;
+      // Four explicit cases keep every product a plain Eigen GEMM expression.
+      if (!trans_a && !trans_b)
+        c.noalias() += alpha * a.middleRows(m0, m) * bm.middleCols(n0, n);
+      else if (!trans_a && trans_b)
+        c.noalias() += alpha * a.middleRows(m0, m) * bm.middleRows(n0, n).transpose();
+      else if (trans_a && !trans_b)
+        c.noalias() += alpha * a.middleCols(m0, m).transpose() * bm.middleCols(n0, n);
+      else
+        c.noalias() += alpha * a.middleCols(m0, m).transpose() * bm.middleRows(n0, n).transpose();
+    });
+  }
+
+  /// hpre += b_enc; with GLU (g non-empty) g += b_glu and z = g * act(hpre), else z = act(hpre).
+  /// hpre, g, z: [B, H]; b_enc, b_glu: [1, H].
+  template <class T>
+  static void bias_activation(Ctx& ctx, Activation act, View<T, cpu> hpre, cview<T> b_enc,
+                              View<T, cpu> g, cview<T> b_glu, View<T, cpu> z) {
+    const index_t H = hpre.cols;
+    const bool glu = !g.empty();
+    detail::parallel_chunks(ctx.resolved_threads(), hpre.rows, 16, [&](index_t r0, index_t r1) {
+      for (index_t r = r0; r < r1; ++r) {
+        T* h = hpre.row(r);
+        T* zr = z.row(r);
+        for (index_t i = 0; i < H; ++i) h[i] += b_enc.data[i];
+        if (glu) {
+          T* gr = g.row(r);
+          for (index_t i = 0; i < H; ++i) {
+            gr[i] += b_glu.data[i];
+            zr[i] = gr[i] * activate(act, h[i]);
+          }
+        } else {
+          for (index_t i = 0; i < H; ++i) zr[i] = activate(act, h[i]);
+        }
+      }
+    });
+  }
+
+  /// scores = relu(scores + b_gate) in place; then per row the k best (value desc, index asc)
+  /// as (idx, val). scores: [B, N], b_gate: [1, N], idx, val: [B, k].
+  template <class T>
+  static void gate_topk(Ctx& ctx, View<T, cpu> scores, cview<T> b_gate, index_t k,
+                        View<std::int32_t, cpu> idx, View<T, cpu> val) {
+    const index_t N = scores.cols;
+    using Cand = detail::Candidate<T>;
+    detail::parallel_chunks(ctx.resolved_threads(), scores.rows, 8, [&](index_t r0, index_t r1) {
+      std::vector<Cand> heap;
+      heap.reserve(static_cast<std::size_t>(k));
+      for (index_t r = r0; r < r1; ++r) {
+        T* s = scores.row(r);
+        for (index_t n = 0; n < N; ++n) {
+          const T t = s[n] + b_gate.data[n];
+          s[n] = t > T(0) ? t : T(0);
+        }
+        // Keep the k best seen so far in a heap whose top is the worst of them.
+        heap.clear();
+        for (index_t n = 0; n < k; ++n) heap.push_back({s[n], static_cast<std::int32_t>(n)});
+        std::make_heap(heap.begin(), heap.end());
+        for (index_t n = k; n < N; ++n) {
+          const Cand c{s[n], static_cast<std::int32_t>(n)};
+          if (c < heap.front()) {
+            std::pop_heap(heap.begin(), heap.end());
+            heap.back() = c;
+            std::push_heap(heap.begin(), heap.end());
+          }
+        }
+        std::sort_heap(heap.begin(), heap.end());  // best first
+        for (index_t j = 0; j < k; ++j) {
+          idx(r, j) = heap[j].index;
+          val(r, j) = heap[j].value;
+        }
+      }
+    });
+  }
+
+  /// v[b] = sum_j val[b,j] C[idx[b,j]];  y = (accumulate ? y : 0) + u * v + b_out.
+  /// idx, val: [B, k], C: [N, O], u, v, y: [B, O], b_out: [1, O].
+  template <class T>
+  static void mix_experts(Ctx& ctx, cview<std::int32_t> idx, cview<T> val, cview<T> C,
+                          cview<T> u, cview<T> b_out, View<T, cpu> v, View<T, cpu> y,
+                          bool accumulate) {
+    const index_t O = C.cols, k = idx.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), y.rows, 16, [&](index_t r0, index_t r1) {
+      for (index_t r = r0; r < r1; ++r) {
+        T* vr = v.row(r);
+        std::fill(vr, vr + O, T(0));
+        for (index_t j = 0; j < k; ++j) {
+          const T a = val(r, j);
+          if (a == T(0)) continue;  // unselected slot: contributes nothing
+          const T* c = C.row(idx(r, j));
+          for (index_t o = 0; o < O; ++o) vr[o] += a * c[o];
+        }
+        const T* ur = u.row(r);
+        T* yr = y.row(r);
+        for (index_t o = 0; o < O; ++o)
+          yr[o] = (accumulate ? yr[o] + ur[o] * vr[o] : ur[o] * vr[o]) + b_out.data[o];
+      }
+    });
+  }
+
+  /// out = beta out + sum over rows of A. A: [B, M], out: [1, M].
+  template <class T>
+  static void col_sum(Ctx& ctx, cview<T> A, T beta, View<T, cpu> out) {
+    detail::parallel_chunks(ctx.resolved_threads(), A.cols, 512, [&](index_t c0, index_t c1) {
+      T* o = out.data;
+      for (index_t c = c0; c < c1; ++c) o[c] = beta == T(0) ? T(0) : beta * o[c];
+      for (index_t r = 0; r < A.rows; ++r) {
+        const T* a = A.row(r);
+        for (index_t c = c0; c < c1; ++c) o[c] += a[c];
+      }
+    });
+  }
+
+  /// du = dy * v, dv = dy * u. All [B, O].
+  template <class T>
+  static void output_backward(Ctx& ctx, cview<T> dy, cview<T> u, cview<T> v, View<T, cpu> du,
+                              View<T, cpu> dv) {
+    const index_t O = dy.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), dy.rows, 64, [&](index_t r0, index_t r1) {
+      for (index_t r = r0; r < r1; ++r)
+        for (index_t o = 0; o < O; ++o) {
+          du(r, o) = dy(r, o) * v(r, o);
+          dv(r, o) = dy(r, o) * u(r, o);
+        }
+    });
+  }
+
+  /// ds[b,j] = val[b,j] > 0 ? dv[b] . C[idx[b,j]] : 0 (relu' of the gate).
+  /// idx, val, ds: [B, k], C: [N, O], dv: [B, O].
+  template <class T>
+  static void expert_coefficient_grad(Ctx& ctx, cview<std::int32_t> idx, cview<T> val,
+                                      cview<T> C, cview<T> dv, View<T, cpu> ds) {
+    const index_t O = C.cols, k = idx.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), idx.rows, 16, [&](index_t r0, index_t r1) {
+      for (index_t r = r0; r < r1; ++r)
+        for (index_t j = 0; j < k; ++j) {
+          T d(0);
+          if (val(r, j) > T(0)) {
+            const T* c = C.row(idx(r, j));
+            const T* g = dv.row(r);
+            for (index_t o = 0; o < O; ++o) d += g[o] * c[o];
+          }
+          ds(r, j) = d;
+        }
+    });
+  }
+
+  /// Counting sort of the B k (row, slot) pairs by expert, stable in (row, slot) order:
+  /// order[offsets[n] .. offsets[n+1]) are the flat positions b k + j with idx[b,j] == n.
+  /// idx: [B, k], order: [1, B k], offsets: [1, N + 1].
+  static void group_by_expert(Ctx&, cview<std::int32_t> idx, index_t N,
+                              View<std::int32_t, cpu> order, View<std::int32_t, cpu> offsets) {
+    const index_t P = idx.rows * idx.cols;
+    std::int32_t* off = offsets.data;
+    std::fill(off, off + N + 1, 0);
+    for (index_t p = 0; p < P; ++p) ++off[idx.data[p] + 1];
+    for (index_t n = 0; n < N; ++n) off[n + 1] += off[n];
+    // off[n] serves as group n's write cursor while filling.
+    for (index_t p = 0; p < P; ++p) order.data[off[idx.data[p]]++] = static_cast<std::int32_t>(p);
+    // Each off[n] now points at the end of group n, i.e. the old off[n+1]: shift back.
+    for (index_t n = N; n > 0; --n) off[n] = off[n - 1];
+    off[0] = 0;
+  }
+
+  /// For every expert n, over its pairs (b, j) in order:
+  ///   dC[n] (+)= sum val[b,j] dv[b];  dG[n] (+)= sum ds[b,j] x[b];  db_gate[n] (+)= sum ds[b,j].
+  /// Without `accumulate` unselected experts get zero. dC: [N, O], dG: [N, I], db_gate: [1, N].
+  template <class T>
+  static void expert_weight_grads(Ctx& ctx, cview<std::int32_t> idx, cview<T> val, cview<T> ds,
+                                  cview<std::int32_t> order, cview<std::int32_t> offsets,
+                                  cview<T> dv, cview<T> x, View<T, cpu> dC, View<T, cpu> dG,
+                                  View<T, cpu> db_gate, bool accumulate) {
+    const index_t N = dC.rows, O = dC.cols, I = dG.cols, k = idx.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), N, 64, [&](index_t n0, index_t n1) {
+      for (index_t n = n0; n < n1; ++n) {
+        T* c = dC.row(n);
+        T* g = dG.row(n);
+        T gb = accumulate ? db_gate.data[n] : T(0);
+        if (!accumulate) {
+          std::fill(c, c + O, T(0));
+          std::fill(g, g + I, T(0));
+        }
+        for (index_t q = offsets.data[n]; q < offsets.data[n + 1]; ++q) {
+          const index_t p = order.data[q], b = p / k;
+          const T a = val.data[p], d = ds.data[p];
+          if (a != T(0)) {
+            const T* dvr = dv.row(b);
+            for (index_t o = 0; o < O; ++o) c[o] += a * dvr[o];
+          }
+          if (d != T(0)) {
+            const T* xr = x.row(b);
+            for (index_t i = 0; i < I; ++i) g[i] += d * xr[i];
+            gb += d;
+          }
+        }
+        db_gate.data[n] = gb;
+      }
+    });
+  }
+
+  /// dx[b] += sum_j ds[b,j] G[idx[b,j]]. idx, ds: [B, k], G: [N, I], dx: [B, I].
+  template <class T>
+  static void gather_rows_add(Ctx& ctx, cview<std::int32_t> idx, cview<T> ds, cview<T> G,
+                              View<T, cpu> dx) {
+    const index_t I = G.cols, k = idx.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), dx.rows, 16, [&](index_t r0, index_t r1) {
+      for (index_t r = r0; r < r1; ++r) {
+        T* d = dx.row(r);
+        for (index_t j = 0; j < k; ++j) {
+          const T w = ds(r, j);
+          if (w == T(0)) continue;
+          const T* g = G.row(idx(r, j));
+          for (index_t i = 0; i < I; ++i) d[i] += w * g[i];
+        }
+      }
+    });
+  }
+
+  /// dhpre = dz * act'(hpre) (* g);  with GLU also dg = dz * act(hpre). All [B, H].
+  template <class T>
+  static void activation_backward(Ctx& ctx, Activation act, cview<T> hpre, cview<T> g,
+                                  cview<T> dz, View<T, cpu> dhpre, View<T, cpu> dg) {
+    const index_t H = hpre.cols;
+    const bool glu = !g.empty();
+    detail::parallel_chunks(ctx.resolved_threads(), hpre.rows, 16, [&](index_t r0, index_t r1) {
+      for (index_t r = r0; r < r1; ++r) {
+        const T* h = hpre.row(r);
+        const T* d = dz.row(r);
+        T* dh = dhpre.row(r);
+        if (glu) {
+          const T* gr = g.row(r);
+          T* dgr = dg.row(r);
+          for (index_t i = 0; i < H; ++i) {
+            dh[i] = d[i] * gr[i] * activate_grad(act, h[i]);
+            dgr[i] = d[i] * activate(act, h[i]);
+          }
+        } else {
+          for (index_t i = 0; i < H; ++i) dh[i] = d[i] * activate_grad(act, h[i]);
+        }
+      }
+    });
+  }
+};
+
+}  // namespace mxd

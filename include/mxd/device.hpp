@@ -1,0 +1,27 @@
+// SPDX-License-Identifier: MIT
+/// @file device.hpp
+/// @brief Device tags and MXD_HOST_DEVICE, so per-element math is written once for CPU and GPU.
+#pragma once
+
+#if defined(__CUDACC__)
+#define MXD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MXD_HOST_DEVICE inline
+#endif
+
+namespace mxd {
+
+/// Host memory, Eigen kernels, OpenMP threads.
+struct cpu {};
+/// Device memory, cuBLAS and CUDA kernels (include <mxd/cuda.cuh>).
+struct cuda {};
+
+/// Per-device memory management; specialised for each device tag.
+template <class Device>
+struct memory;
+
+/// Per-device execution context (threads, streams, handles); specialised for each device tag.
+template <class Device>
+struct Context;
+
+}  // namespace mxd

@@ -1,0 +1,39 @@
+// SPDX-License-Identifier: MIT
+/// @file error.hpp
+/// @brief mxd::Error, the one exception type of the library, and the MXD_CHECK macro.
+///
+/// Every bad input (a wrong shape, k > n_experts, a corrupt file) throws mxd::Error with a
+/// message that names the offending value; library code never exits or prints.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace mxd {
+
+/// The exception thrown for every invalid argument, shape, configuration or file.
+class Error : public std::runtime_error {
+public:
+  explicit Error(const std::string& what) : std::runtime_error(what) {}
+};
+
+namespace detail {
+
+template <class... Args>
+std::string concat(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << std::forward<Args>(args));
+  return os.str();
+}
+
+}  // namespace detail
+}  // namespace mxd
+
+/// Throws mxd::Error with the streamed message when `cond` is false, e.g.
+/// `MXD_CHECK(k <= n, "k = ", k, " exceeds n_experts = ", n);`
+#define MXD_CHECK(cond, ...)                                          \
+  do {                                                                \
+    if (!(cond)) throw ::mxd::Error(::mxd::detail::concat(__VA_ARGS__)); \
+  } while (0)

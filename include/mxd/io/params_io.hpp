@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: MIT
+/// @file io/params_io.hpp
+/// @brief MxD parameters and configs in safetensors files, under the authors' names and layouts.
+///
+///     mxd::io::SafetensorsReader f("layer.safetensors");
+///     mxd::Config cfg = mxd::io::read_config(f);          // sizes from shapes, options from metadata
+///     mxd::Params<float> p = mxd::io::load_params<float>(f, cfg);
+///     mxd::io::save_params("copy.safetensors", p);        // written atomically
+///
+/// Keys: W_enc [I,H], b_enc [H], W_dec [H,O], gate [N,I], gate_bias [N], W_cond [O,N],
+/// b_dec_out [O], W_glu.weight [H,I], W_glu.bias [H], W_skip.weight [O,I]. The authors' unused
+/// b_dec is accepted and ignored. Metadata: activation, k, glu, skip (strings).
+#pragma once
+
+#include <cctype>
+#include <string>
+#include <vector>
+
+#include "../config.hpp"
+#include "../params.hpp"
+#include "safetensors.hpp"
+
+namespace mxd::io {
+
+/// Parses a non-negative decimal integer stored under metadata `key`; names both on failure.
+inline index_t parse_index(const std::string& key, const std::string& value) {
+  MXD_CHECK(!value.empty() && value.size() <= 18, "metadata '", key, "' = '", value,
+            "' is not a non-negative integer");
+  index_t v = 0;
+  for (char ch : value) {
+    MXD_CHECK(std::isdigit(static_cast<unsigned char>(ch)), "metadata '", key, "' = '", value,
+              "' is not a non-negative integer");
+    v = v * 10 + (ch - '0');
+  }
+  return v;
+}
+
+/// Parses a 0/1 flag ("true"/"false" accepted too) stored under metadata `key`.
+inline bool parse_flag(const std::string& key, const std::string& value) {
+  if (value == "1" || value == "true" || value == "True") return true;
+  if (value == "0" || value == "false" || value == "False") return false;
+  throw Error("metadata '" + key + "' = '" + value + "' is not a flag (0 or 1)");
+}
+
+namespace detail {
+
+inline std::vector<std::int64_t> shape_of(const SafetensorsReader& f, const std::string& name,
+                                          std::size_t rank) {
+  const TensorInfo& t = f.info(name);
+  MXD_CHECK(t.shape.size() == rank, "tensor '", name, "' in ", f.path(), " has rank ",
+            t.shape.size(), ", expected ", rank);
+  return t.shape;
+}
+
+}  // namespace detail
+
+/// The layer's config: d_in, d_hidden, d_out, n_experts from the shapes of W_enc, W_dec and
+/// gate; activation and k from `__metadata__`; glu and skip from metadata when present, else
+/// from whether W_glu.weight / W_skip.weight exist. Validated before it is returned.
+inline Config read_config(const SafetensorsReader& f) {
+  const auto& meta = f.metadata();
+  Config c;
+  const auto enc = detail::shape_of(f, "W_enc", 2), gate = detail::shape_of(f, "gate", 2);
+  const auto dec = detail::shape_of(f, "W_dec", 2);
+  c.d_in = enc[0];
+  c.d_hidden = enc[1];
+  c.d_out = dec[1];
+  c.n_experts = gate[0];
+  auto required = [&](const char* key) -> const std::string& {
+    auto it = meta.find(key);
+    MXD_CHECK(it != meta.end(), f.path(), ": __metadata__ has no '", key, "'");
+    return it->second;
+  };
+  c.activation = parse_activation(required("activation"));
+  c.k = parse_index("k", required("k"));
+  auto flag = [&](const char* key, const char* tensor) {
+    auto it = meta.find(key);
+    const bool present = f.contains(tensor);
+    if (it == meta.end()) return present;
+    const bool on = parse_flag(key, it->second);
+    MXD_CHECK(on == present, f.path(), ": metadata '", key, "' = ", it->second, " but tensor '",
+              tensor, "' is ", present ? "present" : "missing");
+    return on;
+  };
+  c.glu = flag("glu", "W_glu.weight");
+  c.skip = flag("skip", "W_skip.weight");
+  c.validate();
+  return c;
+}
+
+/// Reads tensor `name` of shape exactly [rows, cols] (or [cols] when rows < 0) into `out`.
+template <class T>
+void read_tensor(SafetensorsReader& f, const std::string& name, index_t rows, index_t cols,
+                 Tensor<T>& out) {
+  const std::vector<std::int64_t> shape =
+      rows < 0 ? std::vector<std::int64_t>{cols} : std::vector<std::int64_t>{rows, cols};
+  std::vector<T> data = f.template read_all<T>(name, shape);
+  out.resize(rows < 0 ? 1 : rows, cols, false);
+  std::copy(data.begin(), data.end(), out.data());
+}
+
+/// Reads a 2-D tensor [rows, d] whose rows are free and whose width must be `cols`
+/// (any width when cols < 0), e.g. a batch of inputs.
+template <class T>
+Tensor<T> read_matrix(SafetensorsReader& f, const std::string& name, index_t cols = -1) {
+  const auto shape = detail::shape_of(f, name, 2);
+  MXD_CHECK(cols < 0 || shape[1] == cols, "tensor '", name, "' in ", f.path(), " has shape [",
+            shape[0], ", ", shape[1], "], expected [*, ", cols, "]");
+  Tensor<T> t;
+  read_tensor(f, name, shape[0], shape[1], t);
+  return t;
+}
+
+/// Loads every parameter of `cfg` under the reference names, converting to T and C to [N, O].
+template <class T>
+Params<T> load_params(SafetensorsReader& f, const Config& cfg) {
+  Params<T> p(cfg);
+  const index_t I = cfg.d_in, H = cfg.d_hidden, O = cfg.d_out, N = cfg.n_experts;
+  read_tensor(f, "W_enc", I, H, p.E);
+  read_tensor(f, "b_enc", -1, H, p.b_enc);
+  read_tensor(f, "W_dec", H, O, p.D);
+  read_tensor(f, "gate", N, I, p.G);
+  read_tensor(f, "gate_bias", -1, N, p.b_gate);
+  Tensor<T> w_cond;
+  read_tensor(f, "W_cond", O, N, w_cond);
+  for (index_t n = 0; n < N; ++n)
+    for (index_t o = 0; o < O; ++o) p.C(n, o) = w_cond(o, n);
+  read_tensor(f, "b_dec_out", -1, O, p.b_out);
+  if (cfg.glu) {
+    read_tensor(f, "W_glu.weight", H, I, p.W_glu);
+    read_tensor(f, "W_glu.bias", -1, H, p.b_glu);
+  }
+  if (cfg.skip) read_tensor(f, "W_skip.weight", O, I, p.W_skip);
+  return p;
+}
+
+/// Writes the config's options as metadata strings (sizes are implied by the shapes).
+inline void add_config_metadata(SafetensorsWriter& w, const Config& c) {
+  w.set_metadata("activation", activation_name(c.activation));
+  w.set_metadata("k", std::to_string(c.k));
+  w.set_metadata("glu", c.glu ? "1" : "0");
+  w.set_metadata("skip", c.skip ? "1" : "0");
+  w.set_metadata("d_in", std::to_string(c.d_in));
+  w.set_metadata("d_hidden", std::to_string(c.d_hidden));
+  w.set_metadata("d_out", std::to_string(c.d_out));
+  w.set_metadata("n_experts", std::to_string(c.n_experts));
+}
+
+/// A parameter's values and shape in its file layout: W_cond transposed to [O, N], biases 1-D.
+template <class T>
+std::vector<T> reference_layout(const std::string& name, const Tensor<T>& t,
+                                std::vector<std::int64_t>& shape) {
+  if (name == "W_cond") {
+    shape = {t.cols(), t.rows()};
+    std::vector<T> out(static_cast<std::size_t>(t.size()));
+    for (index_t n = 0; n < t.rows(); ++n)
+      for (index_t o = 0; o < t.cols(); ++o) out[o * t.rows() + n] = t(n, o);
+    return out;
+  }
+  shape = is_bias(name) ? std::vector<std::int64_t>{t.cols()}
+                        : std::vector<std::int64_t>{t.rows(), t.cols()};
+  return std::vector<T>(t.data(), t.data() + t.size());
+}
+
+/// Adds every tensor of `p` under `prefix` + reference name, in the reference layouts,
+/// stored as `dtype`.
+template <class T>
+void add_params(SafetensorsWriter& w, const Params<T>& p, DType dtype,
+                const std::string& prefix = "") {
+  p.for_each([&](const char* name, const Tensor<T>& t) {
+    std::vector<std::int64_t> shape;
+    const std::vector<T> values = reference_layout(name, t, shape);
+    w.add(prefix + name, shape, values.data(), dtype);
+  });
+}
+
+/// Saves parameters and config metadata to `path` (temporary file, then rename).
+template <class T>
+void save_params(const std::string& path, const Params<T>& p, DType dtype = dtype_of<T>()) {
+  SafetensorsWriter w;
+  add_config_metadata(w, p.config);
+  add_params(w, p, dtype);
+  w.write(path);
+}
+
+}  // namespace mxd::io

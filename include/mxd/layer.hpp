@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: MIT
+/// @file layer.hpp
+/// @brief The MxD layer's forward and analytic backward, written once over backend<Device>.
+///
+/// For one row x (I = d_in, H = d_hidden, O = d_out, N = n_experts, k = top-k):
+///
+///     hpre = x E + b_enc                z = act(hpre)        (GLU: z = (x W_glu^T + b_glu) * act(hpre))
+///     u    = z D                        s = relu(x G^T + b_gate)
+///     a    = top-k(s)                   v = a C = sum_j a_j c_{idx_j}
+///     y    = u * v (+ x W_skip^T) + b_out
+///
+/// Expert n is the full-rank map W_n = D diag(c_n), and y = sum_j a_j (z W_{idx_j}) + ...
+/// Only the k selected (index, value) pairs per row are kept, so everything touching the
+/// experts costs O(B k) in forward and backward; the gate scores [B, N] are the one exception.
+///
+///     mxd::Params<float> p(cfg);  mxd::Workspace<float> ws;  mxd::Grads<float> g(cfg);
+///     mxd::forward(p, x, y, ws);                       // x: [B, I] -> y: [B, O]
+///     mxd::backward(p, x, dy, ws, g, dx);              // dy: [B, O] -> g, dx: [B, I]
+#pragma once
+
+#include <cstdint>
+
+#include "params.hpp"
+#include "tensor.hpp"
+#include "workspace.hpp"
+
+namespace mxd {
+
+/// The primitives a device provides; specialised in backend/cpu.hpp and backend/cuda.cuh.
+template <class Device>
+struct backend;
+
+/// What backward does with gradient buffers that already hold values.
+enum class GradMode {
+  Overwrite,   // grads = dL/dparams of this batch
+  Accumulate,  // grads += dL/dparams of this batch (for gradient accumulation)
+};
+
+namespace detail {
+
+template <class T, class Device>
+void check_forward_args(const Params<T, Device>& p, ConstView<T, Device> x,
+                        ConstView<T, Device> y) {
+  const Config& c = p.config;
+  MXD_CHECK(x.rows > 0, "x has ", x.rows, " rows: the batch must not be empty");
+  check_shape(x, x.rows, c.d_in, "x");
+  check_shape(y, x.rows, c.d_out, "y");
+  MXD_CHECK(x.contiguous() && y.contiguous(), "x and y must be contiguous row-major views");
+  check_shape<const T>(p.E.view(), c.d_in, c.d_hidden, "E (W_enc)");
+  check_shape<const T>(p.C.view(), c.n_experts, c.d_out, "C (W_cond^T)");
+  check_shape<const T>(p.G.view(), c.n_experts, c.d_in, "G (gate)");
+  check_shape<const T>(p.D.view(), c.d_hidden, c.d_out, "D (W_dec)");
+}
+
+}  // namespace detail
+
+/// y = MxD(x). Fills the workspace's cache for backward.
+/// x: [B, I], y: [B, O] (overwritten).
+template <class T, class Device>
+void forward(const Params<T, Device>& p, ConstView<T, Device> x, View<T, Device> y,
+             Workspace<T, Device>& ws) {
+  using be = backend<Device>;
+  const Config& c = p.config;
+  detail::check_forward_args<T, Device>(p, x, y);
+  ws.prepare_forward(c, x.rows);
+  auto& ctx = ws.ctx;
+
+  // Dense path: hpre = x E + b_enc; z = act(hpre) (* (x W_glu^T + b_glu)); u = z D.
+  be::gemm(ctx, false, false, T(1), x, p.E.view(), T(0), ws.hpre.view());       // [B, H]
+  if (c.glu) be::gemm(ctx, false, true, T(1), x, p.W_glu.view(), T(0), ws.g.view());  // [B, H]
+  be::bias_activation(ctx, c.activation, ws.hpre.view(), p.b_enc.view(), ws.g.view(),
+                      p.b_glu.view(), ws.z.view());
+  be::gemm(ctx, false, false, T(1), ConstView<T, Device>(ws.z.view()), p.D.view(), T(0),
+           ws.u.view());                                                         // [B, O]
+
+  // Gating: s = relu(x G^T + b_gate), then the k best (index, value) pairs per row.
+  be::gemm(ctx, false, true, T(1), x, p.G.view(), T(0), ws.scores.view());      // [B, N]
+  be::gate_topk(ctx, ws.scores.view(), p.b_gate.view(), c.k, ws.topk_idx.view(),
+                ws.topk_val.view());                                             // [B, k]
+
+  // Output: y = u * (sum_j a_j c_{idx_j}) (+ x W_skip^T) + b_out.
+  if (c.skip) be::gemm(ctx, false, true, T(1), x, p.W_skip.view(), T(0), y);     // [B, O]
+  be::mix_experts(ctx, ws.topk_idx.view(), ws.topk_val.view(), p.C.view(), ws.u.view(),
+                  p.b_out.view(), ws.v.view(), y, c.skip);
+}
+
+/// Analytic backward of forward() for the batch cached in `ws`.
+/// x: [B, I] (the forward's input), dy: [B, O], grads: the parameters' shapes (written per
+/// `mode`), dx: [B, I] is overwritten with dL/dx; pass an empty view to skip it.
+template <class T, class Device>
+void backward(const Params<T, Device>& p, ConstView<T, Device> x, ConstView<T, Device> dy,
+              Workspace<T, Device>& ws, Grads<T, Device>& grads, View<T, Device> dx = {},
+              GradMode mode = GradMode::Overwrite) {
+  using be = backend<Device>;
+  const Config& c = p.config;
+  MXD_CHECK(ws.batch == x.rows && ws.batch > 0, "backward: workspace holds a forward of ",
+            ws.batch, " rows but x has ", x.rows, " (call forward on this batch first)");
+  check_shape(x, ws.batch, c.d_in, "x");
+  check_shape(dy, ws.batch, c.d_out, "dy");
+  MXD_CHECK(x.contiguous() && dy.contiguous(), "x and dy must be contiguous row-major views");
+  if (!dx.empty()) check_shape(dx, ws.batch, c.d_in, "dx");
+  {
+    const Config& gc = grads.config;
+    MXD_CHECK(gc.d_in == c.d_in && gc.d_hidden == c.d_hidden && gc.d_out == c.d_out &&
+                  gc.n_experts == c.n_experts && gc.glu == c.glu && gc.skip == c.skip &&
+                  grads.E.rows() == c.d_in && grads.C.rows() == c.n_experts,
+              "backward: gradient buffers were made for another config (construct them as "
+              "Grads(params.config))");
+  }
+  ws.prepare_backward(c);
+  auto& ctx = ws.ctx;
+  const bool acc = mode == GradMode::Accumulate;
+  const T beta = acc ? T(1) : T(0);
+  ConstView<T, Device> xv = x;
+  using CV = ConstView<T, Device>;
+
+  // Output: y = u * v (+ x W_skip^T) + b_out.
+  be::col_sum(ctx, dy, beta, grads.b_out.view());                      // db_out = sum_rows dy
+  if (c.skip) be::gemm(ctx, true, false, T(1), dy, xv, beta, grads.W_skip.view());  // dy^T x
+  be::output_backward(ctx, dy, ws.u.view(), ws.v.view(), ws.du.view(), ws.dv.view());
+  // du = dy * v, dv = dy * u
+
+  // Experts, over the k selected pairs only:
+  //   ds[b,j] = relu'(s) * dv[b] . c_{idx[b,j]}
+  //   dC[n] += a[b,j] dv[b];  dG[n] += ds[b,j] x[b];  db_gate[n] += ds[b,j]   (idx[b,j] = n)
+  be::expert_coefficient_grad(ctx, ws.topk_idx.view(), ws.topk_val.view(), p.C.view(),
+                              CV(ws.dv.view()), ws.ds.view());
+  be::group_by_expert(ctx, ws.topk_idx.view(), c.n_experts, ws.order.view(), ws.offsets.view());
+  be::expert_weight_grads(ctx, ws.topk_idx.view(), ws.topk_val.view(), CV(ws.ds.view()),
+                          ws.order.view(), ws.offsets.view(), CV(ws.dv.view()), xv,
+                          grads.C.view(), grads.G.view(), grads.b_gate.view(), acc);
+
+  // Decoder: dD = z^T du; dz = du D^T.
+  be::gemm(ctx, true, false, T(1), CV(ws.z.view()), CV(ws.du.view()), beta, grads.D.view());
+  be::gemm(ctx, false, true, T(1), CV(ws.du.view()), p.D.view(), T(0), ws.dz.view());
+
+  // Encoder: dhpre = dz * act'(hpre) (* g); GLU: dg = dz * act(hpre).
+  be::activation_backward(ctx, c.activation, CV(ws.hpre.view()), CV(ws.g.view()),
+                          CV(ws.dz.view()), ws.dhpre.view(), ws.dg.view());
+  be::gemm(ctx, true, false, T(1), xv, CV(ws.dhpre.view()), beta, grads.E.view());  // x^T dhpre
+  be::col_sum(ctx, CV(ws.dhpre.view()), beta, grads.b_enc.view());
+  if (c.glu) {
+    be::gemm(ctx, true, false, T(1), CV(ws.dg.view()), xv, beta, grads.W_glu.view());  // dg^T x
+    be::col_sum(ctx, CV(ws.dg.view()), beta, grads.b_glu.view());
+  }
+
+  // Input: dx = dhpre E^T (+ dg W_glu) (+ dy W_skip) + sum_j ds[b,j] g_{idx[b,j]}.
+  if (dx.empty()) return;
+  be::gemm(ctx, false, true, T(1), CV(ws.dhpre.view()), p.E.view(), T(0), dx);
+  if (c.glu) be::gemm(ctx, false, false, T(1), CV(ws.dg.view()), p.W_glu.view(), T(1), dx);
+  if (c.skip) be::gemm(ctx, false, false, T(1), dy, p.W_skip.view(), T(1), dx);
+  be::gather_rows_add(ctx, ws.topk_idx.view(), CV(ws.ds.view()), p.G.view(), dx);
+}
+
+}  // namespace mxd

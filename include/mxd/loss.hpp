@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: MIT
+/// @file loss.hpp
+/// @brief Reconstruction losses with their gradients: the reference "normalized MSE", MSE, FVU.
+///
+///     double L = mxd::loss(mxd::Loss::nmse_ref, y, target, dy);   // dy = dL/dy, [B, O]
+///
+/// Sums are accumulated in double in a fixed order, so float and double callers get
+/// deterministic values.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "tensor.hpp"
+
+namespace mxd {
+
+enum class Loss {
+  nmse_ref,  // mean over all elements of (y - t)^2 / ||t_row||_2, the authors' training loss
+  mse,       // mean over all elements of (y - t)^2
+  fvu,       // sum (y - t)^2 / sum (t - mean_rows t)^2: fraction of variance unexplained
+};
+
+inline const char* loss_name(Loss l) {
+  switch (l) {
+    case Loss::nmse_ref: return "nmse_ref";
+    case Loss::mse: return "mse";
+    case Loss::fvu: return "fvu";
+  }
+  return "?";
+}
+
+inline Loss parse_loss(const std::string& name) {
+  if (name == "nmse_ref" || name == "nmse") return Loss::nmse_ref;
+  if (name == "mse") return Loss::mse;
+  if (name == "fvu") return Loss::fvu;
+  throw Error("loss: unknown name '" + name + "' (expected nmse_ref, mse or fvu)");
+}
+
+/// Returns the loss of y against target t and, when dy is not empty, writes dL/dy to it.
+/// y, t, dy: [B, O] host views. A zero target row makes nmse_ref infinite, as in the reference.
+template <class T>
+double loss(Loss kind, ConstView<T> y, ConstView<T> t, View<T> dy = {}) {
+  const index_t B = y.rows, O = y.cols;
+  check_shape(t, B, O, "target");
+  if (!dy.empty()) check_shape(dy, B, O, "dloss_dy");
+  MXD_CHECK(B > 0 && O > 0, "loss: empty batch [", B, ", ", O, "]");
+  double total = 0;
+  switch (kind) {
+    case Loss::nmse_ref: {
+      const double scale = 1.0 / (static_cast<double>(B) * static_cast<double>(O));
+      for (index_t r = 0; r < B; ++r) {
+        double tn = 0;
+        for (index_t o = 0; o < O; ++o) tn += double(t(r, o)) * double(t(r, o));
+        tn = std::sqrt(tn);
+        for (index_t o = 0; o < O; ++o) {
+          const double e = double(y(r, o)) - double(t(r, o));
+          total += e * e / tn;
+          if (!dy.empty()) dy(r, o) = static_cast<T>(2 * e / tn * scale);
+        }
+      }
+      return total * scale;
+    }
+    case Loss::mse: {
+      const double scale = 1.0 / (static_cast<double>(B) * static_cast<double>(O));
+      for (index_t r = 0; r < B; ++r)
+        for (index_t o = 0; o < O; ++o) {
+          const double e = double(y(r, o)) - double(t(r, o));
+          total += e * e;
+          if (!dy.empty()) dy(r, o) = static_cast<T>(2 * e * scale);
+        }
+      return total * scale;
+    }
+    case Loss::fvu: {
+      std::vector<double> mean(static_cast<std::size_t>(O), 0.0);
+      for (index_t r = 0; r < B; ++r)
+        for (index_t o = 0; o < O; ++o) mean[o] += double(t(r, o));
+      for (auto& m : mean) m /= static_cast<double>(B);
+      double var = 0;
+      for (index_t r = 0; r < B; ++r)
+        for (index_t o = 0; o < O; ++o) {
+          const double d = double(t(r, o)) - mean[o], e = double(y(r, o)) - double(t(r, o));
+          var += d * d;
+          total += e * e;
+        }
+      if (!dy.empty())
+        for (index_t r = 0; r < B; ++r)
+          for (index_t o = 0; o < O; ++o)
+            dy(r, o) = static_cast<T>(2 * (double(y(r, o)) - double(t(r, o))) / var);
+      return total / var;
+    }
+  }
+  throw Error("loss: unknown kind");
+}
+
+}  // namespace mxd

@@ -1,0 +1,158 @@
+// SPDX-License-Identifier: MIT
+/// @file tensor.hpp
+/// @brief Row-major matrices: non-owning views and owning buffers, templated on <T, Device>.
+///
+/// Everything in mxd is a row-major matrix [rows, cols]; vectors are [1, n]. A View never owns;
+/// a Tensor owns and hands out views. Shapes travel with views so every entry point can check them.
+///
+///     mxd::Tensor<float> x(B, d_in);        // zero-initialised host buffer
+///     x(0, 3) = 1.f;                        // element access (host tensors only)
+///     mxd::View<const float> xv = x.view(); // what the layer functions take
+#pragma once
+
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "config.hpp"
+#include "device.hpp"
+#include "error.hpp"
+
+namespace mxd {
+
+/// A non-owning row-major matrix [rows, cols] with leading dimension `ld` (>= cols).
+template <class T, class Device = cpu>
+struct View {
+  T* data = nullptr;
+  index_t rows = 0, cols = 0, ld = 0;
+
+  View() = default;
+  View(T* d, index_t r, index_t c) : data(d), rows(r), cols(c), ld(c) {}
+  View(T* d, index_t r, index_t c, index_t ld_) : data(d), rows(r), cols(c), ld(ld_) {}
+  /// A View<T> converts to a View<const T>.
+  template <class U, class = std::enable_if_t<std::is_same_v<const U, T>>>
+  View(const View<U, Device>& o) : data(o.data), rows(o.rows), cols(o.cols), ld(o.ld) {}
+
+  index_t size() const { return rows * cols; }
+  bool empty() const { return rows == 0 || cols == 0; }
+  bool contiguous() const { return ld == cols; }
+  MXD_HOST_DEVICE T& operator()(index_t r, index_t c) const { return data[r * ld + c]; }
+  T* row(index_t r) const { return data + r * ld; }
+  /// Rows [begin, begin + count) as a view.
+  View block_rows(index_t begin, index_t count) const { return {data + begin * ld, count, cols, ld}; }
+};
+
+template <class T, class Device = cpu>
+using ConstView = View<const T, Device>;
+
+/// Throws mxd::Error naming `what` unless `v` is [rows, cols].
+template <class T, class Device>
+void check_shape(const View<T, Device>& v, index_t rows, index_t cols, const char* what) {
+  MXD_CHECK(v.rows == rows && v.cols == cols, what, " has shape [", v.rows, ", ", v.cols,
+            "], expected [", rows, ", ", cols, "]");
+  MXD_CHECK(v.data != nullptr || v.size() == 0, what, " is a null view of shape [", rows, ", ",
+            cols, "]");
+}
+
+template <>
+struct memory<cpu> {
+  static constexpr std::size_t alignment = 64;  // one cache line, and AVX-512 loads
+  static void* allocate(std::size_t bytes) {
+    if (bytes == 0) return nullptr;
+    void* p = ::operator new(bytes, std::align_val_t(alignment));
+    return p;
+  }
+  static void deallocate(void* p) {
+    if (p) ::operator delete(p, std::align_val_t(alignment));
+  }
+  static void zero(void* p, std::size_t bytes) {
+    if (bytes) std::memset(p, 0, bytes);
+  }
+  static void copy(void* dst, const void* src, std::size_t bytes) {
+    if (bytes) std::memcpy(dst, src, bytes);
+  }
+};
+
+/// An owning, contiguous row-major matrix [rows, cols] in Device memory. resize() reallocates
+/// only when the capacity must grow, so a workspace reused across steps stops allocating.
+template <class T, class Device = cpu>
+class Tensor {
+public:
+  Tensor() = default;
+  Tensor(index_t rows, index_t cols) { resize(rows, cols); }
+  ~Tensor() { memory<Device>::deallocate(data_); }
+  Tensor(const Tensor& o) : Tensor(o.rows_, o.cols_) {
+    memory<Device>::copy(data_, o.data_, bytes());
+  }
+  Tensor(Tensor&& o) noexcept { swap(o); }
+  Tensor& operator=(Tensor o) noexcept {
+    swap(o);
+    return *this;
+  }
+  void swap(Tensor& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(rows_, o.rows_);
+    std::swap(cols_, o.cols_);
+    std::swap(capacity_, o.capacity_);
+  }
+
+  /// Sets the shape; new contents are zero whenever storage is (re)allocated or `zero` is set.
+  void resize(index_t rows, index_t cols, bool zero = true) {
+    MXD_CHECK(rows >= 0 && cols >= 0, "Tensor::resize: negative shape [", rows, ", ", cols, "]");
+    const index_t n = rows * cols;
+    MXD_CHECK(rows == 0 || n / rows == cols, "Tensor::resize: shape [", rows, ", ", cols,
+              "] overflows");
+    if (n > capacity_) {
+      memory<Device>::deallocate(data_);
+      data_ = nullptr;
+      capacity_ = 0;
+      data_ = static_cast<T*>(memory<Device>::allocate(static_cast<std::size_t>(n) * sizeof(T)));
+      capacity_ = n;
+      zero = true;
+    }
+    rows_ = rows;
+    cols_ = cols;
+    if (zero) set_zero();
+  }
+  void set_zero() { memory<Device>::zero(data_, bytes()); }
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  index_t rows() const { return rows_; }
+  index_t cols() const { return cols_; }
+  index_t size() const { return rows_ * cols_; }
+  std::size_t bytes() const { return static_cast<std::size_t>(size()) * sizeof(T); }
+
+  View<T, Device> view() { return {data_, rows_, cols_}; }
+  View<const T, Device> view() const { return {data_, rows_, cols_}; }
+  operator View<T, Device>() { return view(); }
+  operator View<const T, Device>() const { return view(); }
+
+  /// Element access; host tensors only.
+  T& operator()(index_t r, index_t c) {
+    static_assert(std::is_same_v<Device, cpu>, "element access needs host memory");
+    return data_[r * cols_ + c];
+  }
+  const T& operator()(index_t r, index_t c) const {
+    static_assert(std::is_same_v<Device, cpu>, "element access needs host memory");
+    return data_[r * cols_ + c];
+  }
+  T& operator[](index_t i) {
+    static_assert(std::is_same_v<Device, cpu>, "element access needs host memory");
+    return data_[i];
+  }
+  const T& operator[](index_t i) const {
+    static_assert(std::is_same_v<Device, cpu>, "element access needs host memory");
+    return data_[i];
+  }
+
+private:
+  T* data_ = nullptr;
+  index_t rows_ = 0, cols_ = 0, capacity_ = 0;
+};
+
+}  // namespace mxd

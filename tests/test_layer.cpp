@@ -1,0 +1,258 @@
+// SPDX-License-Identifier: MIT
+// The layer against the golden files, against finite differences, and its error paths,
+// determinism and gradient-accumulation rule.
+#include <doctest/doctest.h>
+
+#include <cstring>
+
+#include "testing.hpp"
+
+using namespace mxd;
+using namespace mxd_test;
+using io::SafetensorsReader;
+
+namespace {
+
+template <class T>
+struct Run {
+  Params<T> p;
+  Tensor<T> x, dy, y, dx;
+  Workspace<T> ws;
+  Grads<T> g;
+
+  Run(Params<T> params, Tensor<T> x_, Tensor<T> dy_, int threads = 0)
+      : p(std::move(params)), x(std::move(x_)), dy(std::move(dy_)),
+        y(x.rows(), p.config.d_out), dx(x.rows(), p.config.d_in), g(p.config) {
+    ws.ctx.threads = threads;
+  }
+  void forward() { mxd::forward<T>(p, x.view(), y.view(), ws); }
+  void backward(GradMode mode = GradMode::Overwrite) {
+    mxd::backward<T>(p, x.view(), dy.view(), ws, g, dx.view(), mode);
+  }
+};
+
+template <class T>
+Run<T> golden_run(SafetensorsReader& f) {
+  const Config cfg = io::read_config(f);
+  return Run<T>(io::load_params<T>(f, cfg), io::read_matrix<T>(f, "x", cfg.d_in),
+                io::read_matrix<T>(f, "dy", cfg.d_out));
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("golden cases: forward output and top-k selection match the reference", T,
+                   float, double) {
+  for (const std::string& name : golden_cases()) {
+    CAPTURE(name);
+    SafetensorsReader f(data_path(name + ".safetensors"));
+    Run<T> r = golden_run<T>(f);
+    r.forward();
+    const auto y = f.read_all<double>("y");
+    CHECK(rel_error(r.y.data(), y.data(), y.size()) <= tolerance<T>());
+
+    const auto idx = f.read_all<std::int64_t>("topk_indices");
+    const auto val = f.read_all<double>("topk_values");
+    REQUIRE(idx.size() == static_cast<std::size_t>(r.ws.topk_idx.size()));
+    CHECK(rel_error(r.ws.topk_val.data(), val.data(), val.size()) <= tolerance<T>());
+    // Indices are defined only where the selected score is positive.
+    int positive = 0, equal = 0;
+    for (std::size_t i = 0; i < idx.size(); ++i)
+      if (val[i] > 0) {
+        ++positive;
+        equal += r.ws.topk_idx.data()[i] == idx[i];
+      }
+    CHECK(equal == positive);
+  }
+}
+
+TEST_CASE_TEMPLATE("golden cases: every gradient and dx match the reference", T, float, double) {
+  for (const std::string& name : golden_cases()) {
+    CAPTURE(name);
+    SafetensorsReader f(data_path(name + ".safetensors"));
+    Run<T> r = golden_run<T>(f);
+    r.forward();
+    r.backward();
+    const auto gx = f.read_all<double>("grad.x");
+    CHECK(rel_error(r.dx.data(), gx.data(), gx.size()) <= tolerance<T>());
+    int compared = 0;
+    r.g.for_each([&](const char* pname, const Tensor<T>& t) {
+      CAPTURE(pname);
+      std::vector<std::int64_t> shape;
+      const std::vector<T> mine = io::reference_layout(pname, t, shape);
+      const auto ref = f.read_all<double>(std::string("grad.") + pname, shape);
+      CHECK(rel_error(mine.data(), ref.data(), ref.size()) <= tolerance<T>());
+      ++compared;
+    });
+    CHECK(compared == 7 + 2 * r.p.config.glu + r.p.config.skip);
+  }
+}
+
+namespace {
+
+// L(params, x) = sum(y * dy), and the discrete state the gradient is defined within: the
+// selected experts, which of them are positive, and (for relu) the sign of every hpre.
+struct Probe {
+  double loss;
+  std::vector<std::int32_t> state;
+};
+
+Probe probe(Run<double>& r) {
+  r.forward();
+  Probe pr{0, {}};
+  for (index_t i = 0; i < r.y.size(); ++i) pr.loss += r.y[i] * r.dy[i];
+  for (index_t i = 0; i < r.ws.topk_idx.size(); ++i) {
+    pr.state.push_back(r.ws.topk_idx.data()[i]);
+    pr.state.push_back(r.ws.topk_val.data()[i] > 0);
+  }
+  if (r.p.config.activation == Activation::relu)
+    for (index_t i = 0; i < r.ws.hpre.size(); ++i) pr.state.push_back(r.ws.hpre.data()[i] > 0);
+  return pr;
+}
+
+}  // namespace
+
+TEST_CASE("analytic gradients match central finite differences for every variant") {
+  const double eps = 1e-5;
+  // Truncation error ~eps^2 |L'''| ~ 1e-10 and rounding ~1e-16 |L| / eps ~ 1e-11, so 1e-7 is
+  // far above the noise and far below any missing or wrong term.
+  const double tol = 1e-7;
+  std::uint64_t seed = 1;
+  for (Activation act : {Activation::relu, Activation::gelu, Activation::gelu_tanh,
+                         Activation::sigmoid, Activation::silu})
+    for (bool glu : {false, true})
+      for (bool skip : {false, true}) {
+        Config c;
+        c.d_in = 5; c.d_hidden = 7; c.d_out = 5; c.n_experts = 13; c.k = 4;
+        c.activation = act; c.glu = glu; c.skip = skip;
+        CAPTURE(activation_name(act));
+        CAPTURE(glu);
+        CAPTURE(skip);
+        ++seed;
+        Run<double> r(random_params<double>(c, seed), random_matrix<double>(3, 5, seed + 100),
+                      random_matrix<double>(3, 5, seed + 200));
+        const Probe base = probe(r);
+        r.backward();
+
+        std::vector<std::pair<Tensor<double>*, Tensor<double>*>> pairs;  // (value, gradient)
+        std::vector<Tensor<double>*> grads;
+        r.g.for_each([&](const char*, Tensor<double>& t) { grads.push_back(&t); });
+        std::size_t n = 0;
+        r.p.for_each([&](const char*, Tensor<double>& t) { pairs.push_back({&t, grads[n++]}); });
+        pairs.push_back({&r.x, &r.dx});
+
+        int checked = 0, skipped = 0;
+        for (auto [value, grad] : pairs)
+          for (index_t i = 0; i < value->size(); ++i) {
+            const double keep = (*value)[i];
+            (*value)[i] = keep + eps;
+            const Probe up = probe(r);
+            (*value)[i] = keep - eps;
+            const Probe down = probe(r);
+            (*value)[i] = keep;
+            if (up.state != base.state || down.state != base.state) {
+              ++skipped;  // a kink (top-k swap or relu) lies within eps: no derivative there
+              continue;
+            }
+            const double fd = (up.loss - down.loss) / (2 * eps), an = (*grad)[i];
+            CHECK(std::abs(fd - an) <= tol * (1 + std::abs(an)));
+            ++checked;
+          }
+        CHECK(skipped * 20 < checked);
+      }
+}
+
+TEST_CASE("forward and backward give identical bits for 1 and 2 threads and on repeat runs") {
+  Config c;
+  c.d_in = 48; c.d_hidden = 300; c.d_out = 40; c.n_experts = 1500; c.k = 24;
+  c.activation = Activation::gelu; c.glu = true;
+  auto make = [&](int threads) {
+    Run<float> r(random_params<float>(c, 7), random_matrix<float>(600, 48, 8),
+                 random_matrix<float>(600, 40, 9), threads);
+    r.forward();
+    r.backward();
+    return r;
+  };
+  Run<float> a = make(1), b = make(2), a2 = make(1);
+  auto same = [](const Tensor<float>& u, const Tensor<float>& v) {
+    return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.bytes()) == 0;
+  };
+  CHECK(same(a.y, b.y));
+  CHECK(same(a.dx, b.dx));
+  CHECK(same(a.y, a2.y));
+  std::vector<const Tensor<float>*> ga, gb;
+  a.g.for_each([&](const char*, const Tensor<float>& t) { ga.push_back(&t); });
+  b.g.for_each([&](const char*, const Tensor<float>& t) { gb.push_back(&t); });
+  for (std::size_t i = 0; i < ga.size(); ++i) CHECK(same(*ga[i], *gb[i]));
+}
+
+TEST_CASE("Accumulate adds this batch's gradients to what the buffers hold") {
+  Config c;
+  c.d_in = 6; c.d_hidden = 10; c.d_out = 6; c.n_experts = 20; c.k = 5; c.skip = true;
+  Run<double> r(random_params<double>(c, 3), random_matrix<double>(4, 6, 4),
+                random_matrix<double>(4, 6, 5));
+  r.forward();
+  r.backward(GradMode::Overwrite);
+  Grads<double> once = r.g;
+  r.backward(GradMode::Accumulate);
+  std::vector<const Tensor<double>*> g1, g2;
+  once.for_each([&](const char*, const Tensor<double>& t) { g1.push_back(&t); });
+  r.g.for_each([&](const char*, const Tensor<double>& t) { g2.push_back(&t); });
+  for (std::size_t i = 0; i < g1.size(); ++i) {
+    Tensor<double> twice = *g1[i];
+    for (index_t j = 0; j < twice.size(); ++j) twice[j] *= 2;
+    CHECK(rel_error(g2[i]->data(), twice.data(), twice.size()) <= 1e-14);
+  }
+  r.backward(GradMode::Overwrite);  // and Overwrite forgets it again
+  for (std::size_t i = 0; i < g1.size(); ++i)
+    CHECK(rel_error(g2[i]->data(), g1[i]->data(), g1[i]->size()) <= 1e-14);
+}
+
+TEST_CASE("fewer positive gate scores than k leave zero-valued slots that change nothing") {
+  Config c;
+  c.d_in = 4; c.d_hidden = 6; c.d_out = 3; c.n_experts = 8; c.k = 5;
+  Params<double> p = random_params<double>(c, 11);
+  for (index_t n = 0; n < c.n_experts; ++n) p.b_gate[n] = n < 2 ? 10.0 : -10.0;  // two positive
+  Run<double> r(std::move(p), random_matrix<double>(2, 4, 12), random_matrix<double>(2, 3, 13));
+  r.forward();
+  for (index_t b = 0; b < 2; ++b) {
+    CHECK(r.ws.topk_val(b, 0) > 0);
+    CHECK(r.ws.topk_val(b, 1) > 0);
+    for (index_t j = 2; j < c.k; ++j) CHECK(r.ws.topk_val(b, j) == 0.0);
+  }
+  r.backward();
+  for (index_t n = 2; n < c.n_experts; ++n) {
+    CHECK(r.g.b_gate[n] == 0.0);
+    for (index_t o = 0; o < c.d_out; ++o) CHECK(r.g.C(n, o) == 0.0);
+  }
+}
+
+TEST_CASE("forward and backward reject mismatched shapes naming the tensor") {
+  Config c;
+  c.d_in = 4; c.d_hidden = 6; c.d_out = 3; c.n_experts = 8; c.k = 2;
+  Params<float> p(c);
+  Workspace<float> ws;
+  Tensor<float> x(5, 4), y(5, 3), bad_x(5, 3), bad_y(4, 3), empty(0, 4), y0(0, 3);
+  CHECK(error_of([&] { forward<float>(p, bad_x.view(), y.view(), ws); }).find("x has shape [5, 3]") !=
+        std::string::npos);
+  CHECK(error_of([&] { forward<float>(p, x.view(), bad_y.view(), ws); }).find("y has shape [4, 3]") !=
+        std::string::npos);
+  CHECK(error_of([&] { forward<float>(p, empty.view(), y0.view(), ws); }).find("0 rows") !=
+        std::string::npos);
+
+  Grads<float> g(c);
+  Tensor<float> dy(5, 3), dx(5, 4);
+  CHECK(error_of([&] { backward<float>(p, x.view(), dy.view(), ws, g, dx.view()); })
+            .find("call forward") != std::string::npos);
+  forward<float>(p, x.view(), y.view(), ws);
+  Tensor<float> bad_dy(5, 4), bad_dx(5, 5);
+  CHECK(error_of([&] { backward<float>(p, x.view(), bad_dy.view(), ws, g, dx.view()); })
+            .find("dy has shape [5, 4]") != std::string::npos);
+  CHECK(error_of([&] { backward<float>(p, x.view(), dy.view(), ws, g, bad_dx.view()); })
+            .find("dx has shape [5, 5]") != std::string::npos);
+  Config other = c;
+  other.n_experts = 9;
+  Grads<float> g_other(other);
+  CHECK(error_of([&] { backward<float>(p, x.view(), dy.view(), ws, g_other, dx.view()); })
+            .find("another config") != std::string::npos);
+  CHECK_NOTHROW(backward<float>(p, x.view(), dy.view(), ws, g, dx.view()));
+}
