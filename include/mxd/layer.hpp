@@ -39,8 +39,7 @@ enum class GradMode {
 namespace detail {
 
 template <class T, class Device>
-void check_forward_args(const Params<T, Device>& p, ConstView<T, Device> x,
-                        ConstView<T, Device> y) {
+void check_forward_args(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device> y) {
   const Config& c = p.config;
   MXD_CHECK(x.rows > 0, "x has ", x.rows, " rows: the batch must not be empty");
   check_shape(x, x.rows, c.d_in, "x");
@@ -57,7 +56,7 @@ void check_forward_args(const Params<T, Device>& p, ConstView<T, Device> x,
 /// y = MxD(x). Fills the workspace's cache for backward.
 /// x: [B, I], y: [B, O] (overwritten).
 template <class T, class Device>
-void forward(const Params<T, Device>& p, ConstView<T, Device> x, View<T, Device> y,
+void forward(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
              Workspace<T, Device>& ws) {
   using be = backend<Device>;
   const Config& c = p.config;
@@ -88,7 +87,7 @@ void forward(const Params<T, Device>& p, ConstView<T, Device> x, View<T, Device>
 /// x: [B, I] (the forward's input), dy: [B, O], grads: the parameters' shapes (written per
 /// `mode`), dx: [B, I] is overwritten with dL/dx; pass an empty view to skip it.
 template <class T, class Device>
-void backward(const Params<T, Device>& p, ConstView<T, Device> x, ConstView<T, Device> dy,
+void backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device> dy,
               Workspace<T, Device>& ws, Grads<T, Device>& grads, View<T, Device> dx = {},
               GradMode mode = GradMode::Overwrite) {
   using be = backend<Device>;

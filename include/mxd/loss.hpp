@@ -41,7 +41,7 @@ inline Loss parse_loss(const std::string& name) {
 /// Returns the loss of y against target t and, when dy is not empty, writes dL/dy to it.
 /// y, t, dy: [B, O] host views. A zero target row makes nmse_ref infinite, as in the reference.
 template <class T>
-double loss(Loss kind, ConstView<T> y, ConstView<T> t, View<T> dy = {}) {
+double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {}) {
   const index_t B = y.rows, O = y.cols;
   check_shape(t, B, O, "target");
   if (!dy.empty()) check_shape(dy, B, O, "dloss_dy");

@@ -49,6 +49,16 @@ struct View {
 template <class T, class Device = cpu>
 using ConstView = View<const T, Device>;
 
+namespace detail {
+template <class T>
+struct identity { using type = T; };
+}  // namespace detail
+
+/// A read-only view parameter whose T and Device are not deduced from it, so a View<T> or a
+/// Tensor<T> converts to it; functions deduce T and Device from their other arguments.
+template <class T, class Device>
+using InView = View<const typename detail::identity<T>::type, typename detail::identity<Device>::type>;
+
 /// Throws mxd::Error naming `what` unless `v` is [rows, cols].
 template <class T, class Device>
 void check_shape(const View<T, Device>& v, index_t rows, index_t cols, const char* what) {

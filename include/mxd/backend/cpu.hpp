@@ -43,12 +43,9 @@ struct Context<cpu> {
 
 namespace detail {
 
-template <class T>
-struct identity { using type = T; };
-
 // A read-only host view whose T is not deduced from this argument (it converts from View<T>).
 template <class T>
-using cview = View<const typename identity<T>::type, cpu>;
+using cview = InView<T, cpu>;
 
 template <class T>
 using EigenMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
