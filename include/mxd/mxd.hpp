@@ -12,3 +12,4 @@
 #include "layer.hpp"
 #include "backend/cpu.hpp"
 #include "loss.hpp"
+#include "optim.hpp"

@@ -23,6 +23,7 @@
 
 #include "../activation.hpp"
 #include "../layer.hpp"
+#include "../optim.hpp"
 #include "../tensor.hpp"
 
 namespace mxd {
@@ -368,6 +369,63 @@ struct backend<cpu> {
         } else {
           for (index_t i = 0; i < H; ++i) dh[i] = d[i] * activate_grad(act, h[i]);
         }
+      }
+    });
+  }
+  /// One torch.optim.AdamW update of a parameter tensor, in torch's order of operations:
+  /// p *= 1 - lr wd;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;
+  /// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). p, g, m, v: same shape.
+  template <class T>
+  static void adamw_update(Ctx& ctx, View<T, cpu> p, cview<T> g, View<T, cpu> m, View<T, cpu> v,
+                           const AdamWStep& s) {
+    const T decay = T(1 - s.lr * s.weight_decay), w = T(1 - s.beta1), b2 = T(s.beta2);
+    const T one_minus_b2 = T(1 - s.beta2), bc2 = T(s.bias_correction2_sqrt), eps = T(s.eps);
+    const T step_size = T(s.lr / s.bias_correction1);
+    detail::parallel_chunks(ctx.resolved_threads(), p.size(), 1 << 15, [&](index_t i0, index_t i1) {
+      for (index_t i = i0; i < i1; ++i) {
+        const T gi = g.data[i];
+        T& mi = m.data[i];
+        T& vi = v.data[i];
+        p.data[i] *= decay;
+        mi = w < T(0.5) ? mi + w * (gi - mi) : gi - (gi - mi) * (T(1) - w);  // torch's lerp
+        vi = vi * b2 + one_minus_b2 * gi * gi;
+        p.data[i] += -step_size * (mi / (std::sqrt(vi) / bc2 + eps));
+      }
+    });
+  }
+
+  /// g[n] -= (g[n] . c[n] / |c[n]|^2) c[n] for every row n. C, g: [N, O].
+  template <class T>
+  static void remove_parallel_rows(Ctx& ctx, cview<T> C, View<T, cpu> g) {
+    const index_t O = C.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), C.rows, 256, [&](index_t n0, index_t n1) {
+      for (index_t n = n0; n < n1; ++n) {
+        const T* c = C.row(n);
+        T* gr = g.row(n);
+        T dot(0), sq(0);
+        for (index_t o = 0; o < O; ++o) {
+          dot += gr[o] * c[o];
+          sq += c[o] * c[o];
+        }
+        if (sq == T(0)) continue;
+        const T f = dot / sq;
+        for (index_t o = 0; o < O; ++o) gr[o] -= f * c[o];
+      }
+    });
+  }
+
+  /// Rescales every row of C to unit L2 norm (zero rows stay zero). C: [N, O].
+  template <class T>
+  static void normalize_rows(Ctx& ctx, View<T, cpu> C) {
+    const index_t O = C.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), C.rows, 256, [&](index_t n0, index_t n1) {
+      for (index_t n = n0; n < n1; ++n) {
+        T* c = C.row(n);
+        T sq(0);
+        for (index_t o = 0; o < O; ++o) sq += c[o] * c[o];
+        if (sq == T(0)) continue;
+        const T inv = T(1) / std::sqrt(sq);
+        for (index_t o = 0; o < O; ++o) c[o] *= inv;
       }
     });
   }
