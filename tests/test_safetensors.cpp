@@ -90,7 +90,7 @@ TEST_CASE("every dtype round-trips: exact for F64 F32 I64 I32 and within roundin
 }
 
 TEST_CASE("the writer aligns every tensor to its element size and pads the header with spaces") {
-  const double d[1] = {1};
+  const double d[3] = {1, 2, 3};
   SafetensorsWriter w;
   w.add("a_half", {3}, d, DType::F16);
   w.add("b_double", {1}, d, DType::F64);
