@@ -123,13 +123,14 @@ inline const char* layer_flags_help() {
          "  --glu, --skip     GLU encoder; linear skip connection (needs I == O)\n";
 }
 
-/// Applies the layer flags present in `args` on top of `defaults` and validates the result.
-inline Config layer_config(const Args& args, Config c) {
+/// Applies the layer flags present in `args` on top of `defaults` and validates the result
+/// (--k too unless `read_k` is false, for commands that take a list of k).
+inline Config layer_config(const Args& args, Config c, bool read_k = true) {
   c.d_in = args.get_int("d-in", c.d_in);
   c.d_hidden = args.get_int("d-hidden", c.d_hidden);
   c.d_out = args.get_int("d-out", c.d_out);
   c.n_experts = args.get_int("experts", c.n_experts);
-  c.k = args.get_int("k", c.k);
+  if (read_k) c.k = args.get_int("k", c.k);
   if (args.has("activation")) c.activation = parse_activation(args.get("activation", ""));
   if (args.has("glu")) c.glu = args.flag("glu");
   if (args.has("skip")) c.skip = args.flag("skip");

@@ -6,6 +6,7 @@
 namespace mxd::cli {
 
 int run_eval(int argc, char** argv);  // eval.cpp
-int run_demo(int argc, char** argv);  // demo.cpp: the built-in default job
+int run_demo(int argc, char** argv);  // demo.cpp
+int run_train(int argc, char** argv); // train.cpp: the built-in default job
 
 }  // namespace mxd::cli

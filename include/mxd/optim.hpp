@@ -54,16 +54,16 @@ struct AdamWStep {
   double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
 };
 
-/// AdamW over every parameter of an MxD layer; the moments m and v have the parameters' shapes.
-template <class T, class Device = cpu>
+/// AdamW over every tensor of a parameter set (an MxD's Params by default, or any type with
+/// `config` and `for_each(name, tensor)` constructible from its config, like the transcoder
+/// baselines); the moments m and v have the parameters' shapes.
+template <class T, class Device = cpu, class Set = Params<T, Device>>
 class AdamW {
 public:
-  AdamW(const Params<T, Device>& p, AdamWConfig cfg) : m(p.config), v(p.config), cfg_(cfg) {
-    cfg_.validate();
-  }
+  AdamW(const Set& p, AdamWConfig cfg) : m(p.config), v(p.config), cfg_(cfg) { cfg_.validate(); }
 
   /// One update with this step's learning rate; grads are dL/dparams of the batch.
-  void step(Params<T, Device>& p, const Grads<T, Device>& g, Context<Device>& ctx) {
+  void step(Set& p, const Set& g, Context<Device>& ctx) {
     ++t;
     const AdamWStep s{cfg_.learning_rate(t),
                       cfg_.beta1,
@@ -95,9 +95,9 @@ public:
 
   const AdamWConfig& config() const { return cfg_; }
 
-  long long t = 0;        // steps taken
-  Params<T, Device> m;    // first moments
-  Params<T, Device> v;    // second moments
+  long long t = 0;  // steps taken
+  Set m;            // first moments
+  Set v;            // second moments
 
 private:
   AdamWConfig cfg_;

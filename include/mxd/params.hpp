@@ -59,6 +59,11 @@ struct Params {
     for_each_impl(*this, f);
   }
 
+  /// True for the parameter stored transposed in files: W_cond is [O, N] there, C is [N, O].
+  static bool transposed_in_file(const std::string& reference_name) {
+    return reference_name == "W_cond";
+  }
+
   /// Sets every parameter to zero (what a gradient buffer starts from).
   void set_zero() {
     for_each([](const char*, Tensor<T, Device>& t) { t.set_zero(); });

@@ -59,6 +59,9 @@ inline std::vector<std::int64_t> shape_of(const SafetensorsReader& f, const std:
 /// from whether W_glu.weight / W_skip.weight exist. Validated before it is returned.
 inline Config read_config(const SafetensorsReader& f) {
   const auto& meta = f.metadata();
+  auto model = meta.find("model");
+  MXD_CHECK(model == meta.end() || model->second == "mxd", f.path(), " holds a '", model->second,
+            "' model, not an MxD");
   Config c;
   const auto enc = detail::shape_of(f, "W_enc", 2), gate = detail::shape_of(f, "gate", 2);
   const auto dec = detail::shape_of(f, "W_dec", 2);

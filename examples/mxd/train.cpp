@@ -1,0 +1,517 @@
+// SPDX-License-Identifier: MIT
+// mxd train: trains an MxD and a parameter-matched TopK (or skip) transcoder on the same
+// stream of (x, y) pairs, then evaluates both on held-out pairs.
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <mxd/baselines/transcoder.hpp>
+#include <mxd/init.hpp>
+#include <mxd/io/checkpoint.hpp>
+#include <mxd/mxd.hpp>
+#include <mxd/train/data.hpp>
+
+#include "cli.hpp"
+#include "commands.hpp"
+#include "svg.hpp"
+
+namespace mxd::cli {
+namespace {
+
+const char* const train_help =
+    "usage: mxd train [options]\n\n"
+    "Trains an MxD and a parameter-matched TopK transcoder (same k, same batches, same steps)\n"
+    "to reproduce y from x, then evaluates both on held-out pairs. With no options: the\n"
+    "built-in default, a teacher GELU MLP 64 -> 256 -> 64 with x ~ N(0, I) and weights\n"
+    "N(0, 1/fan_in) (seed 0), an MxD 64 -> 256 -> 64 with 1792 experts and a transcoder of\n"
+    "2048 latents (both ~266k parameters), k = 32, 2000 steps of 512 rows (about a minute on 2 cores).\n\n"
+    "data:\n"
+    "  --data FILE       safetensors with x [T, d_in] and y [T, d_out] (F32/F16/BF16/F64);\n"
+    "                    repeatable; rows are streamed, the last --eval-fraction of each file\n"
+    "                    is held out (default 0.05)\n"
+    "  --teacher-hidden H  hidden width of the teacher MLP (default 256; no --data)\n"
+    "  --eval-rows N     held-out teacher rows (default 8192)\n"
+    "layer:\n"
+    "%s"
+    "  --expansion m     transcoder width m * d_in (default 32); --experts defaults to the\n"
+    "                    parameter-matched count for it\n"
+    "  --k K[,K...]      experts/latents per row; a list sweeps k and plots the frontier\n"
+    "  --baseline B      topk | skip | none (default topk)\n"
+    "  --no-norm-dec     do not keep expert vectors (and transcoder decoder rows) unit norm\n"
+    "training:\n"
+    "  --batch B         rows per step (default 512)\n"
+    "  --steps S         total steps (default 2000)\n"
+    "  --lr LR           AdamW learning rate (default 1e-3; the paper uses 4e-4)\n"
+    "  --warmup W        linear warm-up steps (default 100; the paper uses 5000)\n"
+    "  --seed S          seed of initialisation and data order (default 0)\n"
+    "  --threads N       CPU threads (default: all cores; results do not depend on it)\n"
+    "  --dtype f32|f64   precision (default f32)\n"
+    "  --device cpu      (cuda needs the CUDA build)\n"
+    "  --log-every N     steps per log.csv row (default 10)\n"
+    "  --out DIR         output directory (default mxd_out)\n"
+    "  --resume CKPT     continue from DIR/mxd.safetensors (the baseline from the same DIR)\n\n"
+    "writes to DIR: mxd.safetensors, topk_transcoder.safetensors (checkpoints with optimizer\n"
+    "state), log.csv, metrics.json, loss.svg, and with a k sweep frontier.svg;\n"
+    "prints a table of parameters, k, NMSE (reference loss), FVU, dead fraction and tokens/s.\n";
+
+struct Options {
+  Config layer;
+  index_t expansion = 32;
+  std::vector<index_t> ks;
+  std::string baseline = "topk";
+  bool norm_dec = true;
+  index_t batch = 512, steps = 2000, warmup = 100, log_every = 10, eval_rows = 8192;
+  index_t teacher_hidden = 256;
+  double lr = 1e-3, eval_fraction = 0.05;
+  std::uint64_t seed = 0;
+  int threads = 0;
+  std::string out = "mxd_out", resume;
+  std::vector<std::string> data;
+};
+
+// Sums for NMSE (reference), FVU and expert usage over held-out rows.
+struct Eval {
+  double nmse = 0, fvu = 0, dead_fraction = 0;
+};
+
+template <class T>
+struct Accumulator {
+  double nmse_sum = 0, err_sum = 0;
+  index_t elements = 0, rows = 0;
+  std::vector<double> t_sum, t_sq;
+  std::vector<char> used;
+
+  Accumulator(index_t O, index_t n_units) : t_sum(O), t_sq(O), used(n_units, 0) {}
+
+  void add(const Tensor<T>& y, const Tensor<T>& t, const Tensor<std::int32_t>& idx,
+           const Tensor<T>& val) {
+    for (index_t r = 0; r < y.rows(); ++r) {
+      double tn = 0;
+      for (index_t o = 0; o < y.cols(); ++o) tn += double(t(r, o)) * double(t(r, o));
+      tn = std::sqrt(tn);
+      for (index_t o = 0; o < y.cols(); ++o) {
+        const double e = double(y(r, o)) - double(t(r, o));
+        nmse_sum += e * e / tn;
+        err_sum += e * e;
+        t_sum[o] += double(t(r, o));
+        t_sq[o] += double(t(r, o)) * double(t(r, o));
+      }
+    }
+    for (index_t i = 0; i < idx.size(); ++i)
+      if (val[i] > T(0)) used[idx[i]] = 1;
+    elements += y.size();
+    rows += y.rows();
+  }
+
+  Eval result() const {
+    double var = 0;
+    for (std::size_t o = 0; o < t_sum.size(); ++o)
+      var += t_sq[o] - t_sum[o] * t_sum[o] / double(rows);
+    index_t dead = 0;
+    for (char u : used) dead += !u;
+    return {nmse_sum / double(elements), err_sum / var, double(dead) / double(used.size())};
+  }
+};
+
+// One model in training: its parameters, gradients, workspace and optimizer.
+template <class T>
+struct MxdModel {
+  static constexpr const char* name = "mxd";
+  Params<T> p, g;
+  Workspace<T> ws;
+  AdamW<T> opt;
+  bool norm_dec;
+
+  MxdModel(Params<T> params, const AdamWConfig& oc, bool nd, int threads)
+      : p(std::move(params)), g(p.config), opt(p, oc), norm_dec(nd) {
+    ws.ctx.threads = threads;
+  }
+  index_t k() const { return p.config.k; }
+  index_t units() const { return p.config.n_experts; }
+  index_t n_params() const { return p.config.n_params(); }
+  void predict(const Tensor<T>& x, Tensor<T>& y) { forward(p, x.view(), y.view(), ws); }
+  void update(const Tensor<T>& x, const Tensor<T>& dy) {
+    backward(p, x.view(), dy.view(), ws, g);
+    if (norm_dec) project_expert_grads(p, g, ws.ctx);
+    opt.step(p, g, ws.ctx);
+    if (norm_dec) normalize_experts(p, ws.ctx);
+  }
+  const Tensor<std::int32_t>& idx() const { return ws.topk_idx; }
+  const Tensor<T>& val() const { return ws.topk_val; }
+  void save(const std::string& path) const { io::save_checkpoint(path, p, &opt); }
+};
+
+template <class T>
+struct TranscoderModel {
+  std::string name;
+  TranscoderParams<T> p, g;
+  TranscoderWorkspace<T> ws;
+  AdamW<T, cpu, TranscoderParams<T>> opt;
+  bool norm_dec;
+
+  TranscoderModel(TranscoderParams<T> params, const AdamWConfig& oc, bool nd, int threads)
+      : name(params.config.skip ? "skip_transcoder" : "topk_transcoder"), p(std::move(params)),
+        g(p.config), opt(p, oc), norm_dec(nd && !p.config.skip) {
+    ws.ctx.threads = threads;
+  }
+  index_t k() const { return p.config.k; }
+  index_t units() const { return p.config.n_latents; }
+  index_t n_params() const { return p.config.n_params(); }
+  void predict(const Tensor<T>& x, Tensor<T>& y) { transcoder_forward(p, x.view(), y.view(), ws); }
+  void update(const Tensor<T>& x, const Tensor<T>& dy) {
+    transcoder_backward(p, x.view(), dy.view(), ws, g);
+    if (norm_dec) backend<cpu>::remove_parallel_rows(ws.ctx, p.W_dec.view(), g.W_dec.view());
+    opt.step(p, g, ws.ctx);
+    if (norm_dec) backend<cpu>::normalize_rows(ws.ctx, p.W_dec.view());
+  }
+  const Tensor<std::int32_t>& idx() const { return ws.topk_idx; }
+  const Tensor<T>& val() const { return ws.topk_val; }
+  void save(const std::string& path) const { io::save_checkpoint(path, p, &opt); }
+};
+
+template <class T, class Model>
+Eval evaluate(Model& m, train::DataSource<T>& src, index_t batch) {
+  Accumulator<T> acc(src.d_out(), m.units());
+  Tensor<T> x, t, y;
+  for (index_t first = 0; first < src.eval_rows(); first += batch) {
+    const index_t n = std::min(batch, src.eval_rows() - first);
+    src.eval_batch(first, n, x, t);
+    y.resize(n, src.d_out(), false);
+    m.predict(x, y);
+    acc.add(y, t, m.idx(), m.val());
+  }
+  return acc.result();
+}
+
+struct Row {
+  std::string name;
+  index_t params, k;
+  Eval eval;
+  double tokens_per_s;
+};
+
+// Progress on stderr, only when it is a terminal.
+class Progress {
+public:
+  Progress(index_t total, index_t start) : total_(total), start_(start), tty_(isatty(2)) {}
+  void update(index_t step, index_t rows_per_step, double loss) {
+    if (!tty_) return;
+    const double s = seconds();
+    if (step + 1 < total_ && s - last_ < 0.2) return;
+    last_ = s;
+    const double done = double(step + 1 - start_), rate = done * rows_per_step / std::max(s, 1e-9);
+    const double eta = (total_ - step - 1) * (s / std::max(done, 1.0));
+    const int width = 30, filled = int(width * double(step + 1) / double(total_));
+    std::fprintf(stderr, "\r[%s%s] step %lld/%lld  %.0f tok/s  loss %.4g  ETA %.0fs ",
+                 std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
+                 (long long)(step + 1), (long long)total_, rate, loss, eta);
+    if (step + 1 == total_) std::fputc('\n', stderr);
+  }
+  double seconds() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  }
+
+private:
+  index_t total_, start_;
+  bool tty_;
+  double last_ = -1;
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
+};
+
+template <class T>
+std::unique_ptr<train::DataSource<T>> make_source(const Options& o) {
+  if (!o.data.empty())
+    return std::make_unique<train::ActivationFiles<T>>(o.data, o.eval_fraction, o.seed);
+  return std::make_unique<train::Teacher<T>>(o.layer.d_in, o.teacher_hidden, o.layer.d_out,
+                                             o.seed, o.eval_rows);
+}
+
+// Trains both models at one k; returns their rows and appends their loss curves.
+template <class T>
+std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src, bool sweep,
+                          std::vector<Series>& curves, std::vector<std::vector<double>>& log_cols,
+                          std::vector<std::string>& log_names) {
+  AdamWConfig oc;
+  oc.lr = o.lr;
+  oc.warmup_steps = o.warmup;
+  Config cfg = o.layer;
+  cfg.k = k;
+  index_t start = 0;
+  std::unique_ptr<MxdModel<T>> mxd;
+  std::unique_ptr<TranscoderModel<T>> tc;
+  const std::string suffix = sweep ? "_k" + std::to_string(k) : "";
+  const bool skip_tc = o.baseline == "skip";
+  TranscoderConfig tcc{cfg.d_in, cfg.d_out, o.expansion * cfg.d_in, k, skip_tc};
+
+  if (!o.resume.empty()) {
+    io::SafetensorsReader f(o.resume);
+    const Config rc = io::read_config(f);
+    mxd = std::make_unique<MxdModel<T>>(io::load_params<T>(f, rc), oc, o.norm_dec, o.threads);
+    io::load_optimizer(f, mxd->opt);
+    start = mxd->opt.t;
+    if (o.baseline != "none") {
+      const std::string bpath = (std::filesystem::path(o.resume).parent_path() /
+                                 (std::string(skip_tc ? "skip" : "topk") + "_transcoder.safetensors"))
+                                    .string();
+      io::SafetensorsReader b(bpath);
+      tc = std::make_unique<TranscoderModel<T>>(io::load_transcoder<T>(b, io::read_transcoder_config(b)),
+                                                oc, o.norm_dec, o.threads);
+      io::load_optimizer(b, tc->opt);
+      MXD_CHECK(tc->opt.t == start, bpath, " is at step ", tc->opt.t, " but ", o.resume, " at ", start);
+    }
+    MXD_CHECK(mxd->p.config.d_in == src.d_in() && mxd->p.config.d_out == src.d_out(), o.resume,
+              " expects d_in = ", mxd->p.config.d_in, ", d_out = ", mxd->p.config.d_out,
+              " but the data has ", src.d_in(), ", ", src.d_out());
+  } else {
+    Params<T> p(cfg);
+    init_params(p, o.seed, o.norm_dec);
+    mxd = std::make_unique<MxdModel<T>>(std::move(p), oc, o.norm_dec, o.threads);
+    if (o.baseline != "none") {
+      TranscoderParams<T> tp(tcc);
+      init_transcoder(tp, o.seed + 1);
+      tc = std::make_unique<TranscoderModel<T>>(std::move(tp), oc, o.norm_dec, o.threads);
+    }
+  }
+  MXD_CHECK(start < o.steps, "--steps = ", o.steps, " but the checkpoint is already at step ", start);
+
+  const index_t B = o.batch, O = src.d_out();
+  Tensor<T> x, y, pred(B, O), dy(B, O);
+  double time_mxd = 0, time_tc = 0, sum_mxd = 0, sum_tc = 0;
+  index_t in_window = 0;
+  Series c_mxd{"mxd" + suffix, {}, {}}, c_tc{(tc ? tc->name : std::string()) + suffix, {}, {}};
+  std::vector<double> col_step, col_mxd, col_tc;
+  Progress progress(o.steps, start);
+  using clock = std::chrono::steady_clock;
+  for (index_t step = start; step < o.steps; ++step) {
+    src.train_batch(static_cast<std::uint64_t>(step), B, x, y);
+    auto t0 = clock::now();
+    mxd->predict(x, pred);
+    const double l_mxd = loss<T>(Loss::nmse_ref, pred.view(), y.view(), dy.view());
+    mxd->update(x, dy);
+    auto t1 = clock::now();
+    time_mxd += std::chrono::duration<double>(t1 - t0).count();
+    sum_mxd += l_mxd;
+    if (tc) {
+      tc->predict(x, pred);
+      const double l_tc = loss<T>(Loss::nmse_ref, pred.view(), y.view(), dy.view());
+      tc->update(x, dy);
+      time_tc += std::chrono::duration<double>(clock::now() - t1).count();
+      sum_tc += l_tc;
+    }
+    MXD_CHECK(std::isfinite(l_mxd), "the MxD loss became ", l_mxd, " at step ", step,
+              " (try a smaller --lr)");
+    if (++in_window == o.log_every || step + 1 == o.steps) {
+      col_step.push_back(double(step + 1));
+      col_mxd.push_back(sum_mxd / double(in_window));
+      c_mxd.x.push_back(double(step + 1));
+      c_mxd.y.push_back(sum_mxd / double(in_window));
+      if (tc) {
+        col_tc.push_back(sum_tc / double(in_window));
+        c_tc.x.push_back(double(step + 1));
+        c_tc.y.push_back(sum_tc / double(in_window));
+      }
+      sum_mxd = sum_tc = 0;
+      in_window = 0;
+    }
+    progress.update(step, B, l_mxd);
+  }
+
+  std::filesystem::create_directories(o.out);
+  const double tokens = double(o.steps - start) * double(B);
+  std::vector<Row> rows;
+  mxd->save((std::filesystem::path(o.out) / ("mxd" + suffix + ".safetensors")).string());
+  rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B), tokens / time_mxd});
+  if (log_cols.empty()) log_cols.push_back(col_step);
+  log_cols.push_back(col_mxd);
+  log_names.push_back("mxd" + suffix);
+  curves.push_back(c_mxd);
+  if (tc) {
+    tc->save((std::filesystem::path(o.out) / (tc->name + suffix + ".safetensors")).string());
+    rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B), tokens / time_tc});
+    log_cols.push_back(col_tc);
+    log_names.push_back(tc->name + suffix);
+    curves.push_back(c_tc);
+  }
+  return rows;
+}
+
+std::vector<index_t> parse_ks(const std::string& s) {
+  std::vector<index_t> ks;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    std::size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    MXD_CHECK(used == item.size() && !item.empty() && v > 0, "--k: '", item,
+              "' is not a positive integer (in '", s, "')");
+    ks.push_back(v);
+  }
+  MXD_CHECK(!ks.empty(), "--k: empty list");
+  return ks;
+}
+
+template <class T>
+int run(const Options& o) {
+  auto src = make_source<T>(o);
+  Options opt = o;
+  opt.layer.d_in = src->d_in();
+  opt.layer.d_out = src->d_out();
+  std::vector<Row> rows;
+  std::vector<Series> curves;
+  std::vector<std::vector<double>> log_cols;
+  std::vector<std::string> log_names;
+  const bool sweep = o.ks.size() > 1;
+  MXD_CHECK(!(sweep && !o.resume.empty()), "--resume cannot be combined with a k sweep");
+  for (index_t k : o.ks) {
+    auto r = train_at<T>(opt, k, *src, sweep, curves, log_cols, log_names);
+    rows.insert(rows.end(), r.begin(), r.end());
+  }
+
+  std::printf("%-18s %12s %5s %12s %12s %8s %12s\n", "model", "params", "k", "nmse_ref", "fvu",
+              "dead", "tokens/s");
+  nlohmann::json models = nlohmann::json::array();
+  for (const Row& r : rows) {
+    std::printf("%-18s %12lld %5lld %12.5g %12.5g %8.4f %12.0f\n", r.name.c_str(),
+                (long long)r.params, (long long)r.k, r.eval.nmse, r.eval.fvu, r.eval.dead_fraction,
+                r.tokens_per_s);
+    models.push_back({{"name", r.name}, {"params", r.params}, {"k", r.k}, {"nmse", r.eval.nmse},
+                      {"fvu", r.eval.fvu}, {"dead_fraction", r.eval.dead_fraction},
+                      {"tokens_per_s", r.tokens_per_s}});
+  }
+  namespace fs = std::filesystem;
+  const fs::path out(o.out);
+  write_text_atomic((out / "metrics.json").string(), nlohmann::json{{"models", models}}.dump(2) + "\n");
+  std::string csv = "step";
+  for (const auto& n : log_names) csv += "," + n;
+  csv += "\n";
+  char buf[64];
+  for (std::size_t i = 0; !log_cols.empty() && i < log_cols[0].size(); ++i) {
+    csv += std::to_string(static_cast<long long>(log_cols[0][i]));
+    for (std::size_t c = 1; c < log_cols.size(); ++c) {
+      std::snprintf(buf, sizeof buf, ",%.8g", i < log_cols[c].size() ? log_cols[c][i] : NAN);
+      csv += buf;
+    }
+    csv += "\n";
+  }
+  write_text_atomic((out / "log.csv").string(), csv);
+  write_svg_plot((out / "loss.svg").string(), "training loss (reference normalized MSE)", "step",
+                 "loss", curves, true);
+  if (sweep) {
+    std::vector<Series> frontier;
+    for (const Row& r : rows) {
+      auto it = std::find_if(frontier.begin(), frontier.end(),
+                             [&](const Series& s) { return s.name == r.name; });
+      if (it == frontier.end()) it = frontier.insert(frontier.end(), Series{r.name, {}, {}});
+      it->x.push_back(double(r.k));
+      it->y.push_back(r.eval.fvu);
+    }
+    write_svg_plot((out / "frontier.svg").string(), "sparsity-accuracy frontier (held-out)", "k",
+                   "FVU", frontier, true);
+  }
+  std::printf("wrote %s/{metrics.json, log.csv, loss.svg%s, checkpoints}\n", o.out.c_str(),
+              sweep ? ", frontier.svg" : "");
+  return 0;
+}
+
+}  // namespace
+
+int run_train(int argc, char** argv) {
+  std::set<std::string> flags = layer_flags();
+  for (const char* f : {"data", "teacher-hidden", "eval-rows", "eval-fraction", "expansion",
+                        "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
+                        "device", "log-every", "out", "resume"})
+    flags.insert(f);
+  std::set<std::string> switches = layer_switches();
+  switches.insert("no-norm-dec");
+  Args args(argc, argv, argc < 2 ? argc : 2, flags, switches);
+  if (args.help()) {
+    std::printf(train_help, layer_flags_help());
+    return 0;
+  }
+  MXD_CHECK(args.positional().empty(), "mxd train takes no positional argument, got '",
+            args.positional().front(), "'");
+  Options o;
+  o.expansion = args.get_int("expansion", 32);
+  MXD_CHECK(o.expansion > 0, "--expansion = ", o.expansion, " must be positive");
+  o.teacher_hidden = args.get_int("teacher-hidden", 256);
+  Config defaults;
+  defaults.d_in = 64;
+  defaults.d_hidden = 256;
+  defaults.d_out = 64;
+  defaults.activation = Activation::gelu;
+  defaults.k = 32;
+  o.data = args.all("data");
+  // Sizes from the data files when given, so --experts can default to the matched count.
+  if (!o.data.empty()) {
+    io::SafetensorsReader f(o.data.front());
+    MXD_CHECK(f.info("x").shape.size() == 2 && f.info("y").shape.size() == 2, o.data.front(),
+              ": x and y must be 2-D");
+    defaults.d_in = f.info("x").shape[1];
+    defaults.d_out = f.info("y").shape[1];
+    defaults.d_hidden = 4 * defaults.d_in;
+  }
+  o.ks = parse_ks(args.get("k", "32"));
+  Config sized = defaults;
+  sized.d_in = args.get_int("d-in", defaults.d_in);
+  sized.d_hidden = args.get_int("d-hidden", defaults.d_hidden);
+  sized.d_out = args.get_int("d-out", defaults.d_out);
+  MXD_CHECK(sized.d_in > 0 && sized.d_hidden > 0 && sized.d_out > 0, "--d-in, --d-hidden and --d-out must be positive");
+  defaults.n_experts = matched_experts(sized.d_in, sized.d_hidden, sized.d_out, o.expansion,
+                                       args.flag("glu"), args.flag("skip"));
+  defaults.k = *std::min_element(o.ks.begin(), o.ks.end());
+  o.layer = layer_config(args, defaults, /*read_k=*/false);
+  for (index_t k : o.ks) {
+    MXD_CHECK(k <= o.layer.n_experts, "--k = ", k, " exceeds the ", o.layer.n_experts, " experts");
+    MXD_CHECK(k <= o.expansion * o.layer.d_in, "--k = ", k, " exceeds the transcoder's ",
+              o.expansion * o.layer.d_in, " latents");
+  }
+  o.baseline = args.get("baseline", "topk");
+  MXD_CHECK(o.baseline == "topk" || o.baseline == "skip" || o.baseline == "none", "--baseline = '",
+            o.baseline, "' is not topk, skip or none");
+  MXD_CHECK(o.baseline != "skip" || o.layer.d_in == o.layer.d_out,
+            "--baseline skip needs d_in == d_out");
+  o.norm_dec = !args.flag("no-norm-dec");
+  o.batch = args.get_int("batch", o.batch);
+  o.steps = args.get_int("steps", o.steps);
+  o.warmup = args.get_int("warmup", o.warmup);
+  o.log_every = args.get_int("log-every", o.log_every);
+  o.eval_rows = args.get_int("eval-rows", o.eval_rows);
+  o.eval_fraction = args.get_double("eval-fraction", o.eval_fraction);
+  o.lr = args.get_double("lr", o.lr);
+  o.seed = static_cast<std::uint64_t>(args.get_int("seed", 0));
+  o.threads = static_cast<int>(args.get_int("threads", 0));
+  o.out = args.get("out", o.out);
+  o.resume = args.get("resume", "");
+  MXD_CHECK(o.batch > 0, "--batch = ", o.batch, " must be positive");
+  MXD_CHECK(o.steps > 0, "--steps = ", o.steps, " must be positive");
+  MXD_CHECK(o.warmup >= 0, "--warmup = ", o.warmup, " must be >= 0");
+  MXD_CHECK(o.log_every > 0, "--log-every = ", o.log_every, " must be positive");
+  MXD_CHECK(o.eval_rows > 0, "--eval-rows = ", o.eval_rows, " must be positive");
+  MXD_CHECK(o.teacher_hidden > 0, "--teacher-hidden = ", o.teacher_hidden, " must be positive");
+  MXD_CHECK(o.threads >= 0 && o.threads <= 1024, "--threads = ", o.threads, " is out of range");
+  MXD_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr = ", o.lr, " must be positive");
+  MXD_CHECK(!o.out.empty(), "--out must not be empty");
+  const std::string device = args.get("device", "cpu");
+  MXD_CHECK(device == "cpu", "--device = '", device,
+            "': this build trains on the CPU only (the CUDA backend is not built)");
+  const std::string dtype = args.get("dtype", "f32");
+  if (dtype == "f32") return run<float>(o);
+  if (dtype == "f64") return run<double>(o);
+  throw Error("--dtype = '" + dtype + "' is not f32 or f64");
+}
+
+}  // namespace mxd::cli

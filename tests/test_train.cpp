@@ -1,0 +1,385 @@
+// SPDX-License-Identifier: MIT
+// Training pieces: AdamW against torch, warm-up, norm_dec, the authors' initialisation, the
+// parameter-matched expert count, the transcoder baselines, checkpoints and data sources.
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include <mxd/baselines/transcoder.hpp>
+#include <mxd/init.hpp>
+#include <mxd/io/checkpoint.hpp>
+#include <mxd/train/data.hpp>
+
+#include "testing.hpp"
+
+using namespace mxd;
+using namespace mxd_test;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path scratch(const std::string& name) {
+  fs::path d = fs::temp_directory_path() / ("mxd_train_" + std::to_string(::getpid()));
+  fs::create_directories(d);
+  return d / name;
+}
+
+// The smallest parameter set AdamW accepts: one [5, 7] tensor.
+struct OneTensor {
+  int config = 0;
+  Tensor<double> w;
+  explicit OneTensor(int) : w(5, 7) {}
+  template <class F>
+  void for_each(F&& f) { f("w", w); }
+  template <class F>
+  void for_each(F&& f) const { f("w", w); }
+};
+
+template <class T>
+bool same_bits(const Tensor<T>& a, const Tensor<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.bytes()) == 0;
+}
+
+// Every tensor of two parameter sets of float values holds the same bits.
+template <class Set>
+bool same_bits_all(const Set& a, const Set& b) {
+  std::vector<const Tensor<float>*> pa, pb;
+  a.for_each([&](const char*, const Tensor<float>& t) { pa.push_back(&t); });
+  b.for_each([&](const char*, const Tensor<float>& t) { pb.push_back(&t); });
+  bool ok = pa.size() == pb.size();
+  for (std::size_t i = 0; ok && i < pa.size(); ++i) ok = same_bits(*pa[i], *pb[i]);
+  return ok;
+}
+
+Config tiny_config() {
+  Config c;
+  c.d_in = 8; c.d_hidden = 32; c.d_out = 8; c.n_experts = 64; c.k = 4;
+  c.activation = Activation::gelu;
+  return c;
+}
+
+// `steps` training steps of an MxD on the teacher from step `from`, as `mxd train` does them.
+void train_steps(Params<float>& p, AdamW<float>& opt, train::Teacher<float>& teacher, int from,
+                 int steps, std::vector<double>* losses = nullptr) {
+  Workspace<float> ws;
+  Grads<float> g(p.config);
+  Tensor<float> x, y, pred, dy;
+  for (int s = from; s < from + steps; ++s) {
+    teacher.train_batch(static_cast<std::uint64_t>(s), 64, x, y);
+    pred.resize(64, p.config.d_out);
+    dy.resize(64, p.config.d_out);
+    forward(p, x.view(), pred.view(), ws);
+    const double l = loss<float>(Loss::nmse_ref, pred.view(), y.view(), dy.view());
+    if (losses) losses->push_back(l);
+    backward(p, x.view(), dy.view(), ws, g);
+    project_expert_grads(p, g, ws.ctx);
+    opt.step(p, g, ws.ctx);
+    normalize_experts(p, ws.ctx);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("three AdamW steps equal torch.optim.AdamW to rounding") {
+  io::SafetensorsReader f(data_path("adamw/adamw_golden.safetensors"));
+  auto meta = [&](const char* k) { return std::stod(f.metadata().at(k)); };
+  AdamWConfig c;
+  c.lr = meta("lr");
+  c.beta1 = meta("beta1");
+  c.beta2 = meta("beta2");
+  c.eps = meta("eps");
+  c.weight_decay = meta("weight_decay");
+  c.warmup_steps = 0;  // torch.optim.AdamW has no schedule
+  OneTensor p(0), g(0);
+  const auto p0 = f.read_all<double>("param.0", {5, 7});
+  std::copy(p0.begin(), p0.end(), p.w.data());
+  AdamW<double, cpu, OneTensor> opt(p, c);
+  Context<cpu> ctx;
+  for (int step = 1; step <= 3; ++step) {
+    CAPTURE(step);
+    const auto gs = f.read_all<double>("grad." + std::to_string(step));
+    std::copy(gs.begin(), gs.end(), g.w.data());
+    opt.step(p, g, ctx);
+    const auto want = f.read_all<double>("param." + std::to_string(step));
+    // torch runs the same double operations; 1e-14 allows for its fused lerp and sqrt order.
+    CHECK(rel_error(p.w.data(), want.data(), want.size()) <= 1e-14);
+  }
+  CHECK(opt.t == 3);
+}
+
+TEST_CASE("the learning rate warms up linearly then stays constant") {
+  AdamWConfig c;
+  c.lr = 4e-4;
+  c.warmup_steps = 5000;
+  CHECK(c.learning_rate(1) == doctest::Approx(4e-4 / 5000));
+  CHECK(c.learning_rate(2500) == doctest::Approx(2e-4));
+  CHECK(c.learning_rate(5000) == 4e-4);
+  CHECK(c.learning_rate(123456) == 4e-4);
+  c.warmup_steps = 0;
+  CHECK(c.learning_rate(1) == 4e-4);
+}
+
+TEST_CASE("AdamWConfig rejects NaN and out-of-range hyper-parameters by name") {
+  auto bad = [](auto set) { AdamWConfig c; set(c); return error_of([&] { c.validate(); }); };
+  CHECK(bad([](AdamWConfig& c) { c.lr = std::nan(""); }).find("AdamWConfig.lr = nan") != std::string::npos);
+  CHECK(bad([](AdamWConfig& c) { c.beta1 = 1.0; }).find("AdamWConfig.beta1 = 1") != std::string::npos);
+  CHECK(bad([](AdamWConfig& c) { c.beta2 = -0.5; }).find("AdamWConfig.beta2") != std::string::npos);
+  CHECK(bad([](AdamWConfig& c) { c.eps = 0; }).find("AdamWConfig.eps") != std::string::npos);
+  CHECK(bad([](AdamWConfig& c) { c.weight_decay = -1; }).find("weight_decay") != std::string::npos);
+  CHECK(bad([](AdamWConfig& c) { c.warmup_steps = -1; }).find("warmup_steps") != std::string::npos);
+}
+
+TEST_CASE("the authors' initialisation: D and biases zero and encoder weights within the nn.Linear bound") {
+  Config c = tiny_config();
+  c.glu = true;
+  c.skip = true;
+  Params<double> p(c);
+  init_params(p, 3);
+  const double bound = 1 / std::sqrt(8.0);
+  for (index_t i = 0; i < p.D.size(); ++i) CHECK(p.D[i] == 0.0);
+  for (index_t i = 0; i < p.W_skip.size(); ++i) CHECK(p.W_skip[i] == 0.0);
+  for (index_t i = 0; i < p.b_gate.size(); ++i) CHECK(p.b_gate[i] == 0.0);
+  double e_max = 0, g_max = 0;
+  for (index_t i = 0; i < p.E.size(); ++i) e_max = std::max(e_max, std::abs(p.E[i]));
+  for (index_t i = 0; i < p.G.size(); ++i) g_max = std::max(g_max, std::abs(p.G[i]));
+  CHECK(e_max <= bound);
+  CHECK(e_max > 0.8 * bound);  // really drawn over the whole range
+  CHECK(g_max <= bound);
+  for (index_t n = 0; n < c.n_experts; ++n) {
+    double sq = 0;
+    for (index_t o = 0; o < c.d_out; ++o) sq += p.C(n, o) * p.C(n, o);
+    CHECK(std::sqrt(sq) == doctest::Approx(1.0).epsilon(1e-14));
+  }
+}
+
+TEST_CASE("parameter-matched expert counts are those of DESIGN.md under both conventions") {
+  CHECK(matched_experts(768, 3072, 768, 32) == 21504);
+  CHECK(matched_experts(768, 3072, 768, 32, false, false, MatchConvention::authors) == 21490);
+  CHECK(matched_experts(1024, 4096, 1024, 32, false, false, MatchConvention::authors) == 28658);
+  CHECK(matched_experts(2048, 8192, 2048, 32, false, false, MatchConvention::authors) == 57330);
+  Config c;
+  c.d_in = 64; c.d_hidden = 256; c.d_out = 64; c.k = 32;
+  c.n_experts = matched_experts(64, 256, 64, 32);
+  const TranscoderConfig t{64, 64, 32 * 64, 32, false};
+  CHECK(c.n_params() <= t.n_params());
+  CHECK(t.n_params() - c.n_params() < 64 + 64 + 1);  // within one expert of equal
+  CHECK(error_of([] { matched_experts(64, 100000, 64, 1); }).find("fewer than") != std::string::npos);
+}
+
+TEST_CASE("norm_dec keeps every expert vector at unit norm through training") {
+  Config c = tiny_config();
+  Params<float> p(c);
+  init_params(p, 4);
+  AdamWConfig oc;
+  oc.lr = 1e-2;
+  oc.warmup_steps = 0;
+  AdamW<float> opt(p, oc);
+  train::Teacher<float> teacher(8, 32, 8, 5, 0);
+  train_steps(p, opt, teacher, 0, 5);
+  for (index_t n = 0; n < c.n_experts; ++n) {
+    double sq = 0;
+    for (index_t o = 0; o < c.d_out; ++o) sq += double(p.C(n, o)) * p.C(n, o);
+    CHECK(std::sqrt(sq) == doctest::Approx(1.0).epsilon(1e-6));  // float rounding of the norm
+  }
+  // The projected gradient is orthogonal to each c_n.
+  Grads<double> g(c);
+  Params<double> pd(c);
+  init_params(pd, 6);
+  for (index_t i = 0; i < g.C.size(); ++i) g.C[i] = std::sin(double(i));
+  Context<cpu> ctx;
+  project_expert_grads(pd, g, ctx);
+  for (index_t n = 0; n < c.n_experts; ++n) {
+    double dot = 0;
+    for (index_t o = 0; o < c.d_out; ++o) dot += g.C(n, o) * pd.C(n, o);
+    CHECK(std::abs(dot) <= 1e-14);
+  }
+}
+
+TEST_CASE("TopK and skip transcoder gradients match central finite differences") {
+  for (bool skip : {false, true}) {
+    CAPTURE(skip);
+    TranscoderConfig c{5, 5, 12, 3, skip};
+    TranscoderParams<double> p(c), g(c);
+    std::mt19937_64 rng(11);
+    std::normal_distribution<double> nd(0, 1);
+    p.for_each([&](const char*, Tensor<double>& t) { for (index_t i = 0; i < t.size(); ++i) t[i] = nd(rng); });
+    for (index_t i = 0; i < p.b_enc.size(); ++i) p.b_enc[i] += 1.0;  // most latents positive
+    Tensor<double> x = random_matrix<double>(4, 5, 12), dy = random_matrix<double>(4, 5, 13);
+    Tensor<double> y(4, 5), dx(4, 5);
+    TranscoderWorkspace<double> ws;
+    transcoder_forward(p, x.view(), y.view(), ws);
+    transcoder_backward(p, x.view(), dy.view(), ws, g, dx.view());
+    auto probe = [&](std::vector<std::int32_t>& state) {
+      TranscoderWorkspace<double> w2;
+      Tensor<double> y2(4, 5);
+      transcoder_forward(p, x.view(), y2.view(), w2);
+      state.assign(w2.topk_idx.data(), w2.topk_idx.data() + w2.topk_idx.size());
+      for (index_t i = 0; i < w2.topk_val.size(); ++i) state.push_back(w2.topk_val[i] > 0);
+      double l = 0;
+      for (index_t i = 0; i < y2.size(); ++i) l += y2[i] * dy[i];
+      return l;
+    };
+    std::vector<std::int32_t> base;
+    probe(base);
+    std::vector<std::pair<Tensor<double>*, Tensor<double>*>> pairs;
+    std::vector<Tensor<double>*> gs;
+    g.for_each([&](const char*, Tensor<double>& t) { gs.push_back(&t); });
+    std::size_t n = 0;
+    p.for_each([&](const char*, Tensor<double>& t) { pairs.push_back({&t, gs[n++]}); });
+    pairs.push_back({&x, &dx});
+    int checked = 0;
+    for (auto [v, gr] : pairs)
+      for (index_t i = 0; i < v->size(); ++i) {
+        const double keep = (*v)[i], eps = 1e-5;
+        std::vector<std::int32_t> su, sd;
+        (*v)[i] = keep + eps;
+        const double up = probe(su);
+        (*v)[i] = keep - eps;
+        const double down = probe(sd);
+        (*v)[i] = keep;
+        if (su != base || sd != base) continue;  // a top-k or relu kink within eps
+        CHECK(std::abs((up - down) / (2 * eps) - (*gr)[i]) <= 1e-7 * (1 + std::abs((*gr)[i])));
+        ++checked;
+      }
+    CHECK(checked > 100);
+  }
+}
+
+TEST_CASE("training on a tiny teacher lowers the loss below a third of its start, deterministically") {
+  auto run = [](std::vector<double>& losses) {
+    Params<float> p(tiny_config());
+    init_params(p, 7);
+    AdamWConfig oc;
+    oc.lr = 3e-3;
+    oc.warmup_steps = 10;
+    AdamW<float> opt(p, oc);
+    train::Teacher<float> teacher(8, 32, 8, 8, 0);
+    train_steps(p, opt, teacher, 0, 150, &losses);
+    return p;
+  };
+  std::vector<double> l1, l2;
+  const Params<float> a = run(l1), b = run(l2);
+  const double start = (l1[0] + l1[1] + l1[2]) / 3, end = (l1[147] + l1[148] + l1[149]) / 3;
+  MESSAGE("loss " << start << " -> " << end);
+  CHECK(end < start / 3);
+  CHECK(l1 == l2);
+  CHECK(same_bits(a.C, b.C));
+  CHECK(same_bits(a.E, b.E));
+}
+
+TEST_CASE("checkpoint round trip is bit-exact and a resumed run equals an uninterrupted one") {
+  AdamWConfig oc;
+  oc.lr = 3e-3;
+  oc.warmup_steps = 4;
+  train::Teacher<float> teacher(8, 32, 8, 9, 0);
+  Params<float> straight(tiny_config());
+  init_params(straight, 10);
+  Params<float> resumed = straight;
+  AdamW<float> opt(straight, oc);
+  train_steps(straight, opt, teacher, 0, 12);
+
+  AdamW<float> first(resumed, oc);
+  train_steps(resumed, first, teacher, 0, 6);
+  const std::string path = scratch("resume.safetensors").string();
+  io::save_checkpoint(path, resumed, &first);
+  io::SafetensorsReader f(path);
+  CHECK(f.metadata().at("model") == "mxd");
+  Params<float> loaded = io::load_params<float>(f, io::read_config(f));
+  AdamW<float> second(loaded, oc);
+  io::load_optimizer(f, second);
+  CHECK(second.t == 6);
+  CHECK(same_bits_all(loaded, resumed));
+  CHECK(same_bits_all(second.m, first.m));
+  CHECK(same_bits_all(second.v, first.v));
+  train_steps(loaded, second, teacher, 6, 6);
+  CHECK(same_bits_all(loaded, straight));
+  CHECK(same_bits_all(second.v, opt.v));
+}
+
+TEST_CASE("a transcoder checkpoint uses the authors' layout and round-trips") {
+  TranscoderParams<float> p(TranscoderConfig{6, 6, 20, 3, false});
+  init_transcoder(p, 1);
+  AdamW<float, cpu, TranscoderParams<float>> opt(p, AdamWConfig{});
+  const std::string path = scratch("tc.safetensors").string();
+  io::save_checkpoint(path, p, &opt);
+  io::SafetensorsReader f(path);
+  CHECK(f.info("W_enc").shape == std::vector<std::int64_t>{6, 20});  // [d_in, n_latents]
+  CHECK(f.info("W_dec").shape == std::vector<std::int64_t>{20, 6});
+  CHECK(f.info("b_enc").shape == std::vector<std::int64_t>{20});
+  const TranscoderConfig c = io::read_transcoder_config(f);
+  CHECK(c.n_latents == 20);
+  CHECK(c.k == 3);
+  CHECK(same_bits_all(io::load_transcoder<float>(f, c), p));
+  CHECK(error_of([&] { io::read_config(f); }).find("'topk_transcoder' model, not an MxD") != std::string::npos);
+}
+
+TEST_CASE("corrupt checkpoints and data files give clear errors") {
+  Params<float> p(tiny_config());
+  init_params(p, 1);
+  const std::string path = scratch("plain.safetensors").string();
+  io::save_checkpoint(path, p);  // no optimizer state
+  io::SafetensorsReader f(path);
+  AdamW<float> opt(p, AdamWConfig{});
+  CHECK(error_of([&] { io::load_optimizer(f, opt); }).find("no optimizer state") != std::string::npos);
+  CHECK(error_of([&] { io::read_transcoder_config(f); }).find("not a transcoder checkpoint") != std::string::npos);
+
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  const std::string cut = scratch("cut.safetensors").string();
+  {
+    std::ofstream out(cut, std::ios::binary);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
+  }
+  CHECK(error_of([&] { io::SafetensorsReader r(cut); }).find("cut.safetensors") != std::string::npos);
+
+  // Data files: x and y with different row counts, and a missing y.
+  io::SafetensorsWriter w;
+  const float v[12] = {};
+  w.add("x", {3, 4}, v);
+  w.add("y", {2, 4}, v);
+  const std::string bad = scratch("bad_data.safetensors").string();
+  w.write(bad);
+  CHECK(error_of([&] { train::ActivationFiles<float> d({bad}, 0.1, 0); }).find("same T") != std::string::npos);
+  io::SafetensorsWriter w2;
+  w2.add("x", {3, 4}, v);
+  const std::string no_y = scratch("no_y.safetensors").string();
+  w2.write(no_y);
+  CHECK(error_of([&] { train::ActivationFiles<float> d({no_y}, 0.1, 0); }).find("tensor 'y' not found") != std::string::npos);
+}
+
+TEST_CASE("activation files stream shuffled training rows and hold out the tail") {
+  const index_t T = 20;
+  std::vector<float> x(T * 3), y(T * 2);
+  for (index_t r = 0; r < T; ++r) {
+    for (int i = 0; i < 3; ++i) x[r * 3 + i] = float(r);
+    for (int o = 0; o < 2; ++o) y[r * 2 + o] = float(-r);
+  }
+  io::SafetensorsWriter w;
+  w.add("x", {T, 3}, x.data(), io::DType::BF16);  // small integers are exact in bf16
+  w.add("y", {T, 2}, y.data(), io::DType::F16);
+  const std::string path = scratch("acts.safetensors").string();
+  w.write(path);
+  train::ActivationFiles<float> d({path}, 0.25, 3);
+  CHECK(d.eval_rows() == 5);
+  Tensor<float> bx, by;
+  d.eval_batch(0, 5, bx, by);
+  CHECK(bx(0, 0) == 15.f);
+  CHECK(by(4, 1) == -19.f);
+  // One epoch of training rows visits each of the 15 rows once, x and y paired.
+  std::vector<int> seen(T, 0);
+  for (int s = 0; s < 3; ++s) {
+    d.train_batch(static_cast<std::uint64_t>(s), 5, bx, by);
+    for (index_t r = 0; r < 5; ++r) {
+      CHECK(by(r, 0) == -bx(r, 2));
+      ++seen[static_cast<int>(bx(r, 0))];
+    }
+  }
+  for (index_t r = 0; r < 15; ++r) CHECK(seen[r] == 1);
+}
