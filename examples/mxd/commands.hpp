@@ -8,5 +8,6 @@ namespace mxd::cli {
 int run_eval(int argc, char** argv);  // eval.cpp
 int run_demo(int argc, char** argv);  // demo.cpp
 int run_train(int argc, char** argv); // train.cpp: the built-in default job
+int run_bench(int argc, char** argv); // bench.cpp: timings for compare_torch.py
 
 }  // namespace mxd::cli

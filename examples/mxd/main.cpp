@@ -20,6 +20,7 @@ struct Command {
 const Command commands[] = {
     {"eval", mxd::cli::run_eval, "forward, backward and loss of a layer stored in a safetensors file"},
     {"train", mxd::cli::run_train, "train an MxD and a parameter-matched TopK transcoder, compare them"},
+    {"bench", mxd::cli::run_bench, "median forward, backward and training-step times of a layer"},
     {"demo", mxd::cli::run_demo, "one forward and backward of a built-in layer, with timings"},
 };
 
