@@ -79,7 +79,7 @@ def time_mxd(exe, cfg, batch, iters, warmup, threads, dtype):
 def blas_in_use():
     """The BLAS torch's matmuls go through (Debian's torch links the generic libblas.so.3)."""
     cfg = torch.__config__.show()
-    info = [l.strip() for l in cfg.splitlines() if "BLAS_INFO" in l]
+    info = [f.strip() for f in cfg.replace("\n", ",").split(",") if "BLAS_INFO" in f]
     libs = set()
     try:
         with open("/proc/self/maps") as f:
@@ -89,7 +89,7 @@ def blas_in_use():
                     libs.add(path)
     except OSError:
         pass
-    return (info[0].split(",")[0] if info else "BLAS_INFO unknown"), sorted(libs)
+    return (info[0].split(":")[-1].strip() if info else "BLAS_INFO unknown"), sorted(libs)
 
 
 def main():
