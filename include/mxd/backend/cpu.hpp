@@ -329,10 +329,9 @@ struct backend<cpu> {
       for (index_t r = r0; r < r1; ++r)
         for (index_t j = 0; j < k; ++j) {
           T d(0);
-          if (val(r, j) > T(0)) {
-            const T* c = C.row(idx(r, j));
-            const T* g = dv.row(r);
-            for (index_t o = 0; o < O; ++o) d += g[o] * c[o];
+          if (val(r, j) > T(0)) {  // a vectorised dot: its order depends on the shapes only
+            using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+            d = Eigen::Map<const Vec>(dv.row(r), O).dot(Eigen::Map<const Vec>(C.row(idx(r, j)), O));
           }
           ds(r, j) = d;
         }
@@ -443,16 +442,18 @@ struct backend<cpu> {
     const T decay = T(1 - s.lr * s.weight_decay), w = T(1 - s.beta1), b2 = T(s.beta2);
     const T one_minus_b2 = T(1 - s.beta2), bc2 = T(s.bias_correction2_sqrt), eps = T(s.eps);
     const T step_size = T(s.lr / s.bias_correction1);
-    detail::parallel_chunks(ctx.resolved_threads(), p.size(), 1 << 15, [&](index_t i0, index_t i1) {
-      for (index_t i = i0; i < i1; ++i) {
-        const T gi = g.data[i];
-        T& mi = m.data[i];
-        T& vi = v.data[i];
-        p.data[i] *= decay;
-        mi = w < T(0.5) ? mi + w * (gi - mi) : gi - (gi - mi) * (T(1) - w);  // torch's lerp
-        vi = vi * b2 + one_minus_b2 * gi * gi;
-        p.data[i] += -step_size * (mi / (std::sqrt(vi) / bc2 + eps));
-      }
+    using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
+    // Eigen array passes over L2-sized chunks: vectorised (std::sqrt's errno blocks that in a
+    // scalar loop), with the same per-element operations as torch.
+    detail::parallel_chunks(ctx.resolved_threads(), p.size(), 1 << 14, [&](index_t i0, index_t i1) {
+      const index_t n = i1 - i0;
+      Eigen::Map<Arr> P(p.data + i0, n), Mo(m.data + i0, n), Vo(v.data + i0, n);
+      Eigen::Map<const Arr> Gr(g.data + i0, n);
+      P *= decay;
+      if (w < T(0.5)) Mo += w * (Gr - Mo);  // torch's lerp
+      else Mo = Gr - (Gr - Mo) * (T(1) - w);
+      Vo = Vo * b2 + one_minus_b2 * Gr * Gr;
+      P += -step_size * (Mo / (Vo.sqrt() / bc2 + eps));
     });
   }
 
