@@ -12,6 +12,7 @@ medians are taken over rounds.
 """
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,8 @@ def main():
     last = rounds["mxd"][-1]
     print(f"mxd workspace {last.get('workspace_bytes', 0) / 2**20:.1f} MiB, "
           f"peak RSS {last.get('peak_rss_mib', 0):.1f} MiB")
+    torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"torch process peak RSS {torch_rss:.1f} MiB (Python and torch included)")
     if args.json:
         print(json.dumps({"torch": med["torch"], "mxd": med["mxd"], "blas": info, "libs": libs}))
 

@@ -6,11 +6,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <sys/resource.h>
 
 #include <nlohmann/json.hpp>
 
@@ -77,6 +76,16 @@ Timings run_cpu(const Config& cfg, index_t B, int iters, int warmup, int threads
   return {median(f), median(b), median(s), ws.bytes()};
 }
 
+// Peak resident set of this process in KiB: VmHWM, which unlike getrusage's ru_maxrss does not
+// carry over the parent's peak across exec (compare_torch.py launches us from a big Python).
+double peak_rss_kib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6));
+  return 0;
+}
+
 }  // namespace
 
 int run_bench(int argc, char** argv) {
@@ -126,9 +135,7 @@ int run_bench(int argc, char** argv) {
       dtype == "float"
           ? run_cpu<float>(cfg, B, int(iters), int(warmup), int(threads), verbose)
           : run_cpu<double>(cfg, B, int(iters), int(warmup), int(threads), verbose);
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  const double peak_rss_mib = static_cast<double>(ru.ru_maxrss) / 1024.0;  // Linux: KiB
+  const double peak_rss_mib = peak_rss_kib() / 1024.0;
 
   if (json) {
     nlohmann::json j;
