@@ -105,6 +105,7 @@ void report(benchmark::State& st, double flops_per_token, index_t B) {
 template <class T>
 void BM_forward(benchmark::State& st) {
   Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
+  f.forward();  // warm-up: first-touch page faults of the workspace
   for (auto _ : st) f.forward();
   report<T>(st, forward_flops(f.cfg), f.B);
 }
@@ -113,6 +114,7 @@ template <class T>
 void BM_backward(benchmark::State& st) {
   Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
   f.forward();
+  f.backward();  // warm-up
   for (auto _ : st) f.backward();
   report<T>(st, backward_flops(f.cfg), f.B);
 }
@@ -120,11 +122,13 @@ void BM_backward(benchmark::State& st) {
 template <class T>
 void BM_train_step(benchmark::State& st) {
   Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
-  for (auto _ : st) {
+  auto step = [&] {
     f.forward();
     f.backward();
     f.opt.step(f.p, f.g, f.ws.ctx);
-  }
+  };
+  step();  // warm-up
+  for (auto _ : st) step();
   report<T>(st, forward_flops(f.cfg) + backward_flops(f.cfg), f.B);
   st.counters["workspace_MiB"] = double(f.ws.bytes()) / (1 << 20);
 }
