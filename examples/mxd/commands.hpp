@@ -11,5 +11,6 @@ int run_train(int argc, char** argv); // train.cpp: the built-in default job
 int run_inspect(int argc, char** argv);  // interp.cpp
 int run_steer(int argc, char** argv);    // interp.cpp
 int run_probe(int argc, char** argv);    // interp.cpp
+int run_bench(int argc, char** argv); // bench.cpp: timings for compare_torch.py
 
 }  // namespace mxd::cli

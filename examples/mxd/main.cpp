@@ -23,6 +23,7 @@ const Command commands[] = {
     {"inspect", mxd::cli::run_inspect, "config and expert usage of a checkpoint"},
     {"steer", mxd::cli::run_steer, "outputs with and without forcing one expert on"},
     {"probe", mxd::cli::run_probe, "sparse probing of features against class labels"},
+    {"bench", mxd::cli::run_bench, "median forward, backward and training-step times of a layer"},
     {"demo", mxd::cli::run_demo, "one forward and backward of a built-in layer, with timings"},
 };
 

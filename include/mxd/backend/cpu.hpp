@@ -5,6 +5,10 @@
 /// Results are bit-identical for any thread count: work is split into pieces whose boundaries
 /// depend only on the shapes, never on the number of threads, and each piece is computed by one
 /// thread in a fixed order. For the same reason mxd does its own threading and asks Eigen not to.
+///
+/// With MXD_USE_BLAS defined (and OpenBLAS linked), each GEMM panel is one single-threaded
+/// cblas_sgemm / cblas_dgemm call instead of an Eigen product; OpenBLAS's own threads are set
+/// to 1 on first use so the panels stay the only unit of parallelism.
 #pragma once
 
 #ifndef EIGEN_DONT_PARALLELIZE
@@ -14,11 +18,17 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
 
 #if defined(_OPENMP)
 #include <omp.h>
+#endif
+
+#if defined(MXD_USE_BLAS)
+#include <cblas.h>
+extern "C" void openblas_set_num_threads(int);
 #endif
 
 #include "../activation.hpp"
@@ -98,6 +108,26 @@ struct Candidate {
   }
 };
 
+#if defined(MXD_USE_BLAS)
+// C = alpha op(A) op(B) + beta C through single-threaded OpenBLAS. Row-major, leading dims.
+inline void blas_gemm(bool ta, bool tb, index_t m, index_t n, index_t k, float alpha,
+                      const float* a, index_t lda, const float* b, index_t ldb, float beta,
+                      float* c, index_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+              int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+}
+inline void blas_gemm(bool ta, bool tb, index_t m, index_t n, index_t k, double alpha,
+                      const double* a, index_t lda, const double* b, index_t ldb, double beta,
+                      double* c, index_t ldc) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+              int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+}
+inline void blas_single_thread() {
+  static const bool once = (openblas_set_num_threads(1), true);
+  (void)once;
+}
+#endif
+
 }  // namespace detail
 
 template <>
@@ -119,12 +149,28 @@ struct backend<cpu> {
     MXD_CHECK(K == Kb && C.rows == M && C.cols == N, "gemm: shapes [", M, ", ", K, "] x [", Kb,
               ", ", N, "] -> [", C.rows, ", ", C.cols, "] do not match");
     if (M == 0 || N == 0) return;
-    // Split the longer side of C into fixed panels; each is one single-threaded Eigen product.
+    // Split the longer side of C into fixed panels; each is one single-threaded product.
     const bool split_rows = M >= N;
     const index_t extent = split_rows ? M : N;
+#if defined(MXD_USE_BLAS)
+    constexpr bool use_blas = std::is_same_v<T, float> || std::is_same_v<T, double>;
+    if constexpr (use_blas) detail::blas_single_thread();
+#endif
     detail::parallel_chunks(ctx.resolved_threads(), extent, gemm_panel, [&](index_t b, index_t e) {
       const index_t m0 = split_rows ? b : 0, m = split_rows ? e - b : M;
       const index_t n0 = split_rows ? 0 : b, n = split_rows ? N : e - b;
+#if defined(MXD_USE_BLAS)
+      if constexpr (use_blas) {
+        if (K > 0) {
+          // The panel's rows of op(A) and columns of op(B), as offsets into the row-major data.
+          const T* a = A.data + (trans_a ? m0 : m0 * A.ld);
+          const T* bp = B.data + (trans_b ? n0 * B.ld : n0);
+          detail::blas_gemm(trans_a, trans_b, m, n, K, alpha, a, A.ld, bp, B.ld, beta,
+                            C.data + m0 * C.ld + n0, C.ld);
+          return;
+        }
+      }
+#endif
       auto a = detail::as_eigen<T>(A);
       auto bm = detail::as_eigen<T>(B);
       auto c = detail::as_eigen<T>(C).block(m0, n0, m, n);
@@ -168,38 +214,54 @@ struct backend<cpu> {
     });
   }
 
+  /// Blocks of gate scores whose maxima filter the top-k candidates (a shape-only constant).
+  static constexpr index_t topk_block = 64;
+
   /// scores = relu(scores + b_gate) in place; then per row the k best (value desc, index asc)
   /// as (idx, val). scores: [B, N], b_gate: [1, N], idx, val: [B, k].
+  ///
+  /// The k-th largest block maximum t is a lower bound of the k-th best score (k blocks hold a
+  /// score >= t each), so only blocks with maximum >= t can hold a winner, and of those only
+  /// the scores >= t. A partial selection over these few candidates under the strict total
+  /// order gives the same result as a full sort.
   template <class T>
   static void gate_topk(Ctx& ctx, View<T, cpu> scores, cview<T> b_gate, index_t k,
                         View<std::int32_t, cpu> idx, View<T, cpu> val) {
-    const index_t N = scores.cols;
+    const index_t N = scores.cols, L = topk_block, nblocks = (N + L - 1) / L;
     using Cand = detail::Candidate<T>;
+    using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
     detail::parallel_chunks(ctx.resolved_threads(), scores.rows, 8, [&](index_t r0, index_t r1) {
-      std::vector<Cand> heap;
-      heap.reserve(static_cast<std::size_t>(k));
+      // Per-thread scratch that only grows: a training loop allocates it once.
+      thread_local std::vector<T> block_max, maxima;
+      thread_local std::vector<Cand> cands;
+      block_max.resize(static_cast<std::size_t>(nblocks));
+      maxima.resize(static_cast<std::size_t>(nblocks));
       for (index_t r = r0; r < r1; ++r) {
         T* s = scores.row(r);
-        for (index_t n = 0; n < N; ++n) {
-          const T t = s[n] + b_gate.data[n];
-          s[n] = t > T(0) ? t : T(0);
+        for (index_t q = 0; q < nblocks; ++q) {
+          const index_t n0 = q * L, len = std::min(L, N - n0);
+          Eigen::Map<Arr> blk(s + n0, len);
+          blk = (blk + Eigen::Map<const Arr>(b_gate.data + n0, len)).cwiseMax(T(0));
+          block_max[q] = blk.maxCoeff();
         }
-        // Keep the k best seen so far in a heap whose top is the worst of them.
-        heap.clear();
-        for (index_t n = 0; n < k; ++n) heap.push_back({s[n], static_cast<std::int32_t>(n)});
-        std::make_heap(heap.begin(), heap.end());
-        for (index_t n = k; n < N; ++n) {
-          const Cand c{s[n], static_cast<std::int32_t>(n)};
-          if (c < heap.front()) {
-            std::pop_heap(heap.begin(), heap.end());
-            heap.back() = c;
-            std::push_heap(heap.begin(), heap.end());
-          }
+        T t(0);
+        if (k <= nblocks) {
+          maxima.assign(block_max.begin(), block_max.end());
+          std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(),
+                           [](T a, T b) { return a > b; });
+          t = maxima[k - 1];
         }
-        std::sort_heap(heap.begin(), heap.end());  // best first
+        cands.clear();
+        for (index_t q = 0; q < nblocks; ++q) {
+          if (block_max[q] < t) continue;
+          const index_t n0 = q * L, n1 = std::min(N, n0 + L);
+          for (index_t n = n0; n < n1; ++n)
+            if (s[n] >= t) cands.push_back({s[n], static_cast<std::int32_t>(n)});
+        }
+        std::partial_sort(cands.begin(), cands.begin() + k, cands.end());  // best first
         for (index_t j = 0; j < k; ++j) {
-          idx(r, j) = heap[j].index;
-          val(r, j) = heap[j].value;
+          idx(r, j) = cands[j].index;
+          val(r, j) = cands[j].value;
         }
       }
     });
@@ -267,10 +329,9 @@ struct backend<cpu> {
       for (index_t r = r0; r < r1; ++r)
         for (index_t j = 0; j < k; ++j) {
           T d(0);
-          if (val(r, j) > T(0)) {
-            const T* c = C.row(idx(r, j));
-            const T* g = dv.row(r);
-            for (index_t o = 0; o < O; ++o) d += g[o] * c[o];
+          if (val(r, j) > T(0)) {  // a vectorised dot: its order depends on the shapes only
+            using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+            d = Eigen::Map<const Vec>(dv.row(r), O).dot(Eigen::Map<const Vec>(C.row(idx(r, j)), O));
           }
           ds(r, j) = d;
         }
@@ -381,16 +442,18 @@ struct backend<cpu> {
     const T decay = T(1 - s.lr * s.weight_decay), w = T(1 - s.beta1), b2 = T(s.beta2);
     const T one_minus_b2 = T(1 - s.beta2), bc2 = T(s.bias_correction2_sqrt), eps = T(s.eps);
     const T step_size = T(s.lr / s.bias_correction1);
-    detail::parallel_chunks(ctx.resolved_threads(), p.size(), 1 << 15, [&](index_t i0, index_t i1) {
-      for (index_t i = i0; i < i1; ++i) {
-        const T gi = g.data[i];
-        T& mi = m.data[i];
-        T& vi = v.data[i];
-        p.data[i] *= decay;
-        mi = w < T(0.5) ? mi + w * (gi - mi) : gi - (gi - mi) * (T(1) - w);  // torch's lerp
-        vi = vi * b2 + one_minus_b2 * gi * gi;
-        p.data[i] += -step_size * (mi / (std::sqrt(vi) / bc2 + eps));
-      }
+    using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
+    // Eigen array passes over L2-sized chunks: vectorised (std::sqrt's errno blocks that in a
+    // scalar loop), with the same per-element operations as torch.
+    detail::parallel_chunks(ctx.resolved_threads(), p.size(), 1 << 14, [&](index_t i0, index_t i1) {
+      const index_t n = i1 - i0;
+      Eigen::Map<Arr> P(p.data + i0, n), Mo(m.data + i0, n), Vo(v.data + i0, n);
+      Eigen::Map<const Arr> Gr(g.data + i0, n);
+      P *= decay;
+      if (w < T(0.5)) Mo += w * (Gr - Mo);  // torch's lerp
+      else Mo = Gr - (Gr - Mo) * (T(1) - w);
+      Vo = Vo * b2 + one_minus_b2 * Gr * Gr;
+      P += -step_size * (Mo / (Vo.sqrt() / bc2 + eps));
     });
   }
 

@@ -1,0 +1,194 @@
+// SPDX-License-Identifier: MIT
+// Google Benchmark suite of the CPU layer: forward, backward, training step (forward + backward
+// + AdamW), top-k and gate scores, for GPT-2 small and a small config at batch 1024 and 4096.
+// Counters: tokens/s, useful GFLOP/s (the FLOPs a sparse-aware layer needs), and the fraction of
+// the sgemm/dgemm rate measured in the same build (BM_gemm) that this represents.
+#include <chrono>
+#include <cmath>
+#include <map>
+#include <random>
+#include <utility>
+
+#include <benchmark/benchmark.h>
+
+#include <mxd/init.hpp>
+#include <mxd/mxd.hpp>
+
+namespace {
+
+using mxd::index_t;
+
+// arg 0 selects the layer, arg 1 the batch.
+mxd::Config layer_config(int which) {
+  mxd::Config c;
+  if (which == 0) {  // GPT-2 small
+    c.d_in = 768; c.d_hidden = 3072; c.d_out = 768; c.n_experts = 21504; c.k = 32;
+  } else {           // small
+    c.d_in = 256; c.d_hidden = 1024; c.d_out = 256; c.n_experts = 4096; c.k = 32;
+  }
+  c.activation = mxd::Activation::gelu;
+  return c;
+}
+
+// Useful FLOPs per token: the dense encoder, decoder and gate GEMMs, plus O(k) expert work.
+double forward_flops(const mxd::Config& c) {
+  return 2.0 * c.d_in * c.d_hidden + 2.0 * c.d_hidden * c.d_out + 2.0 * c.d_in * c.n_experts +
+         2.0 * c.k * c.d_out;
+}
+double backward_flops(const mxd::Config& c) {
+  return 4.0 * c.d_in * c.d_hidden + 4.0 * c.d_hidden * c.d_out +
+         2.0 * c.k * (2.0 * c.d_out + 2.0 * c.d_in);
+}
+
+// Measured GEMM rate (GFLOP/s) of a [1024, 768] x [768, 3072] product with the benchmark's
+// thread count, memoised per (type, threads).
+template <class T>
+double gemm_rate(int threads) {
+  static std::map<int, double> memo;
+  auto it = memo.find(threads);
+  if (it != memo.end()) return it->second;
+  const index_t M = 1024, K = 768, N = 3072;
+  mxd::Tensor<T> a(M, K), b(K, N), c(M, N);
+  for (index_t i = 0; i < a.size(); ++i) a[i] = T(0.001) * T(i % 1000);
+  for (index_t i = 0; i < b.size(); ++i) b[i] = T(0.002) * T(i % 777);
+  mxd::Context<mxd::cpu> ctx;
+  ctx.threads = threads;
+  double best = 1e30;
+  for (int r = 0; r < 5; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    mxd::backend<mxd::cpu>::gemm<T>(ctx, false, false, T(1), a.view(), b.view(), T(0), c.view());
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return memo[threads] = 2.0 * M * K * N / best / 1e9;
+}
+
+template <class T>
+struct Fixture {
+  mxd::Config cfg;
+  index_t B;
+  mxd::Params<T> p;
+  mxd::Grads<T> g;
+  mxd::Workspace<T> ws;
+  mxd::Tensor<T> x, y, dy, dx;
+  mxd::AdamW<T> opt;
+
+  Fixture(const mxd::Config& c, index_t batch, int threads)
+      : cfg(c), B(batch), p(c), g(c), x(batch, c.d_in), y(batch, c.d_out), dy(batch, c.d_out),
+        dx(batch, c.d_in), opt(p, mxd::AdamWConfig{}) {
+    mxd::init_params(p, 0);
+    std::mt19937_64 rng(1);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    for (index_t i = 0; i < p.D.size(); ++i) p.D[i] = T(normal(rng) / std::sqrt(double(c.d_hidden)));
+    for (index_t i = 0; i < x.size(); ++i) x[i] = T(normal(rng));
+    for (index_t i = 0; i < dy.size(); ++i) dy[i] = T(normal(rng) / double(batch));
+    ws.ctx.threads = threads;
+  }
+  void forward() { mxd::forward<T>(p, x.view(), y.view(), ws); }
+  void backward() { mxd::backward<T>(p, x.view(), dy.view(), ws, g, dx.view()); }
+};
+
+int bench_threads() {
+  mxd::Context<mxd::cpu> c;
+  return c.resolved_threads();
+}
+
+template <class T>
+void report(benchmark::State& st, double flops_per_token, index_t B) {
+  const int threads = bench_threads();
+  st.counters["tokens/s"] = benchmark::Counter(double(B), benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["GFLOP/s"] = benchmark::Counter(flops_per_token * double(B) / 1e9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["gemm_GFLOP/s"] = gemm_rate<T>(threads);
+  st.counters["threads"] = threads;
+}
+
+template <class T>
+void BM_forward(benchmark::State& st) {
+  Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
+  f.forward();  // warm-up: first-touch page faults of the workspace
+  for (auto _ : st) f.forward();
+  report<T>(st, forward_flops(f.cfg), f.B);
+}
+
+template <class T>
+void BM_backward(benchmark::State& st) {
+  Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
+  f.forward();
+  f.backward();  // warm-up
+  for (auto _ : st) f.backward();
+  report<T>(st, backward_flops(f.cfg), f.B);
+}
+
+template <class T>
+void BM_train_step(benchmark::State& st) {
+  Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
+  auto step = [&] {
+    f.forward();
+    f.backward();
+    f.opt.step(f.p, f.g, f.ws.ctx);
+  };
+  step();  // warm-up
+  for (auto _ : st) step();
+  report<T>(st, forward_flops(f.cfg) + backward_flops(f.cfg), f.B);
+  st.counters["workspace_MiB"] = double(f.ws.bytes()) / (1 << 20);
+}
+
+// Gate scores x G^T, the largest GEMM of the layer.
+template <class T>
+void BM_gate_scores(benchmark::State& st) {
+  Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
+  f.ws.prepare_forward(f.cfg, f.B);
+  for (auto _ : st)
+    mxd::backend<mxd::cpu>::gemm<T>(f.ws.ctx, false, true, T(1), f.x.view(), f.p.G.view(), T(0),
+                                    f.ws.scores.view());
+  report<T>(st, 2.0 * f.cfg.d_in * f.cfg.n_experts, f.B);
+}
+
+// relu(scores + b_gate) and the per-row top-k of the gate scores.
+template <class T>
+void BM_topk(benchmark::State& st) {
+  Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
+  f.forward();
+  mxd::Tensor<T> s(f.ws.scores.rows(), f.ws.scores.cols());
+  for (auto _ : st) {
+    st.PauseTiming();
+    for (index_t i = 0; i < s.size(); ++i) s[i] = f.ws.scores[i];
+    st.ResumeTiming();
+    mxd::backend<mxd::cpu>::gate_topk<T>(f.ws.ctx, s.view(), f.p.b_gate.view(), f.cfg.k,
+                                         f.ws.topk_idx.view(), f.ws.topk_val.view());
+  }
+  st.counters["rows/s"] = benchmark::Counter(double(f.B), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+template <class T>
+void BM_gemm(benchmark::State& st) {
+  const index_t M = st.range(0), K = 768, N = 3072;
+  mxd::Tensor<T> a(M, K), b(K, N), c(M, N);
+  mxd::Context<mxd::cpu> ctx;
+  for (auto _ : st)
+    mxd::backend<mxd::cpu>::gemm<T>(ctx, false, false, T(1), a.view(), b.view(), T(0), c.view());
+  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * M * K * N / 1e9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void layer_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"gpt2", "batch"});
+  for (int which : {0, 1})
+    for (int batch : {1024, 4096}) b->Args({which, batch});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK_TEMPLATE(BM_gemm, float)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_gemm, double)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_gate_scores, float)->Apply(layer_args);
+BENCHMARK_TEMPLATE(BM_topk, float)->Apply(layer_args);
+BENCHMARK_TEMPLATE(BM_forward, float)->Apply(layer_args);
+BENCHMARK_TEMPLATE(BM_forward, double)->Args({1, 1024})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_backward, float)->Apply(layer_args);
+BENCHMARK_TEMPLATE(BM_backward, double)->Args({1, 1024})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_train_step, float)->Apply(layer_args);
+BENCHMARK_TEMPLATE(BM_train_step, double)->Args({1, 1024})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+BENCHMARK_MAIN();

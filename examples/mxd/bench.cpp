@@ -1,0 +1,172 @@
+// SPDX-License-Identifier: MIT
+// mxd bench: times forward, backward and a full training step (forward + backward + AdamW) of
+// one layer on a random batch, and reports medians after a warm-up. With --json, stdout holds
+// exactly one JSON object (compare_torch.py reads it); progress goes to stderr.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <mxd/init.hpp>
+#include <mxd/mxd.hpp>
+
+#include "cli.hpp"
+#include "commands.hpp"
+
+namespace mxd::cli {
+namespace {
+
+struct Timings {
+  double forward_ms, backward_ms, step_ms;
+  std::size_t workspace_bytes;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+template <class T>
+Timings run_cpu(const Config& cfg, index_t B, int iters, int warmup, int threads, bool verbose) {
+  Params<T> p(cfg);
+  init_params(p, /*seed=*/0);
+  // D = 0 after init: give it values so the decoder's products are not trivially zero.
+  std::mt19937_64 rng(1);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const double dscale = 1.0 / std::sqrt(static_cast<double>(cfg.d_hidden));
+  for (index_t i = 0; i < p.D.size(); ++i) p.D[i] = static_cast<T>(dscale * normal(rng));
+  Tensor<T> x(B, cfg.d_in), y(B, cfg.d_out), dy(B, cfg.d_out), dx(B, cfg.d_in);
+  for (index_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(normal(rng));
+  for (index_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<T>(normal(rng) / B);
+  Workspace<T> ws;
+  ws.ctx.threads = threads;
+  Grads<T> g(cfg);
+  AdamWConfig oc;
+  oc.warmup_steps = 0;
+  AdamW<T> opt(p, oc);
+
+  using clock = std::chrono::steady_clock;
+  auto ms = [](clock::time_point a, clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+  };
+  std::vector<double> f, b, s;
+  for (int it = 0; it < warmup + iters; ++it) {
+    const auto t0 = clock::now();
+    forward<T>(p, x.view(), y.view(), ws);
+    const auto t1 = clock::now();
+    backward<T>(p, x.view(), dy.view(), ws, g, dx.view());
+    const auto t2 = clock::now();
+    opt.step(p, g, ws.ctx);
+    const auto t3 = clock::now();
+    if (verbose)
+      std::fprintf(stderr, "  iter %d%s: forward %.1f ms, backward %.1f ms, step %.1f ms\n", it,
+                   it < warmup ? " (warm-up)" : "", ms(t0, t1), ms(t1, t2), ms(t0, t3));
+    if (it < warmup) continue;
+    f.push_back(ms(t0, t1));
+    b.push_back(ms(t1, t2));
+    s.push_back(ms(t0, t3));
+  }
+  return {median(f), median(b), median(s), ws.bytes()};
+}
+
+// Peak resident set of this process in KiB: VmHWM, which unlike getrusage's ru_maxrss does not
+// carry over the parent's peak across exec (compare_torch.py launches us from a big Python).
+double peak_rss_kib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6));
+  return 0;
+}
+
+}  // namespace
+
+int run_bench(int argc, char** argv) {
+  std::set<std::string> flags = layer_flags();
+  flags.insert({"batch", "iters", "warmup", "threads", "dtype", "device"});
+  std::set<std::string> switches = layer_switches();
+  switches.insert({"json", "verbose"});
+  Args args(argc, argv, 2, flags, switches);
+  if (args.help()) {
+    std::printf("usage: mxd bench [layer flags] [--batch B] [--iters N] [--warmup W] [--threads T]\n"
+                "                 [--dtype float|double] [--device cpu|cuda] [--json] [--verbose]\n\n"
+                "Times forward, backward and a training step (forward + backward + AdamW) of a\n"
+                "randomly initialised layer on a random batch; prints medians over --iters after\n"
+                "--warmup iterations. Defaults: GPT-2 small (768 -> 3072 -> 768, 21504 experts,\n"
+                "k = 32, gelu), batch 1024, 10 iterations, 2 warm-up, all threads, float, cpu.\n\n"
+                "layer flags:\n%s"
+                "  --json            print one JSON object on stdout (progress on stderr)\n",
+                layer_flags_help());
+    return 0;
+  }
+  MXD_CHECK(args.positional().empty(), "mxd bench takes no positional arguments, got '",
+            args.positional().front(), "'");
+  Config defaults;
+  defaults.d_in = 768;
+  defaults.d_hidden = 3072;
+  defaults.d_out = 768;
+  defaults.n_experts = 21504;
+  defaults.k = 32;
+  defaults.activation = Activation::gelu;
+  const Config cfg = layer_config(args, defaults);
+  const long long B = args.get_int("batch", 1024), iters = args.get_int("iters", 10);
+  const long long warmup = args.get_int("warmup", 2), threads = args.get_int("threads", 0);
+  MXD_CHECK(B > 0, "--batch = ", B, " must be > 0");
+  MXD_CHECK(iters > 0, "--iters = ", iters, " must be > 0");
+  MXD_CHECK(warmup >= 0, "--warmup = ", warmup, " must be >= 0");
+  MXD_CHECK(threads >= 0, "--threads = ", threads, " must be >= 0 (0 = all)");
+  const std::string dtype = args.get("dtype", "float"), device = args.get("device", "cpu");
+  MXD_CHECK(dtype == "float" || dtype == "double", "--dtype = '", dtype,
+            "' must be float or double");
+  MXD_CHECK(device == "cpu" || device == "cuda", "--device = '", device, "' must be cpu or cuda");
+  MXD_CHECK(device == "cpu", "--device cuda: CUDA backend not built");
+  const bool json = args.flag("json"), verbose = args.flag("verbose");
+
+  Context<cpu> probe;
+  probe.threads = static_cast<int>(threads);
+  const Timings t =
+      dtype == "float"
+          ? run_cpu<float>(cfg, B, int(iters), int(warmup), int(threads), verbose)
+          : run_cpu<double>(cfg, B, int(iters), int(warmup), int(threads), verbose);
+  const double peak_rss_mib = peak_rss_kib() / 1024.0;
+
+  if (json) {
+    nlohmann::json j;
+    j["forward_ms"] = t.forward_ms;
+    j["backward_ms"] = t.backward_ms;
+    j["step_ms"] = t.step_ms;
+    j["tokens_per_s"] = 1e3 * static_cast<double>(B) / t.step_ms;
+    j["batch"] = B;
+    j["iters"] = iters;
+    j["threads"] = probe.resolved_threads();
+    j["dtype"] = dtype;
+    j["device"] = device;
+    j["d_in"] = cfg.d_in;
+    j["d_hidden"] = cfg.d_hidden;
+    j["d_out"] = cfg.d_out;
+    j["n_experts"] = cfg.n_experts;
+    j["k"] = cfg.k;
+    j["workspace_bytes"] = t.workspace_bytes;
+    j["peak_rss_mib"] = peak_rss_mib;
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("mxd bench: I=%lld H=%lld O=%lld N=%lld k=%lld, batch %lld, %s, %d threads\n",
+              (long long)cfg.d_in, (long long)cfg.d_hidden, (long long)cfg.d_out,
+              (long long)cfg.n_experts, (long long)cfg.k, B, dtype.c_str(),
+              probe.resolved_threads());
+  std::printf("  forward   %9.2f ms\n  backward  %9.2f ms\n  step      %9.2f ms  (%.0f tokens/s)\n",
+              t.forward_ms, t.backward_ms, t.step_ms, 1e3 * double(B) / t.step_ms);
+  std::printf("  workspace %9.1f MiB, peak RSS %.1f MiB\n", double(t.workspace_bytes) / (1 << 20),
+              peak_rss_mib);
+  return 0;
+}
+
+}  // namespace mxd::cli
