@@ -9,5 +9,8 @@ int run_eval(int argc, char** argv);  // eval.cpp
 int run_demo(int argc, char** argv);  // demo.cpp
 int run_train(int argc, char** argv); // train.cpp: the built-in default job
 int run_bench(int argc, char** argv); // bench.cpp: timings for compare_torch.py
+int run_inspect(int argc, char** argv);  // interp.cpp
+int run_steer(int argc, char** argv);    // interp.cpp
+int run_probe(int argc, char** argv);    // interp.cpp
 
 }  // namespace mxd::cli

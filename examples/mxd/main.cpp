@@ -21,6 +21,9 @@ const Command commands[] = {
     {"eval", mxd::cli::run_eval, "forward, backward and loss of a layer stored in a safetensors file"},
     {"train", mxd::cli::run_train, "train an MxD and a parameter-matched TopK transcoder, compare them"},
     {"bench", mxd::cli::run_bench, "median forward, backward and training-step times of a layer"},
+    {"inspect", mxd::cli::run_inspect, "config and expert usage of a checkpoint"},
+    {"steer", mxd::cli::run_steer, "outputs with and without forcing one expert on"},
+    {"probe", mxd::cli::run_probe, "sparse probing of features against class labels"},
     {"demo", mxd::cli::run_demo, "one forward and backward of a built-in layer, with timings"},
 };
 

@@ -14,6 +14,18 @@
 
 namespace mxd::cli {
 
+/// Writes `text` to `path` through a temporary file and a rename.
+inline void write_text_atomic(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    MXD_CHECK(f.good(), "cannot write '", tmp, "'");
+    f << text;
+    MXD_CHECK(f.good(), "writing '", tmp, "' failed");
+  }
+  MXD_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename '", tmp, "' to '", path, "'");
+}
+
 struct Series {
   std::string name;
   std::vector<double> x, y;
@@ -86,26 +98,7 @@ inline void write_svg_plot(const std::string& path, const std::string& title,
     out += buf;
   }
   out += "</svg>\n";
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    MXD_CHECK(f.good(), "cannot write '", tmp, "'");
-    f << out;
-    MXD_CHECK(f.good(), "writing '", tmp, "' failed");
-  }
-  MXD_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename '", tmp, "' to '", path, "'");
-}
-
-/// Writes `text` to `path` through a temporary file and a rename.
-inline void write_text_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    MXD_CHECK(f.good(), "cannot write '", tmp, "'");
-    f << text;
-    MXD_CHECK(f.good(), "writing '", tmp, "' failed");
-  }
-  MXD_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename '", tmp, "' to '", path, "'");
+  write_text_atomic(path, out);
 }
 
 }  // namespace mxd::cli

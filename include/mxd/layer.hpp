@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "params.hpp"
+#include "steering.hpp"
 #include "tensor.hpp"
 #include "workspace.hpp"
 
@@ -53,15 +54,18 @@ void check_forward_args(const Params<T, Device>& p, InView<T, Device> x, InView<
 
 }  // namespace detail
 
-/// y = MxD(x). Fills the workspace's cache for backward.
+/// y = MxD(x). Fills the workspace's cache for backward. With `steering`, its edits are
+/// applied to the coefficients after top-k (see steering.hpp).
 /// x: [B, I], y: [B, O] (overwritten).
 template <class T, class Device>
 void forward(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
-             Workspace<T, Device>& ws) {
+             Workspace<T, Device>& ws, const Steering* steering = nullptr) {
   using be = backend<Device>;
   const Config& c = p.config;
   detail::check_forward_args<T, Device>(p, x, y);
-  ws.prepare_forward(c, x.rows);
+  const index_t edits = steering ? static_cast<index_t>(steering->edits.size()) : 0;
+  if (steering) steering->validate(c.n_experts);
+  ws.prepare_forward(c, x.rows, edits);
   auto& ctx = ws.ctx;
 
   // Dense path: hpre = x E + b_enc; z = act(hpre) (* (x W_glu^T + b_glu)); u = z D.
@@ -74,12 +78,15 @@ void forward(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
 
   // Gating: s = relu(x G^T + b_gate), then the k best (index, value) pairs per row.
   be::gemm(ctx, false, true, T(1), x, p.G.view(), T(0), ws.scores.view());      // [B, N]
-  be::gate_topk(ctx, ws.scores.view(), p.b_gate.view(), c.k, ws.topk_idx.view(),
-                ws.topk_val.view());                                             // [B, k]
+  auto idx = ws.topk_idx.view(), val = ws.topk_val.view();                      // [B, k + edits]
+  be::gate_topk(ctx, ws.scores.view(), p.b_gate.view(), c.k,
+                View<std::int32_t, Device>(idx.data, idx.rows, c.k, idx.ld),
+                View<T, Device>(val.data, val.rows, c.k, val.ld));               // [B, k]
+  if (edits) steer_selection(ctx, *steering, c.k, idx, val, ws.coef.view());
 
   // Output: y = u * (sum_j a_j c_{idx_j}) (+ x W_skip^T) + b_out.
   if (c.skip) be::gemm(ctx, false, true, T(1), x, p.W_skip.view(), T(0), y);     // [B, O]
-  be::mix_experts(ctx, ws.topk_idx.view(), ws.topk_val.view(), p.C.view(), ws.u.view(),
+  be::mix_experts(ctx, ws.topk_idx.view(), ws.coefficients(), p.C.view(), ws.u.view(),
                   p.b_out.view(), ws.v.view(), y, c.skip);
 }
 
@@ -119,13 +126,14 @@ void backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device>
   be::output_backward(ctx, dy, ws.u.view(), ws.v.view(), ws.du.view(), ws.dv.view());
   // du = dy * v, dv = dy * u
 
-  // Experts, over the k selected pairs only:
+  // Experts, over the k selected pairs only (a = the mixed coefficients, which steering may
+  // have edited; the gate values' sign is relu'(s)):
   //   ds[b,j] = relu'(s) * dv[b] . c_{idx[b,j]}
   //   dC[n] += a[b,j] dv[b];  dG[n] += ds[b,j] x[b];  db_gate[n] += ds[b,j]   (idx[b,j] = n)
   be::expert_coefficient_grad(ctx, ws.topk_idx.view(), ws.topk_val.view(), p.C.view(),
                               CV(ws.dv.view()), ws.ds.view());
   be::group_by_expert(ctx, ws.topk_idx.view(), c.n_experts, ws.order.view(), ws.offsets.view());
-  be::expert_weight_grads(ctx, ws.topk_idx.view(), ws.topk_val.view(), CV(ws.ds.view()),
+  be::expert_weight_grads(ctx, ws.topk_idx.view(), ws.coefficients(), CV(ws.ds.view()),
                           ws.order.view(), ws.offsets.view(), CV(ws.dv.view()), xv,
                           grads.C.view(), grads.G.view(), grads.b_gate.view(), acc);
 

@@ -28,6 +28,10 @@ struct Workspace {
   Tensor<T, Device> scores;                // [B, N] relu(x G^T + b_gate): the only [B, N] buffer
   Tensor<std::int32_t, Device> topk_idx;   // [B, k] selected experts, best first
   Tensor<T, Device> topk_val;              // [B, k] their coefficients a (0 where not positive)
+  // With steering the selection has k + edits columns: topk_val then holds the gate values
+  // (0 where an edit cuts the gate's gradient) and coef the coefficients actually mixed.
+  bool steered = false;
+  Tensor<T, Device> coef;                  // [B, k + edits] (steered forwards only)
 
   // Backward scratch.
   Tensor<T, Device> du, dv;                // [B, O]
@@ -39,8 +43,9 @@ struct Workspace {
   Workspace() = default;
   explicit Workspace(Context<Device> c) : ctx(std::move(c)) {}
 
-  /// Shapes the forward cache for a batch of B rows of `cfg` (allocating only to grow).
-  void prepare_forward(const Config& cfg, index_t B) {
+  /// Shapes the forward cache for a batch of B rows of `cfg` with `edits` steering edits
+  /// (allocating only to grow).
+  void prepare_forward(const Config& cfg, index_t B, index_t edits = 0) {
     const index_t H = cfg.d_hidden, O = cfg.d_out;
     batch = B;
     hpre.resize(B, H, false);
@@ -49,9 +54,14 @@ struct Workspace {
     u.resize(B, O, false);
     v.resize(B, O, false);
     scores.resize(B, cfg.n_experts, false);
-    topk_idx.resize(B, cfg.k, false);
-    topk_val.resize(B, cfg.k, false);
+    topk_idx.resize(B, cfg.k + edits, false);
+    topk_val.resize(B, cfg.k + edits, false);
+    steered = edits > 0;
+    coef.resize(steered ? B : 0, cfg.k + edits, false);
   }
+
+  /// The coefficients forward mixed the experts with: [B, k (+ edits)].
+  View<T, Device> coefficients() { return steered ? coef.view() : topk_val.view(); }
 
   /// Shapes backward's scratch for the cached batch.
   void prepare_backward(const Config& cfg) {
@@ -61,15 +71,15 @@ struct Workspace {
     dz.resize(B, H, false);
     dhpre.resize(B, H, false);
     dg.resize(cfg.glu ? B : 0, H, false);
-    ds.resize(B, cfg.k, false);
-    order.resize(1, B * cfg.k, false);
+    ds.resize(B, topk_idx.cols(), false);
+    order.resize(1, B * topk_idx.cols(), false);
     offsets.resize(1, cfg.n_experts + 1, false);
   }
 
   /// Bytes currently held by the workspace's buffers.
   std::size_t bytes() const {
     return hpre.bytes() + g.bytes() + z.bytes() + u.bytes() + v.bytes() + scores.bytes() +
-           topk_idx.bytes() + topk_val.bytes() + du.bytes() + dv.bytes() + dz.bytes() +
+           topk_idx.bytes() + topk_val.bytes() + coef.bytes() + du.bytes() + dv.bytes() + dz.bytes() +
            dhpre.bytes() + dg.bytes() + ds.bytes() + order.bytes() + offsets.bytes();
   }
 };

@@ -26,46 +26,6 @@ namespace mxd::io {
 
 namespace detail {
 
-// A tensor's values in its file layout (transposed or 1-D as the parameter set says).
-template <class Set, class T>
-std::vector<T> file_layout(const std::string& name, const Tensor<T>& t,
-                           std::vector<std::int64_t>& shape) {
-  if (Set::transposed_in_file(name)) {
-    shape = {t.cols(), t.rows()};
-    std::vector<T> out(static_cast<std::size_t>(t.size()));
-    for (index_t r = 0; r < t.rows(); ++r)
-      for (index_t c = 0; c < t.cols(); ++c) out[c * t.rows() + r] = t(r, c);
-    return out;
-  }
-  shape = is_bias(name) ? std::vector<std::int64_t>{t.cols()}
-                        : std::vector<std::int64_t>{t.rows(), t.cols()};
-  return std::vector<T>(t.data(), t.data() + t.size());
-}
-
-// Reads `key` in the file layout of parameter `name` into t (already shaped).
-template <class Set, class T>
-void read_file_layout(SafetensorsReader& f, const std::string& key, const std::string& name,
-                      Tensor<T>& t) {
-  std::vector<std::int64_t> shape;
-  file_layout<Set>(name, t, shape);
-  const std::vector<T> v = f.read_all<T>(key, shape);
-  if (Set::transposed_in_file(name)) {
-    for (index_t r = 0; r < t.rows(); ++r)
-      for (index_t c = 0; c < t.cols(); ++c) t(r, c) = v[c * t.rows() + r];
-  } else {
-    std::copy(v.begin(), v.end(), t.data());
-  }
-}
-
-template <class Set, class T>
-void add_set(SafetensorsWriter& w, const Set& s, const std::string& prefix) {
-  s.for_each([&](const char* name, const Tensor<T>& t) {
-    std::vector<std::int64_t> shape;
-    const std::vector<T> v = file_layout<Set>(name, t, shape);
-    w.add(prefix + name, shape, v.data());
-  });
-}
-
 inline std::string number(double v) {
   char buf[40];
   std::snprintf(buf, sizeof buf, "%.17g", v);
@@ -83,8 +43,8 @@ inline void add_transcoder_metadata(SafetensorsWriter& w, const TranscoderConfig
 
 template <class T, class Set>
 void add_optimizer(SafetensorsWriter& w, const AdamW<T, cpu, Set>& opt) {
-  add_set<Set, T>(w, opt.m, "optim.m.");
-  add_set<Set, T>(w, opt.v, "optim.v.");
+  add_params(w, opt.m, dtype_of<T>(), "optim.m.");
+  add_params(w, opt.v, dtype_of<T>(), "optim.v.");
   const std::int64_t step = opt.t;
   w.add("optim.step", {1}, &step);
   const AdamWConfig& c = opt.config();
@@ -107,7 +67,7 @@ void save_checkpoint(const std::string& path, const Params<T>& p,
   SafetensorsWriter w;
   w.set_metadata("model", "mxd");
   add_config_metadata(w, p.config);
-  detail::add_set<Params<T>, T>(w, p, "");
+  add_params(w, p);
   if (opt) detail::add_optimizer(w, *opt);
   w.write(path);
 }
@@ -118,7 +78,7 @@ void save_checkpoint(const std::string& path, const TranscoderParams<T>& p,
                      const AdamW<T, cpu, TranscoderParams<T>>* opt = nullptr) {
   SafetensorsWriter w;
   detail::add_transcoder_metadata(w, p.config);
-  detail::add_set<TranscoderParams<T>, T>(w, p, "");
+  add_params(w, p);
   if (opt) detail::add_optimizer(w, *opt);
   w.write(path);
 }
@@ -150,7 +110,7 @@ template <class T>
 TranscoderParams<T> load_transcoder(SafetensorsReader& f, const TranscoderConfig& c) {
   TranscoderParams<T> p(c);
   p.for_each([&](const char* name, Tensor<T>& t) {
-    detail::read_file_layout<TranscoderParams<T>>(f, name, name, t);
+    read_file_layout<TranscoderParams<T>>(f, name, name, t);
   });
   return p;
 }
@@ -161,10 +121,10 @@ template <class T, class Set>
 void load_optimizer(SafetensorsReader& f, AdamW<T, cpu, Set>& opt) {
   MXD_CHECK(f.contains("optim.step"), f.path(), ": checkpoint holds no optimizer state");
   opt.m.for_each([&](const char* name, Tensor<T>& t) {
-    detail::read_file_layout<Set>(f, std::string("optim.m.") + name, name, t);
+    read_file_layout<Set>(f, std::string("optim.m.") + name, name, t);
   });
   opt.v.for_each([&](const char* name, Tensor<T>& t) {
-    detail::read_file_layout<Set>(f, std::string("optim.v.") + name, name, t);
+    read_file_layout<Set>(f, std::string("optim.v.") + name, name, t);
   });
   const auto step = f.read_all<std::int64_t>("optim.step", {1});
   MXD_CHECK(step[0] >= 0, f.path(), ": optim.step = ", step[0], " is negative");

@@ -54,6 +54,46 @@ inline std::vector<std::int64_t> shape_of(const SafetensorsReader& f, const std:
 
 }  // namespace detail
 
+/// A parameter's values and shape in its file layout, for any parameter set `Set` (Params,
+/// TranscoderParams) that says which tensor it stores transposed; biases are 1-D in files.
+template <class Set, class T>
+std::vector<T> file_layout(const std::string& name, const Tensor<T>& t,
+                           std::vector<std::int64_t>& shape) {
+  if (Set::transposed_in_file(name)) {
+    shape = {t.cols(), t.rows()};
+    std::vector<T> out(static_cast<std::size_t>(t.size()));
+    for (index_t r = 0; r < t.rows(); ++r)
+      for (index_t c = 0; c < t.cols(); ++c) out[c * t.rows() + r] = t(r, c);
+    return out;
+  }
+  shape = is_bias(name) ? std::vector<std::int64_t>{t.cols()}
+                        : std::vector<std::int64_t>{t.rows(), t.cols()};
+  return std::vector<T>(t.data(), t.data() + t.size());
+}
+
+/// Reads tensor `key`, stored in the file layout of parameter `name`, into `t` (already shaped);
+/// a shape mismatch is an error naming the key.
+template <class Set, class T>
+void read_file_layout(SafetensorsReader& f, const std::string& key, const std::string& name,
+                      Tensor<T>& t) {
+  std::vector<std::int64_t> shape;
+  file_layout<Set>(name, t, shape);
+  const std::vector<T> v = f.read_all<T>(key, shape);
+  if (Set::transposed_in_file(name)) {
+    for (index_t r = 0; r < t.rows(); ++r)
+      for (index_t c = 0; c < t.cols(); ++c) t(r, c) = v[c * t.rows() + r];
+  } else {
+    std::copy(v.begin(), v.end(), t.data());
+  }
+}
+
+/// An MxD parameter's values and shape in the reference layout (W_cond [O, N], biases 1-D).
+template <class T>
+std::vector<T> reference_layout(const std::string& name, const Tensor<T>& t,
+                                std::vector<std::int64_t>& shape) {
+  return file_layout<Params<T>>(name, t, shape);
+}
+
 /// The layer's config: d_in, d_hidden, d_out, n_experts from the shapes of W_enc, W_dec and
 /// gate; activation and k from `__metadata__`; glu and skip from metadata when present, else
 /// from whether W_glu.weight / W_skip.weight exist. Validated before it is returned.
@@ -118,22 +158,7 @@ Tensor<T> read_matrix(SafetensorsReader& f, const std::string& name, index_t col
 template <class T>
 Params<T> load_params(SafetensorsReader& f, const Config& cfg) {
   Params<T> p(cfg);
-  const index_t I = cfg.d_in, H = cfg.d_hidden, O = cfg.d_out, N = cfg.n_experts;
-  read_tensor(f, "W_enc", I, H, p.E);
-  read_tensor(f, "b_enc", -1, H, p.b_enc);
-  read_tensor(f, "W_dec", H, O, p.D);
-  read_tensor(f, "gate", N, I, p.G);
-  read_tensor(f, "gate_bias", -1, N, p.b_gate);
-  Tensor<T> w_cond;
-  read_tensor(f, "W_cond", O, N, w_cond);
-  for (index_t n = 0; n < N; ++n)
-    for (index_t o = 0; o < O; ++o) p.C(n, o) = w_cond(o, n);
-  read_tensor(f, "b_dec_out", -1, O, p.b_out);
-  if (cfg.glu) {
-    read_tensor(f, "W_glu.weight", H, I, p.W_glu);
-    read_tensor(f, "W_glu.bias", -1, H, p.b_glu);
-  }
-  if (cfg.skip) read_tensor(f, "W_skip.weight", O, I, p.W_skip);
+  p.for_each([&](const char* name, Tensor<T>& t) { read_file_layout<Params<T>>(f, name, name, t); });
   return p;
 }
 
@@ -149,30 +174,14 @@ inline void add_config_metadata(SafetensorsWriter& w, const Config& c) {
   w.set_metadata("n_experts", std::to_string(c.n_experts));
 }
 
-/// A parameter's values and shape in its file layout: W_cond transposed to [O, N], biases 1-D.
-template <class T>
-std::vector<T> reference_layout(const std::string& name, const Tensor<T>& t,
-                                std::vector<std::int64_t>& shape) {
-  if (name == "W_cond") {
-    shape = {t.cols(), t.rows()};
-    std::vector<T> out(static_cast<std::size_t>(t.size()));
-    for (index_t n = 0; n < t.rows(); ++n)
-      for (index_t o = 0; o < t.cols(); ++o) out[o * t.rows() + n] = t(n, o);
-    return out;
-  }
-  shape = is_bias(name) ? std::vector<std::int64_t>{t.cols()}
-                        : std::vector<std::int64_t>{t.rows(), t.cols()};
-  return std::vector<T>(t.data(), t.data() + t.size());
-}
-
-/// Adds every tensor of `p` under `prefix` + reference name, in the reference layouts,
-/// stored as `dtype`.
-template <class T>
-void add_params(SafetensorsWriter& w, const Params<T>& p, DType dtype,
+/// Adds every tensor of a parameter set under `prefix` + reference name, in the file layouts,
+/// stored as `dtype` (default: T's own, so nothing is rounded).
+template <template <class, class> class Set, class T>
+void add_params(SafetensorsWriter& w, const Set<T, cpu>& p, DType dtype = dtype_of<T>(),
                 const std::string& prefix = "") {
   p.for_each([&](const char* name, const Tensor<T>& t) {
     std::vector<std::int64_t> shape;
-    const std::vector<T> values = reference_layout(name, t, shape);
+    const std::vector<T> values = file_layout<Set<T, cpu>>(name, t, shape);
     w.add(prefix + name, shape, values.data(), dtype);
   });
 }
