@@ -96,7 +96,7 @@ int run_bench(int argc, char** argv) {
   Args args(argc, argv, 2, flags, switches);
   if (args.help()) {
     std::printf("usage: mxd bench [layer flags] [--batch B] [--iters N] [--warmup W] [--threads T]\n"
-                "                 [--dtype float|double] [--device cpu|cuda] [--json] [--verbose]\n\n"
+                "                 [--dtype f32|f64] [--device cpu|cuda] [--json] [--verbose]\n\n"
                 "Times forward, backward and a training step (forward + backward + AdamW) of a\n"
                 "randomly initialised layer on a random batch; prints medians over --iters after\n"
                 "--warmup iterations. Defaults: GPT-2 small (768 -> 3072 -> 768, 21504 experts,\n"
@@ -122,9 +122,13 @@ int run_bench(int argc, char** argv) {
   MXD_CHECK(iters > 0, "--iters = ", iters, " must be > 0");
   MXD_CHECK(warmup >= 0, "--warmup = ", warmup, " must be >= 0");
   MXD_CHECK(threads >= 0, "--threads = ", threads, " must be >= 0 (0 = all)");
-  const std::string dtype = args.get("dtype", "float"), device = args.get("device", "cpu");
-  MXD_CHECK(dtype == "float" || dtype == "double", "--dtype = '", dtype,
-            "' must be float or double");
+  // f32 / f64 as in `mxd train` and `mxd eval`; float / double accepted as synonyms.
+  std::string dtype = args.get("dtype", "f32");
+  if (dtype == "float") dtype = "f32";
+  if (dtype == "double") dtype = "f64";
+  const std::string device = args.get("device", "cpu");
+  MXD_CHECK(dtype == "f32" || dtype == "f64", "--dtype = '", args.get("dtype", ""),
+            "' must be f32 or f64 (or float, double)");
   MXD_CHECK(device == "cpu" || device == "cuda", "--device = '", device, "' must be cpu or cuda");
   MXD_CHECK(device == "cpu", "--device cuda: CUDA backend not built");
   const bool json = args.flag("json"), verbose = args.flag("verbose");
@@ -132,7 +136,7 @@ int run_bench(int argc, char** argv) {
   Context<cpu> probe;
   probe.threads = static_cast<int>(threads);
   const Timings t =
-      dtype == "float"
+      dtype == "f32"
           ? run_cpu<float>(cfg, B, int(iters), int(warmup), int(threads), verbose)
           : run_cpu<double>(cfg, B, int(iters), int(warmup), int(threads), verbose);
   const double peak_rss_mib = peak_rss_kib() / 1024.0;
