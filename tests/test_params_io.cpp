@@ -2,8 +2,6 @@
 // Parameters and configs in safetensors: reference names and layouts, round trips, and errors.
 #include <doctest/doctest.h>
 
-#include <unistd.h>
-
 #include <cstring>
 #include <filesystem>
 
@@ -14,12 +12,6 @@ using namespace mxd_test;
 namespace fs = std::filesystem;
 
 namespace {
-
-fs::path scratch_dir() {
-  fs::path d = fs::temp_directory_path() / ("mxd_params_io_" + std::to_string(::getpid()));
-  fs::create_directories(d);
-  return d;
-}
 
 Config small_config() {
   Config c;
@@ -35,7 +27,7 @@ std::string write_with(const Params<double>& p, const std::string& file, Edit ed
   io::add_config_metadata(w, p.config);
   io::add_params(w, p, io::DType::F64);
   edit(w);
-  const std::string path = (scratch_dir() / file).string();
+  const std::string path = scratch_path(file).string();
   w.write(path);
   return path;
 }
@@ -44,7 +36,7 @@ std::string write_with(const Params<double>& p, const std::string& file, Edit ed
 
 TEST_CASE("save then load gives back the same config and bits") {
   const Params<double> p = random_params<double>(small_config(), 5);
-  const std::string path = (scratch_dir() / "roundtrip.safetensors").string();
+  const std::string path = scratch_path("roundtrip.safetensors").string();
   io::save_params(path, p);
   io::SafetensorsReader f(path);
   const Config c = io::read_config(f);
@@ -66,7 +58,7 @@ TEST_CASE("save then load gives back the same config and bits") {
 
 TEST_CASE("files use the reference layouts: W_cond is [d_out, n_experts] and biases are 1-D") {
   const Params<double> p = random_params<double>(small_config(), 6);
-  const std::string path = (scratch_dir() / "layout.safetensors").string();
+  const std::string path = scratch_path("layout.safetensors").string();
   io::save_params(path, p);
   io::SafetensorsReader f(path);
   CHECK(f.info("W_cond").shape == std::vector<std::int64_t>{3, 7});
@@ -94,7 +86,7 @@ TEST_CASE("glu and skip are inferred from the tensors when metadata lacks them")
   w.set_metadata("activation", "gelu_pytorch_tanh");
   w.set_metadata("k", "3");
   io::add_params(w, p, io::DType::F32);
-  const std::string path = (scratch_dir() / "nometa.safetensors").string();
+  const std::string path = scratch_path("nometa.safetensors").string();
   w.write(path);
   io::SafetensorsReader f(path);
   const Config r = io::read_config(f);
@@ -142,14 +134,14 @@ TEST_CASE("bad metadata and missing or mis-shaped tensors are named in the error
     const auto v = io::reference_layout(name, src, shape);
     w.add(name, shape, v.data());
   });
-  const std::string bad = (scratch_dir() / "bad_bias.safetensors").string();
+  const std::string bad = scratch_path("bad_bias.safetensors").string();
   w.write(bad);
   io::SafetensorsReader g(bad);
   CHECK(error_of([&] { io::load_params<double>(g, io::read_config(g)); }).find("b_enc") !=
         std::string::npos);
 
   io::SafetensorsWriter empty;
-  const std::string none = (scratch_dir() / "none.safetensors").string();
+  const std::string none = scratch_path("none.safetensors").string();
   empty.write(none);
   io::SafetensorsReader h(none);
   CHECK(error_of([&] { io::read_config(h); }).find("W_enc") != std::string::npos);

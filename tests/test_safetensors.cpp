@@ -3,8 +3,6 @@
 // test per way a file can be corrupt, truncated or hostile.
 #include <doctest/doctest.h>
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -18,12 +16,6 @@ using mxd_test::error_of;
 namespace fs = std::filesystem;
 
 namespace {
-
-fs::path scratch(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("mxd_safetensors_" + std::to_string(::getpid()));
-  fs::create_directories(d);
-  return d / name;
-}
 
 std::string slurp(const fs::path& p) {
   std::ifstream f(p, std::ios::binary);
@@ -45,7 +37,7 @@ std::string raw_file(const std::string& header, const std::string& data) {
 
 // The error of opening a file holding `header` + `data`.
 std::string open_error(const std::string& header, const std::string& data = std::string(8, '\0')) {
-  const fs::path p = scratch("hostile.safetensors");
+  const fs::path p = mxd_test::scratch_path("hostile.safetensors");
   spit(p, raw_file(header, data));
   return error_of([&] { SafetensorsReader r(p.string()); });
 }
@@ -68,7 +60,7 @@ TEST_CASE("every dtype round-trips: exact for F64 F32 I64 I32 and within roundin
   w.add("i32", {1, 5}, ints32);
   w.add("empty", {0, 3}, values, DType::F32);
   w.add("scalar", {}, values, DType::F64);
-  const fs::path p = scratch("roundtrip.safetensors");
+  const fs::path p = mxd_test::scratch_path("roundtrip.safetensors");
   w.write(p.string());
 
   SafetensorsReader r(p.string());
@@ -94,7 +86,7 @@ TEST_CASE("the writer aligns every tensor to its element size and pads the heade
   SafetensorsWriter w;
   w.add("a_half", {3}, d, DType::F16);
   w.add("b_double", {1}, d, DType::F64);
-  const fs::path p = scratch("aligned.safetensors");
+  const fs::path p = mxd_test::scratch_path("aligned.safetensors");
   w.write(p.string());
   const std::string bytes = slurp(p);
   std::uint64_t n = 0;
@@ -150,7 +142,7 @@ TEST_CASE("F16 and BF16 conversions of known bit patterns") {
 
 TEST_CASE("every truncation of a valid file is rejected with an error") {
   const std::string bytes = slurp(mxd_test::data_path("k_equals_n.safetensors"));
-  const fs::path p = scratch("truncated.safetensors");
+  const fs::path p = mxd_test::scratch_path("truncated.safetensors");
   int rejected = 0;
   for (std::size_t len = 0; len < bytes.size(); ++len) {
     spit(p, bytes.substr(0, len));
@@ -163,7 +155,7 @@ TEST_CASE("every single-bit flip in the header is rejected or parses to a valid 
   const std::string bytes = slurp(mxd_test::data_path("k_equals_n.safetensors"));
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
-  const fs::path p = scratch("flipped.safetensors");
+  const fs::path p = mxd_test::scratch_path("flipped.safetensors");
   int rejected = 0, parsed = 0;
   for (std::size_t byte = 0; byte < 8 + n; ++byte)
     for (int bit = 0; bit < 8; ++bit) {
@@ -189,20 +181,20 @@ TEST_CASE("every single-bit flip in the header is rejected or parses to a valid 
 TEST_CASE("hostile headers are rejected naming what is wrong") {
   const std::string d8(8, '\0');
   CHECK(has(error_of([] {
-    spit(scratch("tiny.safetensors"), "abc");
-    SafetensorsReader r(scratch("tiny.safetensors").string());
+    spit(mxd_test::scratch_path("tiny.safetensors"), "abc");
+    SafetensorsReader r(mxd_test::scratch_path("tiny.safetensors").string());
   }), "too small"));
   {  // length prefix far beyond the file, and beyond the 100 MB limit
     std::string f(8, '\xff');
     f += "{}";
-    spit(scratch("huge.safetensors"), f);
-    CHECK(has(error_of([] { SafetensorsReader r(scratch("huge.safetensors").string()); }),
+    spit(mxd_test::scratch_path("huge.safetensors"), f);
+    CHECK(has(error_of([] { SafetensorsReader r(mxd_test::scratch_path("huge.safetensors").string()); }),
               "exceeds the limit"));
     std::string g(8, '\0');
     g[0] = 100;
     g += "{}";
-    spit(scratch("long.safetensors"), g);
-    CHECK(has(error_of([] { SafetensorsReader r(scratch("long.safetensors").string()); }),
+    spit(mxd_test::scratch_path("long.safetensors"), g);
+    CHECK(has(error_of([] { SafetensorsReader r(mxd_test::scratch_path("long.safetensors").string()); }),
               "runs past the end"));
   }
   CHECK(has(open_error("{not json}   "), "not valid JSON"));
@@ -245,7 +237,7 @@ TEST_CASE("missing tensors, wrong shapes and int-float reads are named errors") 
 }
 
 TEST_CASE("a failed write leaves the existing file intact") {
-  const fs::path p = scratch("keep.safetensors");
+  const fs::path p = mxd_test::scratch_path("keep.safetensors");
   SafetensorsWriter w;
   const double v[2] = {1, 2};
   w.add("a", {2}, v);

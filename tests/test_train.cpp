@@ -3,8 +3,6 @@
 // parameter-matched expert count, the transcoder baselines, checkpoints and data sources.
 #include <doctest/doctest.h>
 
-#include <unistd.h>
-
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -21,12 +19,6 @@ using namespace mxd_test;
 namespace fs = std::filesystem;
 
 namespace {
-
-fs::path scratch(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("mxd_train_" + std::to_string(::getpid()));
-  fs::create_directories(d);
-  return d / name;
-}
 
 // The smallest parameter set AdamW accepts: one [5, 7] tensor.
 struct OneTensor {
@@ -284,7 +276,7 @@ TEST_CASE("checkpoint round trip is bit-exact and a resumed run equals an uninte
 
   AdamW<float> first(resumed, oc);
   train_steps(resumed, first, teacher, 0, 6);
-  const std::string path = scratch("resume.safetensors").string();
+  const std::string path = scratch_path("resume.safetensors").string();
   io::save_checkpoint(path, resumed, &first);
   io::SafetensorsReader f(path);
   CHECK(f.metadata().at("model") == "mxd");
@@ -304,7 +296,7 @@ TEST_CASE("a transcoder checkpoint uses the authors' layout and round-trips") {
   TranscoderParams<float> p(TranscoderConfig{6, 6, 20, 3, false});
   init_transcoder(p, 1);
   AdamW<float, cpu, TranscoderParams<float>> opt(p, AdamWConfig{});
-  const std::string path = scratch("tc.safetensors").string();
+  const std::string path = scratch_path("tc.safetensors").string();
   io::save_checkpoint(path, p, &opt);
   io::SafetensorsReader f(path);
   CHECK(f.info("W_enc").shape == std::vector<std::int64_t>{6, 20});  // [d_in, n_latents]
@@ -320,7 +312,7 @@ TEST_CASE("a transcoder checkpoint uses the authors' layout and round-trips") {
 TEST_CASE("corrupt checkpoints and data files give clear errors") {
   Params<float> p(tiny_config());
   init_params(p, 1);
-  const std::string path = scratch("plain.safetensors").string();
+  const std::string path = scratch_path("plain.safetensors").string();
   io::save_checkpoint(path, p);  // no optimizer state
   io::SafetensorsReader f(path);
   AdamW<float> opt(p, AdamWConfig{});
@@ -332,7 +324,7 @@ TEST_CASE("corrupt checkpoints and data files give clear errors") {
     std::ifstream in(path, std::ios::binary);
     bytes.assign(std::istreambuf_iterator<char>(in), {});
   }
-  const std::string cut = scratch("cut.safetensors").string();
+  const std::string cut = scratch_path("cut.safetensors").string();
   {
     std::ofstream out(cut, std::ios::binary);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
@@ -344,12 +336,12 @@ TEST_CASE("corrupt checkpoints and data files give clear errors") {
   const float v[12] = {};
   w.add("x", {3, 4}, v);
   w.add("y", {2, 4}, v);
-  const std::string bad = scratch("bad_data.safetensors").string();
+  const std::string bad = scratch_path("bad_data.safetensors").string();
   w.write(bad);
   CHECK(error_of([&] { train::ActivationFiles<float> d({bad}, 0.1, 0); }).find("same T") != std::string::npos);
   io::SafetensorsWriter w2;
   w2.add("x", {3, 4}, v);
-  const std::string no_y = scratch("no_y.safetensors").string();
+  const std::string no_y = scratch_path("no_y.safetensors").string();
   w2.write(no_y);
   CHECK(error_of([&] { train::ActivationFiles<float> d({no_y}, 0.1, 0); }).find("tensor 'y' not found") != std::string::npos);
 }
@@ -364,7 +356,7 @@ TEST_CASE("activation files stream shuffled training rows and hold out the tail"
   io::SafetensorsWriter w;
   w.add("x", {T, 3}, x.data(), io::DType::BF16);  // small integers are exact in bf16
   w.add("y", {T, 2}, y.data(), io::DType::F16);
-  const std::string path = scratch("acts.safetensors").string();
+  const std::string path = scratch_path("acts.safetensors").string();
   w.write(path);
   train::ActivationFiles<float> d({path}, 0.25, 3);
   CHECK(d.eval_rows() == 5);

@@ -2,8 +2,11 @@
 // Shared helpers of the test suite: golden files, comparisons, seeded random layers.
 #pragma once
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
@@ -19,6 +22,13 @@ namespace mxd_test {
 
 inline std::string data_path(const std::string& name) {
   return std::string(MXD_TEST_DATA_DIR) + "/" + name;
+}
+
+/// A path for `name` in this test process's own scratch directory (created on first use).
+inline std::filesystem::path scratch_path(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / ("mxd_tests_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  return dir / name;
 }
 
 inline const std::vector<std::string>& golden_cases() {
