@@ -214,7 +214,9 @@ struct backend<cpu> {
     });
   }
 
-  /// Blocks of gate scores whose maxima filter the top-k candidates (a shape-only constant).
+  /// Widest block of gate scores whose maxima filter the top-k candidates. Blocks shrink (to
+  /// 8 at least) so that there are about 2k of them: with fewer than k blocks the filter has no
+  /// threshold and every score would stay a candidate. The selection is exact for any width.
   static constexpr index_t topk_block = 64;
 
   /// scores = relu(scores + b_gate) in place; then per row the k best (value desc, index asc)
@@ -227,7 +229,8 @@ struct backend<cpu> {
   template <class T>
   static void gate_topk(Ctx& ctx, View<T, cpu> scores, cview<T> b_gate, index_t k,
                         View<std::int32_t, cpu> idx, View<T, cpu> val) {
-    const index_t N = scores.cols, L = topk_block, nblocks = (N + L - 1) / L;
+    const index_t N = scores.cols;
+    const index_t L = std::clamp<index_t>(N / (2 * k), 8, topk_block), nblocks = (N + L - 1) / L;
     using Cand = detail::Candidate<T>;
     using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
     detail::parallel_chunks(ctx.resolved_threads(), scores.rows, 8, [&](index_t r0, index_t r1) {
