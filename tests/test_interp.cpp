@@ -167,6 +167,91 @@ TEST_CASE("backward of a steered forward matches finite differences") {
   CHECK(checked > 150);
 }
 
+TEST_CASE("steering sets no gate gradient for set or forced experts and passes it for added ones") {
+  Config c = small_config();
+  const Params<double> p = random_params<double>(c, 21);
+  const Tensor<double> x = random_matrix<double>(1, 6, 22), dy = random_matrix<double>(1, 5, 23);
+  Tensor<double> y(1, 5);
+  auto grads = [&](const Steering* s) {
+    Workspace<double> ws;
+    forward(p, x.view(), y.view(), ws, s);
+    Grads<double> g(c);
+    backward(p, x.view(), dy.view(), ws, g);
+    return std::pair{g, ws};
+  };
+  const auto [g0, ws0] = grads(nullptr);
+  const index_t sel = ws0.topk_idx(0, 0);
+  REQUIRE(ws0.topk_val(0, 0) > 0);
+  std::vector<int> used(c.n_experts, 0);
+  for (index_t j = 0; j < c.k; ++j) used[ws0.topk_idx(0, j)] = 1;
+  index_t off = 0;
+  while (used[off]) ++off;
+  // dv = dy * u does not depend on the coefficients, so gradients compare exactly.
+  const double dv0 = dy[0] * ws0.u(0, 0);
+
+  Steering add;
+  add.add(sel, 0.5);
+  const auto [ga, wsa] = grads(&add);
+  for (index_t i = 0; i < c.d_in; ++i) CHECK(ga.G(sel, i) == g0.G(sel, i));
+  CHECK(ga.b_gate[sel] == g0.b_gate[sel]);
+  CHECK(ga.C(sel, 0) == doctest::Approx((ws0.topk_val(0, 0) + 0.5) * dv0).epsilon(1e-12));
+
+  Steering set;
+  set.clamp(sel, 2.0);
+  const auto [gs, wss] = grads(&set);
+  for (index_t i = 0; i < c.d_in; ++i) CHECK(gs.G(sel, i) == 0.0);
+  CHECK(gs.b_gate[sel] == 0.0);
+  CHECK(gs.C(sel, 0) == doctest::Approx(2.0 * dv0).epsilon(1e-12));
+
+  Steering forced;
+  forced.add(off, 3.0);
+  const auto [gf, wsf] = grads(&forced);
+  for (index_t i = 0; i < c.d_in; ++i) CHECK(gf.G(off, i) == 0.0);
+  CHECK(gf.b_gate[off] == 0.0);
+  CHECK(gf.C(off, 0) == doctest::Approx(3.0 * dv0).epsilon(1e-12));
+}
+
+TEST_CASE("edits of one expert compose in order") {
+  Config c = small_config();
+  const Params<double> p = random_params<double>(c, 31);
+  const Tensor<double> x = random_matrix<double>(4, 6, 32);
+  Tensor<double> y(4, 5), ya(4, 5), yb(4, 5);
+  Workspace<double> ws;
+  forward(p, x.view(), y.view(), ws);
+  const index_t n = ws.topk_idx(0, 0);
+  Steering add_then_zero, zero_then_set, set;
+  add_then_zero.add(n, 5.0).zero(n);
+  zero_then_set.zero(n).add(n, 5.0);
+  set.clamp(n, 5.0);
+  Tensor<double> yz(4, 5);
+  Steering z;
+  z.zero(n);
+  forward(p, x.view(), yz.view(), ws, &z);
+  forward(p, x.view(), ya.view(), ws, &add_then_zero);
+  CHECK(rel_error(ya.data(), yz.data(), ya.size()) == 0.0);
+  forward(p, x.view(), ya.view(), ws, &zero_then_set);
+  forward(p, x.view(), yb.view(), ws, &set);
+  CHECK(rel_error(ya.data(), yb.data(), ya.size()) <= 1e-15);
+}
+
+TEST_CASE("pooled coefficients are per-example means of the selection") {
+  Tensor<std::int32_t> idx(3, 2);
+  Tensor<double> val(3, 2);
+  idx(0, 0) = 1; idx(0, 1) = 2; val(0, 0) = 2; val(0, 1) = 4;
+  idx(1, 0) = 1; idx(1, 1) = 0; val(1, 0) = 6; val(1, 1) = 1;
+  idx(2, 0) = 3; idx(2, 1) = 2; val(2, 0) = 5; val(2, 1) = 0;
+  interp::PooledCoefficients pool(3, 4);
+  pool.add({0, 0, 1}, idx, val);  // example 0 has rows 0 and 1, example 1 row 2, example 2 none
+  const Tensor<double> f = pool.features();
+  CHECK(f(0, 0) == 0.5);
+  CHECK(f(0, 1) == 4.0);
+  CHECK(f(0, 2) == 2.0);
+  CHECK(f(1, 3) == 5.0);
+  CHECK(f(1, 2) == 0.0);
+  CHECK(f(2, 1) == 0.0);
+  CHECK(error_of([&] { pool.add({0, 0, 3}, idx, val); }).find("example id 3") != std::string::npos);
+}
+
 TEST_CASE("sparse probing finds the planted feature of each class") {
   const index_t S = 300, F = 20;
   Tensor<double> feats = random_matrix<double>(S, F, 10);

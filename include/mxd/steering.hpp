@@ -14,7 +14,8 @@
 ///                the gate receives none.
 ///   clamp(n, v): a_n = v (forced on if not selected); no gradient reaches the gate for n.
 ///   zero(n):     a_n = 0; no gradient reaches the gate for n.
-/// c_n receives a_n dv in every case, as for any selected expert.
+/// c_n receives a_n dv in every case, as for any selected expert. Edits apply in the order
+/// given, so add(n, 5).zero(n) ablates n and zero(n).add(n, 5) sets a_n = 5 (no gate gradient).
 #pragma once
 
 #include <cmath>
@@ -71,9 +72,11 @@ void steer_selection(Context<cpu>&, const Steering& s, index_t k, View<std::int3
       idx(r, k + e) = static_cast<std::int32_t>(ed.expert);
       gate(r, k + e) = T(0);
       coef(r, k + e) = T(0);
-      index_t slot = k + e;  // the expert's own top-k slot if it was selected with a > 0
-      for (index_t j = 0; j < k; ++j)
-        if (idx(r, j) == ed.expert && gate(r, j) > T(0)) slot = j;
+      // The expert's own top-k slot if it was selected with a > 0, else the column an earlier
+      // edit forced it on in, so that edits of one expert compose in order.
+      index_t slot = k + e;
+      for (index_t j = 0; j < k + e && slot == k + e; ++j)
+        if (idx(r, j) == ed.expert && (j >= k || gate(r, j) > T(0))) slot = j;
       switch (ed.op) {
         case Steering::Op::add: coef(r, slot) += static_cast<T>(ed.value); break;
         case Steering::Op::clamp: coef(r, slot) = static_cast<T>(ed.value); gate(r, slot) = T(0); break;

@@ -20,6 +20,55 @@
 
 namespace mxd::interp {
 
+/// The paper's probing features: per example (e.g. a text of several tokens), the mean over
+/// its rows of every expert's coefficient, 0 where the expert was not selected. Streamed:
+///
+///     mxd::interp::PooledCoefficients pool(n_examples, cfg.n_experts);
+///     for (each batch) { mxd::forward(p, x, y, ws); pool.add(example_of_row, ws.topk_idx, ws.topk_val); }
+///     auto rows = mxd::interp::sparse_probe(pool.features(), labels);
+class PooledCoefficients {
+public:
+  PooledCoefficients(index_t n_examples, index_t n_experts)
+      : sum_(n_examples, n_experts), rows_(static_cast<std::size_t>(n_examples), 0) {
+    MXD_CHECK(n_examples > 0 && n_experts > 0, "PooledCoefficients: n_examples = ", n_examples,
+              " and n_experts = ", n_experts, " must be positive");
+  }
+
+  /// example: B example ids in [0, n_examples), one per row; idx, val: [B, k] from forward().
+  template <class T>
+  void add(const std::vector<index_t>& example, const Tensor<std::int32_t>& idx, const Tensor<T>& val) {
+    MXD_CHECK(idx.rows() == val.rows() && idx.cols() == val.cols() &&
+                  static_cast<index_t>(example.size()) == idx.rows(),
+              "PooledCoefficients::add: ", example.size(), " example ids, idx [", idx.rows(), ", ",
+              idx.cols(), "], val [", val.rows(), ", ", val.cols(), "]");
+    for (index_t r = 0; r < idx.rows(); ++r) {
+      const index_t s = example[static_cast<std::size_t>(r)];
+      MXD_CHECK(s >= 0 && s < sum_.rows(), "PooledCoefficients::add: example id ", s,
+                " is outside [0, ", sum_.rows(), ")");
+      ++rows_[static_cast<std::size_t>(s)];
+      for (index_t j = 0; j < idx.cols(); ++j) {
+        const index_t n = idx(r, j);
+        MXD_CHECK(n >= 0 && n < sum_.cols(), "PooledCoefficients::add: expert index ", n,
+                  " outside [0, ", sum_.cols(), ")");
+        sum_(s, n) += double(val(r, j));
+      }
+    }
+  }
+
+  /// [n_examples, n_experts]: the means (an example with no rows gives zeros).
+  Tensor<double> features() const {
+    Tensor<double> f(sum_.rows(), sum_.cols());
+    for (index_t s = 0; s < f.rows(); ++s)
+      for (index_t n = 0; n < f.cols(); ++n)
+        f(s, n) = rows_[static_cast<std::size_t>(s)] ? sum_(s, n) / double(rows_[static_cast<std::size_t>(s)]) : 0.0;
+    return f;
+  }
+
+private:
+  Tensor<double> sum_;               // [n_examples, n_experts]
+  std::vector<std::int64_t> rows_;   // rows seen per example
+};
+
 struct ProbeResult {
   std::int64_t label;   // the class probed (one vs rest)
   index_t feature;      // the best feature for it

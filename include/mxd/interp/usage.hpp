@@ -45,7 +45,11 @@ public:
   }
 
   index_t rows() const { return rows_; }
-  index_t count(index_t n) const { return count_.at(static_cast<std::size_t>(n)); }
+  index_t count(index_t n) const {
+    MXD_CHECK(n >= 0 && n < static_cast<index_t>(count_.size()), "Usage: expert ", n,
+              " is outside [0, ", count_.size(), ")");
+    return count_[static_cast<std::size_t>(n)];
+  }
   /// Fraction of rows that selected expert n.
   double frequency(index_t n) const { return rows_ ? double(count(n)) / double(rows_) : 0.0; }
   /// Mean coefficient of expert n over the rows that selected it (0 if none did).
@@ -117,11 +121,16 @@ public:
   /// idx, val: [B, k] of a batch whose first row has id `first_row`.
   template <class T>
   void add(index_t first_row, const Tensor<std::int32_t>& idx, const Tensor<T>& val) {
+    MXD_CHECK(idx.rows() == val.rows() && idx.cols() == val.cols(), "TopExamples::add: idx [",
+              idx.rows(), ", ", idx.cols(), "] and val [", val.rows(), ", ", val.cols(), "] differ");
     for (index_t r = 0; r < idx.rows(); ++r)
       for (index_t j = 0; j < idx.cols(); ++j) {
         const double v = double(val(r, j));
         if (!(v > 0)) continue;
-        auto& h = heaps_.at(static_cast<std::size_t>(idx(r, j)));
+        const index_t n = idx(r, j);
+        MXD_CHECK(n >= 0 && n < static_cast<index_t>(heaps_.size()), "TopExamples::add: expert index ",
+                  n, " outside [0, ", heaps_.size(), ")");
+        auto& h = heaps_[static_cast<std::size_t>(n)];
         const Example e{first_row + r, v};
         if (static_cast<index_t>(h.size()) < keep_) {
           h.push(e);
@@ -134,7 +143,9 @@ public:
 
   /// Expert n's examples, largest value first (ties: smaller row first).
   std::vector<Example> top(index_t n) const {
-    auto h = heaps_.at(static_cast<std::size_t>(n));
+    MXD_CHECK(n >= 0 && n < static_cast<index_t>(heaps_.size()), "TopExamples: expert ", n,
+              " is outside [0, ", heaps_.size(), ")");
+    auto h = heaps_[static_cast<std::size_t>(n)];
     std::vector<Example> out;
     for (; !h.empty(); h.pop()) out.push_back(h.top());
     std::reverse(out.begin(), out.end());
