@@ -78,7 +78,8 @@ void forward(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
 
   // Gating: s = relu(x G^T + b_gate), then the k best (index, value) pairs per row.
   be::gemm(ctx, false, true, T(1), x, p.G.view(), T(0), ws.scores.view());      // [B, N]
-  auto idx = ws.topk_idx.view(), val = ws.topk_val.view();                      // [B, k + edits]
+  auto idx = ws.topk_idx.view();                                                // [B, k + edits]
+  auto val = ws.topk_val.view();
   be::gate_topk(ctx, ws.scores.view(), p.b_gate.view(), c.k,
                 View<std::int32_t, Device>(idx.data, idx.rows, c.k, idx.ld),
                 View<T, Device>(val.data, val.rows, c.k, val.ld));               // [B, k]

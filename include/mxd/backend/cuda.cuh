@@ -1,0 +1,531 @@
+// SPDX-License-Identifier: MIT
+/// @file backend/cuda.cuh
+/// @brief backend<cuda>: the layer's primitives on the GPU, with cuBLAS GEMMs, CUB sorting
+/// and mxd's own kernels; the same functions, signatures and results as backend<cpu>.
+///
+/// Everything runs on the context's stream. Results are the same bits on every run: GEMMs are
+/// cuBLAS's (deterministic for a given GPU and toolkit), and every reduction here has a fixed
+/// order — a segment loop per expert after a stable sort, fixed-size row chunks, fixed trees —
+/// with no floating-point atomics. Compared with the CPU backend, results differ only by
+/// rounding (fused multiply-adds, the GEMMs' summation order).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include "../activation.hpp"
+#include "../layer.hpp"
+#include "../optim.hpp"
+#include "../tensor.hpp"
+#include "cuda/reduce.cuh"
+#include "cuda/runtime.cuh"
+#include "cuda/topk.cuh"
+
+namespace mxd {
+namespace detail::cu {
+
+constexpr int block = 256;
+
+// Carves consecutive, 256-byte aligned arrays out of the context's scratch buffer.
+class ScratchCarver {
+public:
+  template <class U>
+  void reserve(index_t count) {
+    bytes_ = align(bytes_) + static_cast<std::size_t>(count) * sizeof(U);
+  }
+  void map(void* base) {
+    base_ = static_cast<char*>(base);
+    bytes_ = 0;
+  }
+  template <class U>
+  U* take(index_t count) {
+    U* p = reinterpret_cast<U*>(base_ + align(bytes_));
+    bytes_ = align(bytes_) + static_cast<std::size_t>(count) * sizeof(U);
+    return p;
+  }
+  std::size_t bytes() const { return bytes_; }
+
+private:
+  static std::size_t align(std::size_t b) { return (b + 255) / 256 * 256; }
+  char* base_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+// C = beta C (beta = 0 writes zeros). C: [M, N].
+template <class T>
+__global__ void scale_kernel(T* c, index_t ld, index_t rows, index_t cols, T beta) {
+  const index_t n = rows * cols;
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
+       e += index_t(gridDim.x) * blockDim.x) {
+    T& x = c[(e / cols) * ld + e % cols];
+    x = beta == T(0) ? T(0) : beta * x;
+  }
+}
+
+template <class T>
+__global__ void bias_activation_kernel(Activation act, View<T, cuda> hpre, const T* b_enc,
+                                       View<T, cuda> g, const T* b_glu, View<T, cuda> z,
+                                       bool glu) {
+  const index_t H = hpre.cols, n = hpre.rows * H;
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
+       e += index_t(gridDim.x) * blockDim.x) {
+    const index_t r = e / H, i = e % H;
+    const T h = hpre(r, i) + b_enc[i];
+    hpre(r, i) = h;
+    if (glu) {
+      const T gv = g(r, i) + b_glu[i];
+      g(r, i) = gv;
+      z(r, i) = gv * activate(act, h);
+    } else {
+      z(r, i) = activate(act, h);
+    }
+  }
+}
+
+// One block per row: v[b] = sum_j val[b,j] C[idx[b,j]]; y = (accumulate ? y : 0) + u * v + b_out.
+template <class T>
+__global__ void mix_experts_kernel(View<const std::int32_t, cuda> idx, View<const T, cuda> val,
+                                   View<const T, cuda> C, View<const T, cuda> u, const T* b_out,
+                                   View<T, cuda> v, View<T, cuda> y, bool accumulate) {
+  const index_t r = blockIdx.x, O = C.cols, k = idx.cols;
+  for (index_t o = threadIdx.x; o < O; o += blockDim.x) {
+    T acc(0);
+    for (index_t j = 0; j < k; ++j) {
+      const T a = val(r, j);
+      if (a != T(0)) acc += a * C(idx(r, j), o);
+    }
+    v(r, o) = acc;
+    const T out = u(r, o) * acc;
+    y(r, o) = (accumulate ? y(r, o) + out : out) + b_out[o];
+  }
+}
+
+// Column sums in fixed chunks of rows: partial[c, m] = sum of A's rows [c R, (c+1) R) at column m.
+template <class T>
+__global__ void col_sum_partial_kernel(View<const T, cuda> A, index_t chunk_rows, T* partial) {
+  const index_t m = blockIdx.x * index_t(blockDim.x) + threadIdx.x, c = blockIdx.y;
+  if (m >= A.cols) return;
+  const index_t r0 = c * chunk_rows, r1 = A.rows < r0 + chunk_rows ? A.rows : r0 + chunk_rows;
+  T acc(0);
+  for (index_t r = r0; r < r1; ++r) acc += A(r, m);
+  partial[c * A.cols + m] = acc;
+}
+
+// out[m] = beta out[m] + sum over chunks c of partial[c, m], in chunk order.
+template <class T>
+__global__ void col_sum_final_kernel(const T* partial, index_t chunks, index_t M, T beta, T* out) {
+  const index_t m = blockIdx.x * index_t(blockDim.x) + threadIdx.x;
+  if (m >= M) return;
+  T acc = beta == T(0) ? T(0) : beta * out[m];
+  for (index_t c = 0; c < chunks; ++c) acc += partial[c * M + m];
+  out[m] = acc;
+}
+
+template <class T>
+__global__ void output_backward_kernel(View<const T, cuda> dy, View<const T, cuda> u,
+                                       View<const T, cuda> v, View<T, cuda> du, View<T, cuda> dv) {
+  const index_t O = dy.cols, n = dy.rows * O;
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
+       e += index_t(gridDim.x) * blockDim.x) {
+    const index_t r = e / O, o = e % O;
+    du(r, o) = dy(r, o) * v(r, o);
+    dv(r, o) = dy(r, o) * u(r, o);
+  }
+}
+
+// One warp per selected pair (b, j): ds[b,j] = val > 0 ? dv[b] . C[idx[b,j]] : 0.
+template <class T>
+__global__ void expert_coefficient_grad_kernel(View<const std::int32_t, cuda> idx,
+                                               View<const T, cuda> val, View<const T, cuda> C,
+                                               View<const T, cuda> dv, View<T, cuda> ds) {
+  const index_t k = idx.cols, pairs = idx.rows * k, O = C.cols;
+  const index_t warps = index_t(gridDim.x) * (blockDim.x / warp_size);
+  const int lane = threadIdx.x % warp_size;
+  for (index_t p = blockIdx.x * index_t(blockDim.x / warp_size) + threadIdx.x / warp_size;
+       p < pairs; p += warps) {
+    const index_t r = p / k, j = p % k;
+    if (!(val(r, j) > T(0))) {  // warp-uniform branch
+      if (lane == 0) ds(r, j) = T(0);
+      continue;
+    }
+    const index_t n = idx(r, j);
+    T d(0);
+    for (index_t o = lane; o < O; o += warp_size) d += dv(r, o) * C(n, o);
+    d = warp_sum(d);
+    if (lane == 0) ds(r, j) = d;
+  }
+}
+
+template <class T>
+__global__ void iota_kernel(T* out, index_t n) {
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
+       e += index_t(gridDim.x) * blockDim.x)
+    out[e] = static_cast<T>(e);
+}
+
+// offsets[n] = first position in the sorted keys whose key is >= n, for n in [0, N].
+template <class Key>
+__global__ void segment_offsets_kernel(const Key* sorted, index_t P, index_t N,
+                                       std::int32_t* offsets) {
+  const index_t n = blockIdx.x * index_t(blockDim.x) + threadIdx.x;
+  if (n > N) return;
+  index_t lo = 0, hi = P;
+  while (lo < hi) {
+    const index_t mid = (lo + hi) / 2;
+    if (static_cast<index_t>(sorted[mid]) < n) lo = mid + 1;
+    else hi = mid;
+  }
+  offsets[n] = static_cast<std::int32_t>(lo);
+}
+
+// One block per expert n, over its pairs in sorted (row, slot) order:
+//   dC[n] (+)= sum val dv[b];  dG[n] (+)= sum ds x[b];  db_gate[n] (+)= sum ds.
+template <class T>
+__global__ void expert_weight_grads_kernel(index_t k, const T* val, const T* ds,
+                                           const std::int32_t* order, const std::int32_t* offsets,
+                                           View<const T, cuda> dv, View<const T, cuda> x,
+                                           View<T, cuda> dC, View<T, cuda> dG, T* db_gate,
+                                           bool accumulate) {
+  const index_t n = blockIdx.x, q0 = offsets[n], q1 = offsets[n + 1];
+  for (index_t o = threadIdx.x; o < dC.cols; o += blockDim.x) {
+    T acc = accumulate ? dC(n, o) : T(0);
+    for (index_t q = q0; q < q1; ++q) {
+      const index_t p = order[q];
+      const T a = val[p];
+      if (a != T(0)) acc += a * dv(p / k, o);
+    }
+    dC(n, o) = acc;
+  }
+  for (index_t i = threadIdx.x; i < dG.cols; i += blockDim.x) {
+    T acc = accumulate ? dG(n, i) : T(0);
+    for (index_t q = q0; q < q1; ++q) {
+      const index_t p = order[q];
+      const T d = ds[p];
+      if (d != T(0)) acc += d * x(p / k, i);
+    }
+    dG(n, i) = acc;
+  }
+  if (threadIdx.x == 0) {
+    T gb = accumulate ? db_gate[n] : T(0);
+    for (index_t q = q0; q < q1; ++q) {
+      const T d = ds[order[q]];
+      if (d != T(0)) gb += d;
+    }
+    db_gate[n] = gb;
+  }
+}
+
+// One block per row: dx[b] += sum_j ds[b,j] G[idx[b,j]].
+template <class T>
+__global__ void gather_rows_add_kernel(View<const std::int32_t, cuda> idx, View<const T, cuda> ds,
+                                       View<const T, cuda> G, View<T, cuda> dx) {
+  const index_t r = blockIdx.x, k = idx.cols;
+  for (index_t i = threadIdx.x; i < G.cols; i += blockDim.x) {
+    T acc = dx(r, i);
+    for (index_t j = 0; j < k; ++j) {
+      const T w = ds(r, j);
+      if (w != T(0)) acc += w * G(idx(r, j), i);
+    }
+    dx(r, i) = acc;
+  }
+}
+
+template <class T>
+__global__ void activation_backward_kernel(Activation act, View<const T, cuda> hpre,
+                                           View<const T, cuda> g, View<const T, cuda> dz,
+                                           View<T, cuda> dhpre, View<T, cuda> dg, bool glu) {
+  const index_t H = hpre.cols, n = hpre.rows * H;
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
+       e += index_t(gridDim.x) * blockDim.x) {
+    const index_t r = e / H, i = e % H;
+    const T h = hpre(r, i), d = dz(r, i);
+    if (glu) {
+      dhpre(r, i) = d * g(r, i) * activate_grad(act, h);
+      dg(r, i) = d * activate(act, h);
+    } else {
+      dhpre(r, i) = d * activate_grad(act, h);
+    }
+  }
+}
+
+template <class T>
+__global__ void adamw_kernel(T* p, const T* g, T* m, T* v, index_t n, T decay, T w, T b2,
+                             T one_minus_b2, T bc2, T eps, T step_size) {
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
+       e += index_t(gridDim.x) * blockDim.x) {
+    const T gr = g[e];
+    T mo = m[e];
+    mo = w < T(0.5) ? mo + w * (gr - mo) : gr - (gr - mo) * (T(1) - w);  // torch's lerp
+    const T vo = v[e] * b2 + one_minus_b2 * gr * gr;
+    m[e] = mo;
+    v[e] = vo;
+    p[e] = p[e] * decay - step_size * (mo / (sqrt(vo) / bc2 + eps));
+  }
+}
+
+// One warp per row n: g[n] -= (g[n] . c[n] / |c[n]|^2) c[n].
+template <class T>
+__global__ void remove_parallel_rows_kernel(View<const T, cuda> C, View<T, cuda> g) {
+  const index_t warps = index_t(gridDim.x) * (blockDim.x / warp_size), O = C.cols;
+  const int lane = threadIdx.x % warp_size;
+  for (index_t n = blockIdx.x * index_t(blockDim.x / warp_size) + threadIdx.x / warp_size;
+       n < C.rows; n += warps) {
+    T dot(0), sq(0);
+    for (index_t o = lane; o < O; o += warp_size) {
+      dot += g(n, o) * C(n, o);
+      sq += C(n, o) * C(n, o);
+    }
+    dot = warp_sum(dot);
+    sq = warp_sum(sq);
+    if (sq == T(0)) continue;
+    const T f = dot / sq;
+    for (index_t o = lane; o < O; o += warp_size) g(n, o) -= f * C(n, o);
+  }
+}
+
+// One warp per row: C[n] /= |C[n]| (zero rows stay zero).
+template <class T>
+__global__ void normalize_rows_kernel(View<T, cuda> C) {
+  const index_t warps = index_t(gridDim.x) * (blockDim.x / warp_size), O = C.cols;
+  const int lane = threadIdx.x % warp_size;
+  for (index_t n = blockIdx.x * index_t(blockDim.x / warp_size) + threadIdx.x / warp_size;
+       n < C.rows; n += warps) {
+    T sq(0);
+    for (index_t o = lane; o < O; o += warp_size) sq += C(n, o) * C(n, o);
+    sq = warp_sum(sq);
+    if (sq == T(0)) continue;
+    const T inv = T(1) / sqrt(sq);
+    for (index_t o = lane; o < O; o += warp_size) C(n, o) *= inv;
+  }
+}
+
+// Blocks of `block` threads with one warp per item.
+inline unsigned warp_grid(index_t items) { return grid_for(items * warp_size, block); }
+
+}  // namespace detail::cu
+
+template <>
+struct backend<cuda> {
+  template <class T>
+  using cview = InView<T, cuda>;
+  using Ctx = Context<cuda>;
+  static constexpr int block = detail::cu::block;
+
+  /// C = alpha op(A) op(B) + beta C, row-major, through cuBLAS (TF32 for float when
+  /// ctx.math == MathMode::tf32). op(A): [M, K], op(B): [K, N], C: [M, N].
+  template <class T>
+  static void gemm(Ctx& ctx, bool trans_a, bool trans_b, T alpha, cview<T> A, cview<T> B, T beta,
+                   View<T, cuda> C) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "backend<cuda>::gemm: float or double");
+    const index_t M = trans_a ? A.cols : A.rows, K = trans_a ? A.rows : A.cols;
+    const index_t Kb = trans_b ? B.cols : B.rows, N = trans_b ? B.rows : B.cols;
+    MXD_CHECK(K == Kb && C.rows == M && C.cols == N, "gemm: shapes [", M, ", ", K, "] x [", Kb,
+              ", ", N, "] -> [", C.rows, ", ", C.cols, "] do not match");
+    if (M == 0 || N == 0) return;
+    if (K == 0) {  // cuBLAS wants lda >= 1 even then; the product is empty anyway
+      MXD_CUDA_LAUNCH(detail::cu::scale_kernel<T>, detail::cu::grid_for(M * N, block), block,
+                      ctx.stream(), C.data, C.ld, M, N, beta);
+      return;
+    }
+    // cuBLAS is column-major, where a row-major X reads as X^T: row-major C = op(A) op(B) is
+    // column-major C^T = op(B)^T op(A)^T, i.e. the operands swap and keep their op flags.
+    const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasHandle_t h = ctx.cublas();
+    if constexpr (std::is_same_v<T, float>) {
+      const cublasComputeType_t compute =
+          ctx.math == MathMode::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+      MXD_CUBLAS_CHECK(cublasGemmEx(h, op_b, op_a, int(N), int(M), int(K), &alpha, B.data,
+                                    CUDA_R_32F, int(B.ld), A.data, CUDA_R_32F, int(A.ld), &beta,
+                                    C.data, CUDA_R_32F, int(C.ld), compute, CUBLAS_GEMM_DEFAULT));
+    } else {
+      MXD_CUBLAS_CHECK(cublasDgemm(h, op_b, op_a, int(N), int(M), int(K), &alpha, B.data,
+                                   int(B.ld), A.data, int(A.ld), &beta, C.data, int(C.ld)));
+    }
+  }
+
+  /// hpre += b_enc; with GLU (g non-empty) g += b_glu and z = g * act(hpre), else z = act(hpre).
+  /// hpre, g, z: [B, H]; b_enc, b_glu: [1, H].
+  template <class T>
+  static void bias_activation(Ctx& ctx, Activation act, View<T, cuda> hpre, cview<T> b_enc,
+                              View<T, cuda> g, cview<T> b_glu, View<T, cuda> z) {
+    if (hpre.empty()) return;
+    MXD_CUDA_LAUNCH(detail::cu::bias_activation_kernel<T>,
+                    detail::cu::grid_for(hpre.size(), block), block, ctx.stream(), act, hpre,
+                    b_enc.data, g, b_glu.data, z, !g.empty());
+  }
+
+  /// scores = relu(scores + b_gate) in place; then per row the k best (value desc, index asc)
+  /// as (idx, val), exactly as backend<cpu>. scores: [B, N], b_gate: [1, N], idx, val: [B, k].
+  template <class T>
+  static void gate_topk(Ctx& ctx, View<T, cuda> scores, cview<T> b_gate, index_t k,
+                        View<std::int32_t, cuda> idx, View<T, cuda> val) {
+    const index_t B = scores.rows, N = scores.cols;
+    MXD_CHECK(k >= 1 && k <= N, "gate_topk: k = ", k, " must be in [1, ", N, "]");
+    if (B == 0) return;
+    detail::cu::ScratchCarver plan;
+    plan.reserve<std::int32_t>(B * k);
+    plan.reserve<T>(B * k);
+    plan.map(ctx.scratch(plan.bytes()));
+    std::int32_t* cand_idx = plan.take<std::int32_t>(B * k);
+    T* cand_val = plan.take<T>(B * k);
+    MXD_CHECK(B <= 0x7fffffff, "gate_topk: batch of ", B, " rows exceeds one grid");
+    MXD_CUDA_LAUNCH(detail::cu::gate_topk_kernel<T>, unsigned(B), detail::cu::topk_block,
+                    ctx.stream(), scores.data, scores.ld, b_gate.data, N, k, cand_idx, cand_val,
+                    idx.data, idx.ld, val.data, val.ld);
+  }
+
+  /// v[b] = sum_j val[b,j] C[idx[b,j]];  y = (accumulate ? y : 0) + u * v + b_out.
+  /// idx, val: [B, k], C: [N, O], u, v, y: [B, O], b_out: [1, O].
+  template <class T>
+  static void mix_experts(Ctx& ctx, cview<std::int32_t> idx, cview<T> val, cview<T> C,
+                          cview<T> u, cview<T> b_out, View<T, cuda> v, View<T, cuda> y,
+                          bool accumulate) {
+    if (y.rows == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::mix_experts_kernel<T>, unsigned(y.rows), block, ctx.stream(), idx,
+                    val, C, u, b_out.data, v, y, accumulate);
+  }
+
+  /// out = beta out + sum over rows of A, in fixed chunks of 256 rows. A: [B, M], out: [1, M].
+  template <class T>
+  static void col_sum(Ctx& ctx, cview<T> A, T beta, View<T, cuda> out) {
+    const index_t M = A.cols, chunk_rows = 256, chunks = (A.rows + chunk_rows - 1) / chunk_rows;
+    if (M == 0) return;
+    detail::cu::ScratchCarver plan;
+    plan.reserve<T>(chunks * M);
+    plan.map(ctx.scratch(plan.bytes()));
+    T* partial = plan.take<T>(chunks * M);
+    const unsigned cols_grid = unsigned((M + block - 1) / block);
+    if (chunks > 0) {
+      detail::cu::col_sum_partial_kernel<T>
+          <<<dim3(cols_grid, unsigned(chunks)), block, 0, ctx.stream()>>>(A, chunk_rows, partial);
+      MXD_CUDA_LAUNCH_CHECK();
+    }
+    MXD_CUDA_LAUNCH(detail::cu::col_sum_final_kernel<T>, cols_grid, block, ctx.stream(), partial,
+                    chunks, M, beta, out.data);
+  }
+
+  /// du = dy * v, dv = dy * u. All [B, O].
+  template <class T>
+  static void output_backward(Ctx& ctx, cview<T> dy, cview<T> u, cview<T> v, View<T, cuda> du,
+                              View<T, cuda> dv) {
+    if (dy.empty()) return;
+    MXD_CUDA_LAUNCH(detail::cu::output_backward_kernel<T>, detail::cu::grid_for(dy.size(), block),
+                    block, ctx.stream(), dy, u, v, du, dv);
+  }
+
+  /// ds[b,j] = val[b,j] > 0 ? dv[b] . C[idx[b,j]] : 0 (relu' of the gate).
+  /// idx, val, ds: [B, k], C: [N, O], dv: [B, O].
+  template <class T>
+  static void expert_coefficient_grad(Ctx& ctx, cview<std::int32_t> idx, cview<T> val,
+                                      cview<T> C, cview<T> dv, View<T, cuda> ds) {
+    if (idx.empty()) return;
+    MXD_CUDA_LAUNCH(detail::cu::expert_coefficient_grad_kernel<T>,
+                    detail::cu::warp_grid(idx.size()), block, ctx.stream(), idx, val, C, dv, ds);
+  }
+
+  /// A stable radix sort (CUB) of the B k (row, slot) pairs by expert:
+  /// order[offsets[n] .. offsets[n+1]) are the flat positions b k + j with idx[b,j] == n, in
+  /// increasing order, exactly as backend<cpu>. idx: [B, k], order: [1, B k], offsets: [1, N + 1].
+  static void group_by_expert(Ctx& ctx, cview<std::int32_t> idx, index_t N,
+                              View<std::int32_t, cuda> order, View<std::int32_t, cuda> offsets) {
+    const index_t P = idx.rows * idx.cols;
+    MXD_CHECK(idx.contiguous(), "group_by_expert: idx must be contiguous");
+    MXD_CHECK(P <= 0x7fffffff, "group_by_expert: ", P, " pairs exceed CUB's int item count");
+    int end_bit = 1;
+    while ((index_t(1) << end_bit) < N) ++end_bit;  // expert ids fit in [0, end_bit) bits
+    // Experts are non-negative, so sorting them as unsigned keys orders them the same way.
+    const auto* keys_in = reinterpret_cast<const unsigned int*>(idx.data);
+    auto* values_out = order.data;
+    std::size_t temp_bytes = 0;
+    MXD_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in,
+                                                   static_cast<unsigned int*>(nullptr),
+                                                   static_cast<const std::int32_t*>(nullptr),
+                                                   values_out, int(P), 0, end_bit, ctx.stream()));
+    detail::cu::ScratchCarver plan;
+    plan.reserve<unsigned int>(P);
+    plan.reserve<std::int32_t>(P);
+    plan.reserve<char>(index_t(temp_bytes));
+    plan.map(ctx.scratch(plan.bytes()));
+    unsigned int* keys_out = plan.take<unsigned int>(P);
+    std::int32_t* values_in = plan.take<std::int32_t>(P);
+    void* temp = plan.take<char>(index_t(temp_bytes));
+    cudaStream_t s = ctx.stream();
+    if (P > 0) {
+      MXD_CUDA_LAUNCH(detail::cu::iota_kernel<std::int32_t>, detail::cu::grid_for(P, block), block,
+                      s, values_in, P);
+      MXD_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out,
+                                                     values_in, values_out, int(P), 0, end_bit, s));
+    }
+    MXD_CUDA_LAUNCH(detail::cu::segment_offsets_kernel<unsigned int>, detail::cu::grid_for(N + 1, block), block,
+                    s, keys_out, P, N, offsets.data);
+  }
+
+  /// For every expert n, over its pairs (b, j) in order:
+  ///   dC[n] (+)= sum val[b,j] dv[b];  dG[n] (+)= sum ds[b,j] x[b];  db_gate[n] (+)= sum ds[b,j].
+  /// Without `accumulate` unselected experts get zero. dC: [N, O], dG: [N, I], db_gate: [1, N].
+  template <class T>
+  static void expert_weight_grads(Ctx& ctx, cview<std::int32_t> idx, cview<T> val, cview<T> ds,
+                                  cview<std::int32_t> order, cview<std::int32_t> offsets,
+                                  cview<T> dv, cview<T> x, View<T, cuda> dC, View<T, cuda> dG,
+                                  View<T, cuda> db_gate, bool accumulate) {
+    const index_t N = dC.rows;
+    MXD_CHECK(val.contiguous() && ds.contiguous(), "expert_weight_grads: val and ds must be "
+              "contiguous");
+    if (N == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::expert_weight_grads_kernel<T>, unsigned(N), block, ctx.stream(),
+                    idx.cols, val.data, ds.data, order.data, offsets.data, dv, x, dC, dG,
+                    db_gate.data, accumulate);
+  }
+
+  /// dx[b] += sum_j ds[b,j] G[idx[b,j]]. idx, ds: [B, k], G: [N, I], dx: [B, I].
+  template <class T>
+  static void gather_rows_add(Ctx& ctx, cview<std::int32_t> idx, cview<T> ds, cview<T> G,
+                              View<T, cuda> dx) {
+    if (dx.rows == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::gather_rows_add_kernel<T>, unsigned(dx.rows), block, ctx.stream(),
+                    idx, ds, G, dx);
+  }
+
+  /// dhpre = dz * act'(hpre) (* g);  with GLU also dg = dz * act(hpre). All [B, H].
+  template <class T>
+  static void activation_backward(Ctx& ctx, Activation act, cview<T> hpre, cview<T> g,
+                                  cview<T> dz, View<T, cuda> dhpre, View<T, cuda> dg) {
+    if (hpre.empty()) return;
+    MXD_CUDA_LAUNCH(detail::cu::activation_backward_kernel<T>,
+                    detail::cu::grid_for(hpre.size(), block), block, ctx.stream(), act, hpre, g,
+                    dz, dhpre, dg, !g.empty());
+  }
+
+  /// One torch.optim.AdamW update, as backend<cpu>::adamw_update. p, g, m, v: same shape.
+  template <class T>
+  static void adamw_update(Ctx& ctx, View<T, cuda> p, cview<T> g, View<T, cuda> m,
+                           View<T, cuda> v, const AdamWStep& s) {
+    if (p.empty()) return;
+    MXD_CUDA_LAUNCH(detail::cu::adamw_kernel<T>, detail::cu::grid_for(p.size(), block), block,
+                    ctx.stream(), p.data, g.data, m.data, v.data, p.size(),
+                    T(1 - s.lr * s.weight_decay), T(1 - s.beta1), T(s.beta2), T(1 - s.beta2),
+                    T(s.bias_correction2_sqrt), T(s.eps), T(s.lr / s.bias_correction1));
+  }
+
+  /// g[n] -= (g[n] . c[n] / |c[n]|^2) c[n] for every row n. C, g: [N, O].
+  template <class T>
+  static void remove_parallel_rows(Ctx& ctx, cview<T> C, View<T, cuda> g) {
+    if (C.rows == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::remove_parallel_rows_kernel<T>, detail::cu::warp_grid(C.rows),
+                    block, ctx.stream(), C, g);
+  }
+
+  /// Rescales every row of C to unit L2 norm (zero rows stay zero). C: [N, O].
+  template <class T>
+  static void normalize_rows(Ctx& ctx, View<T, cuda> C) {
+    if (C.rows == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::normalize_rows_kernel<T>, detail::cu::warp_grid(C.rows), block,
+                    ctx.stream(), C);
+  }
+};
+
+}  // namespace mxd

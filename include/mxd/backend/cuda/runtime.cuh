@@ -1,0 +1,277 @@
+// SPDX-License-Identifier: MIT
+/// @file backend/cuda/runtime.cuh
+/// @brief The CUDA runtime side of mxd::cuda: checked calls, device memory, the execution
+/// context (stream, cuBLAS handle, math mode, scratch) and host <-> device copies.
+///
+///     mxd::Params<float> host = ...;                           // e.g. io::load_params
+///     mxd::Params<float, mxd::cuda> p = mxd::to_device(host);  // same names, device memory
+///     mxd::Tensor<float, mxd::cuda> x = mxd::to_device(x_host);
+///     ... forward / backward / AdamW exactly as on the CPU ...
+///     mxd::Params<float> back = mxd::to_host(p);               // e.g. for io::save_params
+///
+/// Every CUDA and cuBLAS status is checked and turned into mxd::Error naming the call and code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "../../device.hpp"
+#include "../../error.hpp"
+#include "../../optim.hpp"
+#include "../../params.hpp"
+#include "../../tensor.hpp"
+
+/// Throws mxd::Error naming the call, its CUDA error code and message unless it succeeded.
+#define MXD_CUDA_CHECK(call)                                                                  \
+  do {                                                                                        \
+    const cudaError_t mxd_status_ = (call);                                                   \
+    if (mxd_status_ != cudaSuccess)                                                           \
+      throw ::mxd::Error(::mxd::detail::concat(#call, " failed: ", cudaGetErrorName(mxd_status_), \
+                                               " (", cudaGetErrorString(mxd_status_), ") at ",   \
+                                               __FILE__, ":", __LINE__));                       \
+  } while (0)
+
+/// Throws mxd::Error naming the call and its cuBLAS status unless it succeeded.
+#define MXD_CUBLAS_CHECK(call)                                                                 \
+  do {                                                                                         \
+    const cublasStatus_t mxd_status_ = (call);                                                 \
+    if (mxd_status_ != CUBLAS_STATUS_SUCCESS)                                                  \
+      throw ::mxd::Error(::mxd::detail::concat(#call, " failed: ", cublasGetStatusName(mxd_status_), \
+                                               " at ", __FILE__, ":", __LINE__));                 \
+  } while (0)
+
+/// Checks the launch that precedes it (a bad configuration surfaces here, not later).
+#define MXD_CUDA_LAUNCH_CHECK() MXD_CUDA_CHECK(cudaGetLastError())
+
+/// Launches `kernel<<<grid, threads, 0, stream>>>(args...)` and checks the launch.
+#define MXD_CUDA_LAUNCH(kernel, grid, threads, stream, ...)   \
+  do {                                                       \
+    kernel<<<(grid), (threads), 0, (stream)>>>(__VA_ARGS__); \
+    MXD_CUDA_LAUNCH_CHECK();                                 \
+  } while (0)
+
+namespace mxd {
+
+/// Number of CUDA devices visible to this process; 0 (not an error) when there is no driver
+/// or no GPU, so callers can skip GPU work.
+inline int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+template <>
+struct memory<cuda> {
+  static void* allocate(std::size_t bytes) {
+    if (bytes == 0) return nullptr;
+    void* p = nullptr;
+    MXD_CUDA_CHECK(cudaMalloc(&p, bytes));
+    return p;
+  }
+  // Called from destructors: never throws (a failing cudaFree means the context is gone).
+  static void deallocate(void* p) noexcept {
+    if (p) (void)cudaFree(p);
+  }
+  // Legacy-default-stream calls: ordered with the blocking streams of Context<cuda>.
+  static void zero(void* p, std::size_t bytes) {
+    if (bytes) MXD_CUDA_CHECK(cudaMemset(p, 0, bytes));
+  }
+  static void copy(void* dst, const void* src, std::size_t bytes) {
+    if (bytes) MXD_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+  }
+};
+
+/// How cuBLAS may compute float GEMMs. tf32 rounds the inputs to 10-bit mantissas on the
+/// tensor cores (about 1e-3 relative error, several times faster); fp32 is exact IEEE float.
+enum class MathMode { fp32, tf32 };
+
+/// The device's execution context: one stream that every primitive runs on, a cuBLAS handle
+/// bound to it, the float GEMM math mode and a grow-only scratch buffer. The stream and handle
+/// are created on first use on the then-current device, so constructing a Workspace needs no GPU.
+/// Move-only: it owns the stream and handle.
+template <>
+class Context<cuda> {
+public:
+  MathMode math = MathMode::fp32;
+
+  Context() = default;
+  explicit Context(MathMode m) : math(m) {}
+  ~Context() { release(); }
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+  Context(Context&& o) noexcept { swap(o); }
+  Context& operator=(Context&& o) noexcept {
+    Context tmp(std::move(o));
+    swap(tmp);
+    return *this;
+  }
+
+  cudaStream_t stream() {
+    // A blocking stream: ordered with the legacy default stream that memory<cuda> uses.
+    if (!stream_) MXD_CUDA_CHECK(cudaStreamCreate(&stream_));
+    return stream_;
+  }
+
+  cublasHandle_t cublas() {
+    if (!cublas_) {
+      MXD_CUBLAS_CHECK(cublasCreate(&cublas_));
+      MXD_CUBLAS_CHECK(cublasSetStream(cublas_, stream()));
+    }
+    return cublas_;
+  }
+
+  /// A device buffer of at least `bytes`, valid until the next call; grows only. Primitives
+  /// use it for temporaries within one call (stream order keeps consecutive uses apart).
+  void* scratch(std::size_t bytes) {
+    if (bytes > scratch_bytes_) {
+      synchronize();  // the old buffer may still be read by queued kernels
+      memory<cuda>::deallocate(scratch_);
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      scratch_ = memory<cuda>::allocate(bytes);
+      scratch_bytes_ = bytes;
+    }
+    return scratch_;
+  }
+
+  /// Waits for everything queued on the stream; rethrows asynchronous kernel errors.
+  void synchronize() {
+    if (stream_) MXD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+private:
+  void release() noexcept {
+    if (cublas_) (void)cublasDestroy(cublas_);
+    if (stream_) (void)cudaStreamDestroy(stream_);
+    memory<cuda>::deallocate(scratch_);
+    cublas_ = nullptr;
+    stream_ = nullptr;
+    scratch_ = nullptr;
+    scratch_bytes_ = 0;
+  }
+  void swap(Context& o) noexcept {
+    std::swap(math, o.math);
+    std::swap(stream_, o.stream_);
+    std::swap(cublas_, o.cublas_);
+    std::swap(scratch_, o.scratch_);
+    std::swap(scratch_bytes_, o.scratch_bytes_);
+  }
+
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  void* scratch_ = nullptr;
+  std::size_t scratch_bytes_ = 0;
+};
+
+namespace detail {
+
+// Copies a [rows, cols] matrix between views with their own leading dimensions.
+template <class T>
+void copy_matrix(T* dst, index_t dst_ld, const T* src, index_t src_ld, index_t rows, index_t cols,
+                 cudaMemcpyKind kind) {
+  if (rows == 0 || cols == 0) return;
+  MXD_CUDA_CHECK(cudaMemcpy2D(dst, dst_ld * sizeof(T), src, src_ld * sizeof(T), cols * sizeof(T),
+                              rows, kind));
+}
+
+}  // namespace detail
+
+/// Copies a host matrix into a device matrix of the same shape (synchronous).
+/// src: [R, C] host, dst: [R, C] device.
+template <class T>
+void copy_to_device(InView<T, cpu> src, View<T, cuda> dst) {
+  check_shape(dst, src.rows, src.cols, "copy_to_device: destination");
+  detail::copy_matrix(dst.data, dst.ld, src.data, src.ld, src.rows, src.cols,
+                      cudaMemcpyHostToDevice);
+}
+
+/// Copies a device matrix into a host matrix of the same shape (synchronous: waits for the
+/// legacy default stream, hence for every blocking stream's queued work).
+/// src: [R, C] device, dst: [R, C] host.
+template <class T>
+void copy_to_host(InView<T, cuda> src, View<T, cpu> dst) {
+  check_shape(dst, src.rows, src.cols, "copy_to_host: destination");
+  detail::copy_matrix(dst.data, dst.ld, src.data, src.ld, src.rows, src.cols,
+                      cudaMemcpyDeviceToHost);
+}
+
+/// A device copy of a host tensor.
+template <class T>
+Tensor<T, cuda> to_device(const Tensor<T, cpu>& h) {
+  Tensor<T, cuda> d;
+  d.resize(h.rows(), h.cols(), false);
+  copy_to_device<T>(h.view(), d.view());
+  return d;
+}
+
+/// A host copy of a device tensor.
+template <class T>
+Tensor<T, cpu> to_host(const Tensor<T, cuda>& d) {
+  Tensor<T, cpu> h;
+  h.resize(d.rows(), d.cols(), false);
+  copy_to_host<T>(d.view(), h.view());
+  return h;
+}
+
+namespace detail {
+
+// Copies every tensor of one parameter set into another of the same config on another device.
+template <class T, class From, class To>
+void copy_params(const Params<T, From>& src, Params<T, To>& dst) {
+  const Tensor<T, From>* tensors[16];
+  int n = 0;
+  src.for_each([&](const char*, const Tensor<T, From>& t) { tensors[n++] = &t; });
+  n = 0;
+  dst.for_each([&](const char*, Tensor<T, To>& t) {
+    const Tensor<T, From>& s = *tensors[n++];
+    if constexpr (std::is_same_v<To, cuda>) copy_to_device<T>(s.view(), t.view());
+    else copy_to_host<T>(s.view(), t.view());
+  });
+}
+
+}  // namespace detail
+
+/// Device copy of a host parameter set (or gradient set): same config, same names.
+template <class T>
+Params<T, cuda> to_device(const Params<T, cpu>& h) {
+  Params<T, cuda> d(h.config);
+  detail::copy_params(h, d);
+  return d;
+}
+
+/// Host copy of a device parameter set.
+template <class T>
+Params<T, cpu> to_host(const Params<T, cuda>& d) {
+  Params<T, cpu> h(d.config);
+  detail::copy_params(d, h);
+  return h;
+}
+
+/// Device copy of a host optimizer's state (moments and step count), for `params` on the device.
+template <class T>
+AdamW<T, cuda> to_device(const AdamW<T, cpu>& h, const Params<T, cuda>& params) {
+  AdamW<T, cuda> d(params, h.config());
+  d.t = h.t;
+  detail::copy_params(h.m, d.m);
+  detail::copy_params(h.v, d.v);
+  return d;
+}
+
+/// Host copy of a device optimizer's state, for `params` on the host (e.g. save_checkpoint).
+template <class T>
+AdamW<T, cpu> to_host(const AdamW<T, cuda>& d, const Params<T, cpu>& params) {
+  AdamW<T, cpu> h(params, d.config());
+  h.t = d.t;
+  detail::copy_params(d.m, h.m);
+  detail::copy_params(d.v, h.v);
+  return h;
+}
+
+}  // namespace mxd

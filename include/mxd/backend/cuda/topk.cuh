@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: MIT
+/// @file backend/cuda/topk.cuh
+/// @brief Gate top-k on the GPU: relu(scores + b_gate) and the k best per row by radix select.
+///
+/// One block per row. For non-negative floats the IEEE bit pattern read as an unsigned integer
+/// orders like the value, so the k-th largest score is found digit by digit (8 bits a pass,
+/// most significant first) from shared-memory histograms, exactly, in sizeof(T) passes over the
+/// row whatever k is. The scores above it and the needed number of scores equal to it (lowest
+/// indices first, through an ordered block scan) are the selection; ranking them under the
+/// strict order (value desc, index asc) gives the CPU backend's result, bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include <cub/block/block_scan.cuh>
+
+#include "../../config.hpp"
+
+namespace mxd::detail::cu {
+
+template <class T>
+struct ordered_bits;
+template <>
+struct ordered_bits<float> {
+  using type = unsigned int;
+};
+template <>
+struct ordered_bits<double> {
+  using type = unsigned long long;
+};
+
+// The bit pattern of a non-negative value, ordered like the value.
+__device__ __forceinline__ unsigned int to_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned long long to_bits(double v) {
+  return static_cast<unsigned long long>(__double_as_longlong(v));
+}
+
+constexpr int topk_block = 256;
+
+/// scores: [B, N] (relu'd in place), b_gate: [1, N], cand_idx, cand_val: [B, k] scratch,
+/// idx, val: [B, k] (row-major with leading dimensions ld_i, ld_v). One block per row.
+template <class T>
+__global__ void __launch_bounds__(topk_block)
+    gate_topk_kernel(T* scores, index_t ld_s, const T* b_gate, index_t N, index_t k,
+                     std::int32_t* cand_idx, T* cand_val, std::int32_t* idx, index_t ld_i, T* val,
+                     index_t ld_v) {
+  using U = typename ordered_bits<T>::type;
+  using Scan = cub::BlockScan<int, topk_block>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ unsigned int hist[256];
+  __shared__ U shared_prefix;
+  __shared__ index_t shared_remaining;
+
+  const index_t r = blockIdx.x;
+  const int tid = threadIdx.x;
+  T* s = scores + r * ld_s;
+  for (index_t i = tid; i < N; i += topk_block) {
+    const T v = s[i] + b_gate[i];
+    s[i] = v > T(0) ? v : T(0);  // +0 for negatives and NaN: bit patterns stay ordered
+  }
+  __syncthreads();
+
+  // Radix select: after the pass for `shift`, `prefix` holds the top bits of the k-th largest
+  // pattern and `remaining` how many patterns equal to it (so far) belong to the top k.
+  U prefix = 0, mask = 0;
+  index_t remaining = k;
+  for (int shift = static_cast<int>(sizeof(U)) * 8 - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += topk_block) hist[i] = 0;
+    __syncthreads();
+    for (index_t i = tid; i < N; i += topk_block) {
+      const U b = to_bits(s[i]);
+      if ((b & mask) == prefix) atomicAdd(&hist[(b >> shift) & 255u], 1u);  // integer: exact
+    }
+    __syncthreads();
+    if (tid == 0) {
+      index_t above = 0;
+      int d = 255;
+      for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
+      shared_prefix = prefix | (static_cast<U>(d) << shift);
+      shared_remaining = remaining - above;
+    }
+    __syncthreads();
+    prefix = shared_prefix;
+    remaining = shared_remaining;
+    mask |= static_cast<U>(255) << shift;
+  }
+
+  // Collect, in index order, every score above the k-th and the first `remaining` equal to it.
+  T* cv = cand_val + r * k;
+  std::int32_t* ci = cand_idx + r * k;
+  index_t taken = 0, equal_seen = 0;
+  for (index_t base = 0; base < N && taken < k; base += topk_block) {
+    const index_t i = base + tid;
+    const U b = i < N ? to_bits(s[i]) : U(0);
+    const int equal = i < N && b == prefix, above = i < N && b > prefix;
+    int equal_rank, equal_total;
+    Scan(scan_storage).ExclusiveSum(equal, equal_rank, equal_total);
+    __syncthreads();
+    const int take = above || (equal && equal_seen + equal_rank < remaining);
+    int slot, take_total;
+    Scan(scan_storage).ExclusiveSum(take, slot, take_total);
+    __syncthreads();
+    if (take) {
+      cv[taken + slot] = s[i];
+      ci[taken + slot] = static_cast<std::int32_t>(i);
+    }
+    taken += take_total;  // block aggregates: the same in every thread, so the loop stays uniform
+    equal_seen += equal_total;
+  }
+  __syncthreads();
+
+  // Rank each candidate under (value desc, index asc): O(k^2 / threads) per row.
+  for (index_t c = tid; c < k; c += topk_block) {
+    const T v = cv[c];
+    const std::int32_t id = ci[c];
+    index_t rank = 0;
+    for (index_t j = 0; j < k; ++j) {
+      const T w = cv[j];
+      rank += (w > v) || (w == v && ci[j] < id);
+    }
+    idx[r * ld_i + rank] = id;
+    val[r * ld_v + rank] = v;
+  }
+}
+
+}  // namespace mxd::detail::cu

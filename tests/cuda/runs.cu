@@ -1,0 +1,142 @@
+// SPDX-License-Identifier: MIT
+// The only translation unit of the CUDA tests that nvcc compiles: see runs.hpp.
+#include "runs.hpp"
+
+#include <mxd/cuda.cuh>
+
+namespace mxd_cuda_test {
+
+using namespace mxd;
+using mxd::cuda;  // CCCL also declares a namespace ::cuda
+
+int device_count() { return cuda_device_count(); }
+
+std::string impossible_allocation_error() {
+  try {
+    memory<cuda>::deallocate(memory<cuda>::allocate(std::size_t(1) << 62));
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no mxd::Error>";
+}
+
+template <class T>
+LayerResult<T> layer(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>& hdy,
+                     const LayerOptions& options) {
+  Params<T, cuda> p = to_device(hp);
+  Grads<T, cuda> g(hp.config);
+  Tensor<T, cuda> x = to_device(hx), dy = to_device(hdy);
+  Tensor<T, cuda> y(hx.rows(), hp.config.d_out), dx(hx.rows(), hp.config.d_in);
+  Workspace<T, cuda> ws;
+  ws.ctx.math = options.tf32 ? MathMode::tf32 : MathMode::fp32;
+  forward<T>(p, x.view(), y.view(), ws, options.steering);
+  backward<T>(p, x.view(), dy.view(), ws, g, dx.view());
+  if (options.accumulate_twice) backward<T>(p, x.view(), dy.view(), ws, g, dx.view(), GradMode::Accumulate);
+  ws.ctx.synchronize();
+  LayerResult<T> r{to_host(y), to_host(dx), to_host(g), to_host(ws.topk_idx), to_host(ws.topk_val),
+                   to_host(ws.coef)};
+  return r;
+}
+
+template <class T>
+TrainResult<T> train(const Params<T>& hp, const std::vector<Tensor<T>>& inputs,
+                     const std::vector<Tensor<T>>& targets, const AdamWConfig& oc, bool norm_dec,
+                     Loss kind) {
+  Params<T, cuda> p = to_device(hp);
+  Grads<T, cuda> g(hp.config);
+  Workspace<T, cuda> ws;
+  AdamW<T, cuda> opt(p, oc);
+  std::vector<double> losses;
+  Tensor<T, cuda> x, t, y, dy;
+  for (std::size_t step = 0; step < inputs.size(); ++step) {
+    x = to_device(inputs[step]);
+    t = to_device(targets[step]);
+    y.resize(x.rows(), hp.config.d_out, false);
+    dy.resize(x.rows(), hp.config.d_out, false);
+    forward<T>(p, x.view(), y.view(), ws);
+    losses.push_back(loss<T>(ws.ctx, kind, y.view(), t.view(), dy.view()));
+    backward<T>(p, x.view(), dy.view(), ws, g);
+    if (norm_dec) project_expert_grads(p, g, ws.ctx);
+    opt.step(p, g, ws.ctx);
+    if (norm_dec) normalize_experts(p, ws.ctx);
+  }
+  ws.ctx.synchronize();
+  Params<T> host = to_host(p);
+  AdamW<T> host_opt = to_host(opt, host);
+  return {std::move(host), std::move(host_opt), std::move(losses)};
+}
+
+template <class T>
+double loss(Loss kind, const Tensor<T>& hy, const Tensor<T>& ht, Tensor<T>& hdy) {
+  Context<cuda> ctx;
+  Tensor<T, cuda> y = to_device(hy), t = to_device(ht), dy(hy.rows(), hy.cols());
+  const double l = loss<T>(ctx, kind, y.view(), t.view(), dy.view());
+  hdy = to_host(dy);
+  return l;
+}
+
+template <class T>
+void gate_topk(Tensor<T>& hscores, const Tensor<T>& hb, index_t k, Tensor<std::int32_t>& hidx,
+               Tensor<T>& hval) {
+  Context<cuda> ctx;
+  Tensor<T, cuda> scores = to_device(hscores), b = to_device(hb), val(hscores.rows(), k);
+  Tensor<std::int32_t, cuda> idx(hscores.rows(), k);
+  backend<cuda>::gate_topk<T>(ctx, scores.view(), b.view(), k, idx.view(), val.view());
+  ctx.synchronize();
+  hscores = to_host(scores);
+  hidx = to_host(idx);
+  hval = to_host(val);
+}
+
+void group_by_expert(const Tensor<std::int32_t>& hidx, index_t N, Tensor<std::int32_t>& horder,
+                     Tensor<std::int32_t>& hoffsets) {
+  Context<cuda> ctx;
+  Tensor<std::int32_t, cuda> idx = to_device(hidx), order(1, hidx.size()), offsets(1, N + 1);
+  backend<cuda>::group_by_expert(ctx, idx.view(), N, order.view(), offsets.view());
+  ctx.synchronize();
+  horder = to_host(order);
+  hoffsets = to_host(offsets);
+}
+
+template <class T>
+void gemm(bool ta, bool tb, T alpha, const Tensor<T>& hA, index_t ar, index_t ac,
+          const Tensor<T>& hB, index_t br, index_t bc, T beta, Tensor<T>& hC, index_t cr,
+          index_t cc) {
+  Context<cuda> ctx;
+  Tensor<T, cuda> A = to_device(hA), B = to_device(hB), C = to_device(hC);
+  backend<cuda>::gemm<T>(ctx, ta, tb, alpha, View<const T, cuda>(A.data(), ar, ac, A.cols()),
+                         View<const T, cuda>(B.data(), br, bc, B.cols()), beta,
+                         View<T, cuda>(C.data(), cr, cc, C.cols()));
+  ctx.synchronize();
+  hC = to_host(C);
+}
+
+template <class T>
+Params<T> round_trip(const Params<T>& p) {
+  return to_host(to_device(p));
+}
+
+template <class T>
+AdamW<T> round_trip(const AdamW<T>& opt, const Params<T>& p) {
+  Params<T, cuda> dp = to_device(p);
+  return to_host(to_device(opt, dp), p);
+}
+
+#define MXD_INSTANTIATE(T)                                                                    \
+  template LayerResult<T> layer<T>(const Params<T>&, const Tensor<T>&, const Tensor<T>&,       \
+                                   const LayerOptions&);                                       \
+  template TrainResult<T> train<T>(const Params<T>&, const std::vector<Tensor<T>>&,            \
+                                   const std::vector<Tensor<T>>&, const AdamWConfig&, bool,    \
+                                   Loss);                                                      \
+  template double loss<T>(Loss, const Tensor<T>&, const Tensor<T>&, Tensor<T>&);               \
+  template void gate_topk<T>(Tensor<T>&, const Tensor<T>&, index_t, Tensor<std::int32_t>&,     \
+                             Tensor<T>&);                                                      \
+  template void gemm<T>(bool, bool, T, const Tensor<T>&, index_t, index_t, const Tensor<T>&,   \
+                        index_t, index_t, T, Tensor<T>&, index_t, index_t);                    \
+  template Params<T> round_trip<T>(const Params<T>&);                                          \
+  template AdamW<T> round_trip<T>(const AdamW<T>&, const Params<T>&);
+MXD_INSTANTIATE(float)
+MXD_INSTANTIATE(double)
+#undef MXD_INSTANTIATE
+
+}  // namespace mxd_cuda_test

@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: MIT
+// Host-side entry points into the CUDA backend. runs.cu (nvcc) instantiates them; the test
+// files that call them, and the CPU reference they compare with, stay plain C++ (g++, Eigen).
+// Every function takes and returns host tensors and copies to and from the device itself.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <mxd/loss.hpp>
+#include <mxd/optim.hpp>
+#include <mxd/params.hpp>
+#include <mxd/steering.hpp>
+#include <mxd/tensor.hpp>
+
+namespace mxd_cuda_test {
+
+using mxd::index_t;
+using mxd::Tensor;
+
+/// Number of visible CUDA devices (0 without a driver or GPU).
+int device_count();
+
+/// The message of the mxd::Error thrown by an allocation no device can satisfy.
+std::string impossible_allocation_error();
+
+/// One forward and backward of the layer on the device, everything copied back.
+template <class T>
+struct LayerResult {
+  Tensor<T> y, dx;
+  mxd::Grads<T> g;
+  Tensor<std::int32_t> idx;  // [B, k (+ edits)]
+  Tensor<T> val;             // gate values
+  Tensor<T> coef;            // steered coefficients (steered runs only)
+};
+
+struct LayerOptions {
+  const mxd::Steering* steering = nullptr;
+  bool tf32 = false;
+  bool accumulate_twice = false;  // backward Overwrite, then again with Accumulate
+};
+
+/// x: [B, I], dy: [B, O].
+template <class T>
+LayerResult<T> layer(const mxd::Params<T>& p, const Tensor<T>& x, const Tensor<T>& dy,
+                     const LayerOptions& options = {});
+
+/// Training steps on the device: per step, forward, loss against targets[step], backward,
+/// norm_dec projection (if set), AdamW, renormalisation; then params, optimizer state and
+/// the per-step losses copied back. inputs, targets: one [B, I] / [B, O] batch per step.
+template <class T>
+struct TrainResult {
+  mxd::Params<T> p;
+  mxd::AdamW<T> opt;
+  std::vector<double> losses;
+};
+template <class T>
+TrainResult<T> train(const mxd::Params<T>& p, const std::vector<Tensor<T>>& inputs,
+                     const std::vector<Tensor<T>>& targets, const mxd::AdamWConfig& oc,
+                     bool norm_dec, mxd::Loss kind);
+
+/// Device loss; dy is resized to y's shape and receives dL/dy. y, t: [B, O].
+template <class T>
+double loss(mxd::Loss kind, const Tensor<T>& y, const Tensor<T>& t, Tensor<T>& dy);
+
+/// backend<cuda>::gate_topk. scores: [B, N] (relu'd in place), b_gate: [1, N] -> idx, val: [B, k].
+template <class T>
+void gate_topk(Tensor<T>& scores, const Tensor<T>& b_gate, index_t k, Tensor<std::int32_t>& idx,
+               Tensor<T>& val);
+
+/// backend<cuda>::group_by_expert. idx: [B, k] -> order: [1, B k], offsets: [1, N + 1].
+void group_by_expert(const Tensor<std::int32_t>& idx, index_t N, Tensor<std::int32_t>& order,
+                     Tensor<std::int32_t>& offsets);
+
+/// backend<cuda>::gemm on the sub-matrix views [rows, cols] of A, B and C at their top-left
+/// (so the leading dimensions are the full tensors' widths). C is updated in place.
+template <class T>
+void gemm(bool trans_a, bool trans_b, T alpha, const Tensor<T>& A, index_t a_rows, index_t a_cols,
+          const Tensor<T>& B, index_t b_rows, index_t b_cols, T beta, Tensor<T>& C,
+          index_t c_rows, index_t c_cols);
+
+/// to_host(to_device(p)) and to_host(to_device(opt)).
+template <class T>
+mxd::Params<T> round_trip(const mxd::Params<T>& p);
+template <class T>
+mxd::AdamW<T> round_trip(const mxd::AdamW<T>& opt, const mxd::Params<T>& p);
+
+}  // namespace mxd_cuda_test

@@ -1,0 +1,376 @@
+// SPDX-License-Identifier: MIT
+// backend<cuda> against the golden files and against backend<cpu>: f64 within 1e-10, f32
+// within 1e-4 (testing.hpp's budgets: the GPU differs from the CPU only by rounding), top-k
+// indices equal wherever the selected score is positive, and identical bits run to run.
+#include <doctest/doctest.h>
+
+#include <cstring>
+
+#include <mxd/io/checkpoint.hpp>
+
+#include "../testing.hpp"
+#include "runs.hpp"
+
+using namespace mxd;
+using namespace mxd_test;
+namespace cu = mxd_cuda_test;
+
+namespace {
+
+template <class T>
+struct CpuRun {
+  Tensor<T> y, dx;
+  Grads<T> g;
+  Workspace<T> ws;
+};
+
+template <class T>
+CpuRun<T> cpu_layer(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& dy,
+                    const Steering* s = nullptr, bool accumulate_twice = false) {
+  CpuRun<T> r{Tensor<T>(x.rows(), p.config.d_out), Tensor<T>(x.rows(), p.config.d_in),
+              Grads<T>(p.config), {}};
+  forward<T>(p, x.view(), r.y.view(), r.ws, s);
+  backward<T>(p, x.view(), dy.view(), r.ws, r.g, r.dx.view());
+  if (accumulate_twice) backward<T>(p, x.view(), dy.view(), r.ws, r.g, r.dx.view(), GradMode::Accumulate);
+  return r;
+}
+
+template <class T>
+std::vector<const Tensor<T>*> tensors_of(const Params<T>& p) {
+  std::vector<const Tensor<T>*> v;
+  p.for_each([&](const char*, const Tensor<T>& t) { v.push_back(&t); });
+  return v;
+}
+
+template <class T>
+std::vector<std::string> names_of(const Params<T>& p) {
+  std::vector<std::string> v;
+  p.for_each([&](const char* n, const Tensor<T>&) { v.emplace_back(n); });
+  return v;
+}
+
+template <class T>
+bool same_bits(const Tensor<T>& a, const Tensor<T>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), a.bytes()) == 0;
+}
+
+template <class T>
+bool same_bits(const Params<T>& a, const Params<T>& b) {
+  const auto ta = tensors_of(a), tb = tensors_of(b);
+  bool ok = ta.size() == tb.size();
+  for (std::size_t i = 0; ok && i < ta.size(); ++i) ok = same_bits(*ta[i], *tb[i]);
+  return ok;
+}
+
+// Indices equal wherever the CPU's selected value is positive (elsewhere ties are all zero).
+template <class T>
+void check_selection(const Tensor<std::int32_t>& idx, const Tensor<T>& val,
+                     const Tensor<std::int32_t>& cpu_idx, const Tensor<T>& cpu_val, double tol) {
+  REQUIRE(idx.size() == cpu_idx.size());
+  CHECK(rel_error(val.data(), cpu_val.data(), val.size()) <= tol);
+  int positive = 0, equal = 0;
+  for (index_t i = 0; i < idx.size(); ++i)
+    if (cpu_val[i] > T(0)) {
+      ++positive;
+      equal += idx[i] == cpu_idx[i];
+    }
+  CHECK(equal == positive);
+}
+
+// The device run of one layer equals the CPU's: output, selection, dx and every gradient.
+template <class T>
+void check_against_cpu(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& dy,
+                       const cu::LayerOptions& options = {}, double tol = tolerance<T>()) {
+  const cu::LayerResult<T> d = cu::layer(p, x, dy, options);
+  const CpuRun<T> c = cpu_layer(p, x, dy, options.steering, options.accumulate_twice);
+  CHECK(rel_error(d.y.data(), c.y.data(), c.y.size()) <= tol);
+  CHECK(rel_error(d.dx.data(), c.dx.data(), c.dx.size()) <= tol);
+  check_selection(d.idx, d.val, c.ws.topk_idx, c.ws.topk_val, tol);
+  const auto gd = tensors_of(d.g), gc = tensors_of(c.g);
+  const auto names = names_of(c.g);
+  for (std::size_t i = 0; i < gc.size(); ++i) {
+    CAPTURE(names[i]);
+    CHECK(rel_error(gd[i]->data(), gc[i]->data(), gc[i]->size()) <= tol);
+  }
+}
+
+Config layer_config(index_t I, index_t H, index_t O, index_t N, index_t k, Activation a,
+                    bool glu = false, bool skip = false) {
+  Config c;
+  c.d_in = I; c.d_hidden = H; c.d_out = O; c.n_experts = N; c.k = k;
+  c.activation = a; c.glu = glu; c.skip = skip;
+  c.validate();
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA failures surface as mxd::Error naming the call, with or without a GPU") {
+  const std::string e = cu::impossible_allocation_error();
+  CHECK(e.find("cudaMalloc") != std::string::npos);
+  CHECK(e.find("failed: cuda") != std::string::npos);  // the error's name follows
+}
+
+TEST_SUITE("gpu") {
+
+TEST_CASE_TEMPLATE("golden cases on the GPU: output, selection, every gradient and dx", T, float,
+                   double) {
+  for (const std::string& name : golden_cases()) {
+    CAPTURE(name);
+    io::SafetensorsReader f(data_path(name + ".safetensors"));
+    const Config cfg = io::read_config(f);
+    const Params<T> p = io::load_params<T>(f, cfg);
+    const Tensor<T> x = io::read_matrix<T>(f, "x", cfg.d_in), dy = io::read_matrix<T>(f, "dy", cfg.d_out);
+    const cu::LayerResult<T> r = cu::layer(p, x, dy);
+    const auto y = f.read_all<double>("y");
+    CHECK(rel_error(r.y.data(), y.data(), y.size()) <= tolerance<T>());
+    const auto idx = f.read_all<std::int64_t>("topk_indices");
+    const auto val = f.read_all<double>("topk_values");
+    REQUIRE(idx.size() == static_cast<std::size_t>(r.idx.size()));
+    CHECK(rel_error(r.val.data(), val.data(), val.size()) <= tolerance<T>());
+    for (std::size_t i = 0; i < idx.size(); ++i)
+      if (val[i] > 0) CHECK(r.idx.data()[i] == idx[i]);
+    const auto gx = f.read_all<double>("grad.x");
+    CHECK(rel_error(r.dx.data(), gx.data(), gx.size()) <= tolerance<T>());
+    int compared = 0;
+    r.g.for_each([&](const char* pname, const Tensor<T>& t) {
+      CAPTURE(pname);
+      std::vector<std::int64_t> shape;
+      const std::vector<T> mine = io::reference_layout(pname, t, shape);
+      const auto ref = f.read_all<double>(std::string("grad.") + pname, shape);
+      CHECK(rel_error(mine.data(), ref.data(), ref.size()) <= tolerance<T>());
+      ++compared;
+    });
+    CHECK(compared == 7 + 2 * cfg.glu + cfg.skip);
+  }
+}
+
+TEST_CASE_TEMPLATE("every layer variant equals the CPU backend", T, float, double) {
+  const Activation acts[] = {Activation::relu, Activation::gelu, Activation::gelu_tanh,
+                             Activation::sigmoid, Activation::silu};
+  int seed = 0;
+  for (Activation a : acts)
+    for (bool glu : {false, true})
+      for (bool skip : {false, true}) {
+        CAPTURE(activation_name(a));
+        CAPTURE(glu);
+        CAPTURE(skip);
+        const Config c = layer_config(24, 72, 20, 300, 8, a, glu, skip);
+        ++seed;
+        check_against_cpu(random_params<T>(c, seed), random_matrix<T>(37, 24, 100 + seed),
+                          random_matrix<T>(37, 20, 200 + seed));
+      }
+}
+
+TEST_CASE_TEMPLATE("batch 1, k = 1, k = n_experts and large k equal the CPU backend", T, float,
+                   double) {
+  struct Shape { index_t B, N, k; };
+  const Shape shapes[] = {{1, 64, 4}, {5, 64, 1}, {6, 40, 40}, {3, 4096, 300}, {2, 1000, 1000},
+                          {9, 20000, 32}};
+  int seed = 50;
+  for (const Shape& s : shapes) {
+    CAPTURE(s.B);
+    CAPTURE(s.N);
+    CAPTURE(s.k);
+    const Config c = layer_config(16, 48, 12, s.N, s.k, Activation::gelu);
+    ++seed;
+    check_against_cpu(random_params<T>(c, seed), random_matrix<T>(s.B, 16, 300 + seed),
+                      random_matrix<T>(s.B, 12, 400 + seed));
+  }
+}
+
+TEST_CASE("two GPU runs give identical bits") {
+  const Config c = layer_config(48, 300, 40, 1500, 24, Activation::gelu, true);
+  const Params<float> p = random_params<float>(c, 7);
+  const Tensor<float> x = random_matrix<float>(600, 48, 8), dy = random_matrix<float>(600, 40, 9);
+  const cu::LayerResult<float> a = cu::layer(p, x, dy), b = cu::layer(p, x, dy);
+  CHECK(same_bits(a.y, b.y));
+  CHECK(same_bits(a.dx, b.dx));
+  CHECK(same_bits(a.idx, b.idx));
+  CHECK(same_bits(a.g, b.g));
+}
+
+TEST_CASE("Accumulate adds the batch's gradients on the GPU as on the CPU") {
+  const Config c = layer_config(6, 10, 6, 20, 5, Activation::relu, false, true);
+  cu::LayerOptions o;
+  o.accumulate_twice = true;
+  check_against_cpu(random_params<double>(c, 3), random_matrix<double>(4, 6, 4),
+                    random_matrix<double>(4, 6, 5), o);
+}
+
+TEST_CASE("steering edits on the GPU equal the CPU's, gradients included") {
+  const Config c = layer_config(12, 30, 10, 50, 4, Activation::gelu);
+  const Params<double> p = random_params<double>(c, 21);
+  const Tensor<double> x = random_matrix<double>(9, 12, 22), dy = random_matrix<double>(9, 10, 23);
+  const CpuRun<double> plain = cpu_layer(p, x, dy);
+  const index_t selected = plain.ws.topk_idx(0, 0);
+  Steering s;
+  s.add(selected, 2.5).add(7, 100.0).clamp(11, -3.0).zero(selected == 3 ? 4 : 3).add(7, 1.0).zero(
+      plain.ws.topk_idx(1, 1));
+  cu::LayerOptions o;
+  o.steering = &s;
+  check_against_cpu(p, x, dy, o);
+  const cu::LayerResult<double> d = cu::layer(p, x, dy, o);
+  const CpuRun<double> cs = cpu_layer(p, x, dy, &s);
+  CHECK(same_bits(d.idx, cs.ws.topk_idx));
+  CHECK(rel_error(d.coef.data(), cs.ws.coef.data(), cs.ws.coef.size()) <= 1e-12);
+}
+
+TEST_CASE("TF32 GEMMs stay within TF32 rounding of the exact float layer") {
+  const Config c = layer_config(64, 256, 64, 512, 16, Activation::gelu);
+  const Params<float> p = random_params<float>(c, 31);
+  const Tensor<float> x = random_matrix<float>(128, 64, 32), dy = random_matrix<float>(128, 64, 33);
+  cu::LayerOptions o;
+  o.tf32 = true;
+  const cu::LayerResult<float> t = cu::layer(p, x, dy, o), f = cu::layer(p, x, dy);
+  // TF32 keeps 10 mantissa bits (2^-11 ~ 5e-4 per input); sums over 64-256 terms stay ~1e-2.
+  CHECK(rel_error(t.y.data(), f.y.data(), f.y.size()) <= 2e-2);
+  CHECK(rel_error(t.dx.data(), f.dx.data(), f.dx.size()) <= 2e-2);
+  CHECK(rel_error(t.g.E.data(), f.g.E.data(), f.g.E.size()) <= 2e-2);
+}
+
+TEST_CASE_TEMPLATE("gate top-k equals the CPU selection exactly, ties included", T, float, double) {
+  // Scores on a coarse grid: many exact ties, broken by the lower index on both devices.
+  for (index_t k : {1, 7, 64, 256, 700}) {
+    CAPTURE(k);
+    const index_t B = 5, N = 3000;
+    Tensor<T> scores(B, N), b(1, N);
+    std::mt19937_64 rng(k);
+    for (index_t i = 0; i < scores.size(); ++i) scores[i] = T(int(rng() % 21) - 10) / T(4);
+    Tensor<T> cpu_scores = scores;
+    Tensor<std::int32_t> idx, cpu_idx(B, k);
+    Tensor<T> val, cpu_val(B, k);
+    cu::gate_topk(scores, b, k, idx, val);
+    Context<cpu> ctx;
+    backend<cpu>::gate_topk<T>(ctx, cpu_scores.view(), b.view(), k, cpu_idx.view(), cpu_val.view());
+    CHECK(same_bits(scores, cpu_scores));
+    CHECK(same_bits(idx, cpu_idx));
+    CHECK(same_bits(val, cpu_val));
+  }
+}
+
+TEST_CASE("grouping pairs by expert equals the CPU's counting sort") {
+  const index_t B = 257, k = 9, N = 1000;
+  Tensor<std::int32_t> idx(B, k);
+  std::mt19937_64 rng(5);
+  for (index_t i = 0; i < idx.size(); ++i) idx[i] = std::int32_t(rng() % N);
+  Tensor<std::int32_t> order, offsets, cpu_order(1, B * k), cpu_offsets(1, N + 1);
+  cu::group_by_expert(idx, N, order, offsets);
+  Context<cpu> ctx;
+  backend<cpu>::group_by_expert(ctx, idx.view(), N, cpu_order.view(), cpu_offsets.view());
+  CHECK(same_bits(order, cpu_order));
+  CHECK(same_bits(offsets, cpu_offsets));
+}
+
+TEST_CASE_TEMPLATE("GEMMs in every transpose and on strided views equal the CPU's", T, float,
+                   double) {
+  // op(A): [M, K], op(B): [K, N] inside wider tensors (leading dimension > cols).
+  const index_t M = 33, K = 17, N = 29;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      CAPTURE(ta);
+      CAPTURE(tb);
+      const index_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+      const Tensor<T> A = random_matrix<T>(ar, ac + 3, 1), B = random_matrix<T>(br, bc + 5, 2);
+      Tensor<T> C = random_matrix<T>(M, N + 2, 3), cpu_C = C;
+      cu::gemm<T>(ta, tb, T(0.5), A, ar, ac, B, br, bc, T(-2), C, M, N);
+      Context<cpu> ctx;
+      backend<cpu>::gemm<T>(ctx, ta, tb, T(0.5), View<const T>(A.data(), ar, ac, A.cols()),
+                            View<const T>(B.data(), br, bc, B.cols()), T(-2),
+                            View<T>(cpu_C.data(), M, N, cpu_C.cols()));
+      CHECK(rel_error(C.data(), cpu_C.data(), C.size()) <= tolerance<T>());
+      for (index_t r = 0; r < M; ++r)  // the columns outside the view are untouched
+        for (index_t j = N; j < N + 2; ++j) CHECK(C(r, j) == cpu_C(r, j));
+    }
+}
+
+TEST_CASE_TEMPLATE("device losses and their gradients equal the host losses", T, float, double) {
+  const Tensor<T> y = random_matrix<T>(300, 70, 1), t = random_matrix<T>(300, 70, 2);
+  for (Loss kind : {Loss::nmse_ref, Loss::mse, Loss::fvu}) {
+    CAPTURE(loss_name(kind));
+    Tensor<T> dy, cpu_dy(300, 70);
+    const double l = cu::loss(kind, y, t, dy);
+    const double cpu_l = loss<T>(kind, y.view(), t.view(), cpu_dy.view());
+    // Both sum in double: only the summation order differs.
+    CHECK(std::abs(l - cpu_l) <= 1e-12 * std::abs(cpu_l));
+    CHECK(rel_error(dy.data(), cpu_dy.data(), dy.size()) <= tolerance<T>());
+  }
+}
+
+TEST_CASE("AdamW training with norm_dec on the GPU follows the CPU step for step") {
+  const Config c = layer_config(16, 40, 12, 200, 6, Activation::gelu);
+  const Params<double> p0 = random_params<double>(c, 41);
+  std::vector<Tensor<double>> xs, ts;
+  for (int s = 0; s < 5; ++s) {
+    xs.push_back(random_matrix<double>(32, 16, 500 + s));
+    ts.push_back(random_matrix<double>(32, 12, 600 + s));
+  }
+  AdamWConfig oc;
+  oc.lr = 1e-2;
+  oc.warmup_steps = 2;
+  oc.weight_decay = 0.01;
+  const cu::TrainResult<double> d = cu::train(p0, xs, ts, oc, true, Loss::nmse_ref);
+
+  Params<double> p = p0;
+  Grads<double> g(c);
+  Workspace<double> ws;
+  AdamW<double> opt(p, oc);
+  Tensor<double> y(32, 12), dy(32, 12);
+  for (int s = 0; s < 5; ++s) {
+    forward<double>(p, xs[s].view(), y.view(), ws);
+    const double l = loss<double>(Loss::nmse_ref, y.view(), ts[s].view(), dy.view());
+    CHECK(std::abs(d.losses[s] - l) <= 1e-10 * l);
+    backward<double>(p, xs[s].view(), dy.view(), ws, g);
+    project_expert_grads(p, g, ws.ctx);
+    opt.step(p, g, ws.ctx);
+    normalize_experts(p, ws.ctx);
+  }
+  CHECK(d.opt.t == opt.t);
+  const auto pd = tensors_of(d.p), pc = tensors_of(p), md = tensors_of(d.opt.m),
+             mc = tensors_of(opt.m), vd = tensors_of(d.opt.v), vc = tensors_of(opt.v);
+  const auto names = names_of(p);
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    CAPTURE(names[i]);
+    CHECK(rel_error(pd[i]->data(), pc[i]->data(), pc[i]->size()) <= 1e-10);
+    CHECK(rel_error(md[i]->data(), mc[i]->data(), mc[i]->size()) <= 1e-10);
+    CHECK(rel_error(vd[i]->data(), vc[i]->data(), vc[i]->size()) <= 1e-10);
+  }
+}
+
+TEST_CASE("device copies round-trip bit for bit, so checkpoints are interchangeable") {
+  const Config c = layer_config(8, 20, 6, 30, 3, Activation::silu, true, true);
+  const Params<float> p = random_params<float>(c, 61);
+  CHECK(same_bits(cu::round_trip(p), p));
+  AdamW<float> opt(p, AdamWConfig{});
+  opt.t = 17;
+  opt.m = random_params<float>(c, 62);
+  opt.v = random_params<float>(c, 63);
+  const AdamW<float> back = cu::round_trip(opt, p);
+  CHECK(back.t == 17);
+  CHECK(same_bits(back.m, opt.m));
+  CHECK(same_bits(back.v, opt.v));
+  // A GPU-trained state saved through the host loads as the same bits on the CPU.
+  std::vector<Tensor<float>> xs{random_matrix<float>(16, 8, 64)}, ts{random_matrix<float>(16, 6, 65)};
+  const cu::TrainResult<float> d = cu::train(p, xs, ts, AdamWConfig{}, false, Loss::mse);
+  const auto path = scratch_path("gpu_checkpoint.safetensors").string();
+  io::save_checkpoint(path, d.p, &d.opt);
+  io::SafetensorsReader f(path);
+  const Params<float> loaded = io::load_params<float>(f, io::read_config(f));
+  AdamW<float> loaded_opt(loaded, AdamWConfig{});
+  io::load_optimizer(f, loaded_opt);
+  CHECK(same_bits(loaded, d.p));
+  CHECK(same_bits(loaded_opt.m, d.opt.m));
+  CHECK(loaded_opt.t == 1);
+}
+
+TEST_CASE("bad shapes on the GPU throw mxd::Error naming the tensor") {
+  const Config c = layer_config(4, 6, 3, 8, 2, Activation::relu);
+  const Params<float> p(c);
+  const Tensor<float> bad_x(5, 3), dy(5, 3);
+  CHECK(error_of([&] { cu::layer(p, bad_x, dy); }).find("x has shape [5, 3]") != std::string::npos);
+  const Tensor<float> x(5, 4), bad_dy(5, 4);
+  CHECK(error_of([&] { cu::layer(p, x, bad_dy); }).find("dy has shape [5, 4]") != std::string::npos);
+}
+
+}  // TEST_SUITE("gpu")
