@@ -18,6 +18,7 @@
 
 #include "cli.hpp"
 #include "commands.hpp"
+#include "cuda.hpp"
 
 namespace mxd::cli {
 namespace {
@@ -92,16 +93,18 @@ int run_bench(int argc, char** argv) {
   std::set<std::string> flags = layer_flags();
   flags.insert({"batch", "iters", "warmup", "threads", "dtype", "device"});
   std::set<std::string> switches = layer_switches();
-  switches.insert({"json", "verbose"});
+  switches.insert({"json", "verbose", "tf32"});
   Args args(argc, argv, 2, flags, switches);
   if (args.help()) {
     std::printf("usage: mxd bench [layer flags] [--batch B] [--iters N] [--warmup W] [--threads T]\n"
-                "                 [--dtype f32|f64] [--device cpu|cuda] [--json] [--verbose]\n\n"
+                "                 [--dtype f32|f64] [--device cpu|cuda] [--tf32] [--json] [--verbose]\n\n"
                 "Times forward, backward and a training step (forward + backward + AdamW) of a\n"
                 "randomly initialised layer on a random batch; prints medians over --iters after\n"
                 "--warmup iterations. Defaults: GPT-2 small (768 -> 3072 -> 768, 21504 experts,\n"
                 "k = 32, gelu), batch 1024, 10 iterations, 2 warm-up, all threads, float, cpu.\n\n"
                 "layer flags:\n%s"
+                "  --device cuda     time on the GPU (CUDA events; needs a CUDA build)\n"
+                "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
                 "  --json            print one JSON object on stdout (progress on stderr)\n",
                 layer_flags_help());
     return 0;
@@ -130,15 +133,24 @@ int run_bench(int argc, char** argv) {
   MXD_CHECK(dtype == "f32" || dtype == "f64", "--dtype = '", args.get("dtype", ""),
             "' must be f32 or f64 (or float, double)");
   MXD_CHECK(device == "cpu" || device == "cuda", "--device = '", device, "' must be cpu or cuda");
-  MXD_CHECK(device == "cpu", "--device cuda: CUDA backend not built");
-  const bool json = args.flag("json"), verbose = args.flag("verbose");
+  const bool json = args.flag("json"), verbose = args.flag("verbose"), tf32 = args.flag("tf32");
+  const bool gpu = device == "cuda";
+  MXD_CHECK(!tf32 || (gpu && dtype == "f32"), "--tf32 applies to --device cuda --dtype f32 only");
 
   Context<cpu> probe;
   probe.threads = static_cast<int>(threads);
-  const Timings t =
-      dtype == "f32"
-          ? run_cpu<float>(cfg, B, int(iters), int(warmup), int(threads), verbose)
-          : run_cpu<double>(cfg, B, int(iters), int(warmup), int(threads), verbose);
+  Timings t;
+  std::string gpu_name;
+  if (gpu) {
+    const CudaTimings c = dtype == "f32"
+                              ? bench_cuda<float>(cfg, B, int(iters), int(warmup), tf32, verbose)
+                              : bench_cuda<double>(cfg, B, int(iters), int(warmup), tf32, verbose);
+    t = {c.forward_ms, c.backward_ms, c.step_ms, c.workspace_bytes};
+    gpu_name = c.device_name;
+  } else {
+    t = dtype == "f32" ? run_cpu<float>(cfg, B, int(iters), int(warmup), int(threads), verbose)
+                       : run_cpu<double>(cfg, B, int(iters), int(warmup), int(threads), verbose);
+  }
   const double peak_rss_mib = peak_rss_kib() / 1024.0;
 
   if (json) {
@@ -149,9 +161,13 @@ int run_bench(int argc, char** argv) {
     j["tokens_per_s"] = 1e3 * static_cast<double>(B) / t.step_ms;
     j["batch"] = B;
     j["iters"] = iters;
-    j["threads"] = probe.resolved_threads();
+    j["threads"] = gpu ? 0 : probe.resolved_threads();
     j["dtype"] = dtype;
     j["device"] = device;
+    if (gpu) {
+      j["gpu"] = gpu_name;
+      j["math"] = tf32 ? "tf32" : "fp32";
+    }
     j["d_in"] = cfg.d_in;
     j["d_hidden"] = cfg.d_hidden;
     j["d_out"] = cfg.d_out;
@@ -162,10 +178,11 @@ int run_bench(int argc, char** argv) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
-  std::printf("mxd bench: I=%lld H=%lld O=%lld N=%lld k=%lld, batch %lld, %s, %d threads\n",
+  std::printf("mxd bench: I=%lld H=%lld O=%lld N=%lld k=%lld, batch %lld, %s%s, ",
               (long long)cfg.d_in, (long long)cfg.d_hidden, (long long)cfg.d_out,
-              (long long)cfg.n_experts, (long long)cfg.k, B, dtype.c_str(),
-              probe.resolved_threads());
+              (long long)cfg.n_experts, (long long)cfg.k, B, dtype.c_str(), tf32 ? " (TF32)" : "");
+  if (gpu) std::printf("%s\n", gpu_name.c_str());
+  else std::printf("%d threads\n", probe.resolved_threads());
   std::printf("  forward   %9.2f ms\n  backward  %9.2f ms\n  step      %9.2f ms  (%.0f tokens/s)\n",
               t.forward_ms, t.backward_ms, t.step_ms, 1e3 * double(B) / t.step_ms);
   std::printf("  workspace %9.1f MiB, peak RSS %.1f MiB\n", double(t.workspace_bytes) / (1 << 20),

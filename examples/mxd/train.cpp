@@ -22,6 +22,7 @@
 
 #include "cli.hpp"
 #include "commands.hpp"
+#include "cuda.hpp"
 #include "svg.hpp"
 
 namespace mxd::cli {
@@ -55,7 +56,8 @@ const char* const train_help =
     "  --seed S          seed of initialisation and data order (default 0)\n"
     "  --threads N       CPU threads (default: all cores; results do not depend on it)\n"
     "  --dtype f32|f64   precision (default f32)\n"
-    "  --device cpu      (cuda needs the CUDA build)\n"
+    "  --device cpu|cuda where both models train (default cpu; cuda needs a CUDA build)\n"
+    "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
     "  --log-every N     steps per log.csv row (default 10)\n"
     "  --out DIR         output directory (default mxd_out)\n"
     "  --resume CKPT     continue from DIR/mxd.safetensors (the baseline from the same DIR)\n\n"
@@ -74,6 +76,7 @@ struct Options {
   double lr = 1e-3, eval_fraction = 0.05;
   std::uint64_t seed = 0;
   int threads = 0;
+  bool cuda = false, tf32 = false;
   std::string out = "mxd_out", resume;
   std::vector<std::string> data;
 };
@@ -122,60 +125,99 @@ struct Accumulator {
   }
 };
 
-// One model in training: its parameters, gradients, workspace and optimizer.
-template <class T>
-struct MxdModel {
-  static constexpr const char* name = "mxd";
-  Params<T> p, g;
-  Workspace<T> ws;
-  AdamW<T> opt;
+// One model in training: its parameters, gradients, workspace and optimizer on the host, or
+// with --device cuda a DeviceModel holding them on the GPU (p and opt are then refreshed from
+// it when the model is saved).
+template <class T, template <class, class> class Set, class Workspace>
+struct Model {
+  Set<T, cpu> p, g;
+  Workspace ws;
+  AdamW<T, cpu, Set<T, cpu>> opt;
   bool norm_dec;
+  std::unique_ptr<DeviceModel<T, Set>> gpu;
+  Tensor<T> pred, dy;                        // host scratch of train_step
+  Tensor<std::int32_t> gpu_idx;              // the GPU's last selection, copied back
+  Tensor<T> gpu_val;
 
-  MxdModel(Params<T> params, const AdamWConfig& oc, bool nd, int threads)
+  Model(Set<T, cpu> params, const AdamWConfig& oc, bool nd, int threads)
       : p(std::move(params)), g(p.config), opt(p, oc), norm_dec(nd) {
     ws.ctx.threads = threads;
   }
-  index_t k() const { return p.config.k; }
-  index_t units() const { return p.config.n_experts; }
-  index_t n_params() const { return p.config.n_params(); }
-  void predict(const Tensor<T>& x, Tensor<T>& y) { forward(p, x.view(), y.view(), ws); }
-  void update(const Tensor<T>& x, const Tensor<T>& dy) {
-    backward(p, x.view(), dy.view(), ws, g);
-    if (norm_dec) project_expert_grads(p, g, ws.ctx);
-    opt.step(p, g, ws.ctx);
-    if (norm_dec) normalize_experts(p, ws.ctx);
+  // Moves training to the GPU from the current parameters and optimizer state.
+  void to_gpu(bool tf32) { gpu = make_cuda_model<T, Set>(p, opt, norm_dec, tf32); }
+
+  // One step on (x, target); returns the reference loss before the update.
+  template <class Layer>
+  double train_step(Layer& layer, const Tensor<T>& x, const Tensor<T>& target) {
+    if (gpu) return gpu->train_step(x, target);
+    pred.resize(x.rows(), target.cols(), false);
+    dy.resize(x.rows(), target.cols(), false);
+    layer.forward(x, pred);
+    const double l = loss<T>(Loss::nmse_ref, pred.view(), target.view(), dy.view());
+    layer.backward(x, dy);
+    return l;
   }
-  const Tensor<std::int32_t>& idx() const { return ws.topk_idx; }
-  const Tensor<T>& val() const { return ws.topk_val; }
-  void save(const std::string& path) const { io::save_checkpoint(path, p, &opt); }
+  template <class Layer>
+  void predict(Layer& layer, const Tensor<T>& x, Tensor<T>& y) {
+    if (gpu) gpu->predict(x, y, gpu_idx, gpu_val);
+    else layer.forward(x, y);
+  }
+  const Tensor<std::int32_t>& idx() const { return gpu ? gpu_idx : ws.topk_idx; }
+  const Tensor<T>& val() const { return gpu ? gpu_val : ws.topk_val; }
+  void save(const std::string& path) {
+    if (gpu) gpu->download(p, opt);
+    io::save_checkpoint(path, p, &opt);
+  }
 };
 
 template <class T>
-struct TranscoderModel {
-  std::string name;
-  TranscoderParams<T> p, g;
-  TranscoderWorkspace<T> ws;
-  AdamW<T, cpu, TranscoderParams<T>> opt;
-  bool norm_dec;
+struct MxdModel : Model<T, Params, Workspace<T>> {
+  static constexpr const char* name = "mxd";
+  using Model<T, Params, Workspace<T>>::Model;
+  index_t k() const { return this->p.config.k; }
+  index_t units() const { return this->p.config.n_experts; }
+  index_t n_params() const { return this->p.config.n_params(); }
+  double train_step(const Tensor<T>& x, const Tensor<T>& target) {
+    return Model<T, Params, Workspace<T>>::train_step(*this, x, target);
+  }
+  void predict(const Tensor<T>& x, Tensor<T>& y) { Model<T, Params, Workspace<T>>::predict(*this, x, y); }
+  // The host layer (used when gpu is not set).
+  void forward(const Tensor<T>& x, Tensor<T>& y) { mxd::forward(this->p, x.view(), y.view(), this->ws); }
+  void backward(const Tensor<T>& x, const Tensor<T>& dy) {
+    auto& m = *this;
+    mxd::backward(m.p, x.view(), dy.view(), m.ws, m.g);
+    if (m.norm_dec) project_expert_grads(m.p, m.g, m.ws.ctx);
+    m.opt.step(m.p, m.g, m.ws.ctx);
+    if (m.norm_dec) normalize_experts(m.p, m.ws.ctx);
+  }
+};
 
+template <class T>
+struct TranscoderModel : Model<T, TranscoderParams, TranscoderWorkspace<T>> {
+  using Base = Model<T, TranscoderParams, TranscoderWorkspace<T>>;
+  std::string name;
   TranscoderModel(TranscoderParams<T> params, const AdamWConfig& oc, bool nd, int threads)
-      : name(params.config.skip ? "skip_transcoder" : "topk_transcoder"), p(std::move(params)),
-        g(p.config), opt(p, oc), norm_dec(nd && !p.config.skip) {
-    ws.ctx.threads = threads;
+      : Base(std::move(params), oc, nd, threads),
+        name(this->p.config.skip ? "skip_transcoder" : "topk_transcoder") {
+    this->norm_dec = nd && !this->p.config.skip;  // skip transcoders keep free decoder rows
   }
-  index_t k() const { return p.config.k; }
-  index_t units() const { return p.config.n_latents; }
-  index_t n_params() const { return p.config.n_params(); }
-  void predict(const Tensor<T>& x, Tensor<T>& y) { transcoder_forward(p, x.view(), y.view(), ws); }
-  void update(const Tensor<T>& x, const Tensor<T>& dy) {
-    transcoder_backward(p, x.view(), dy.view(), ws, g);
-    if (norm_dec) backend<cpu>::remove_parallel_rows(ws.ctx, p.W_dec.view(), g.W_dec.view());
-    opt.step(p, g, ws.ctx);
-    if (norm_dec) backend<cpu>::normalize_rows(ws.ctx, p.W_dec.view());
+  index_t k() const { return this->p.config.k; }
+  index_t units() const { return this->p.config.n_latents; }
+  index_t n_params() const { return this->p.config.n_params(); }
+  double train_step(const Tensor<T>& x, const Tensor<T>& target) {
+    return Base::train_step(*this, x, target);
   }
-  const Tensor<std::int32_t>& idx() const { return ws.topk_idx; }
-  const Tensor<T>& val() const { return ws.topk_val; }
-  void save(const std::string& path) const { io::save_checkpoint(path, p, &opt); }
+  void predict(const Tensor<T>& x, Tensor<T>& y) { Base::predict(*this, x, y); }
+  void forward(const Tensor<T>& x, Tensor<T>& y) {
+    transcoder_forward(this->p, x.view(), y.view(), this->ws);
+  }
+  void backward(const Tensor<T>& x, const Tensor<T>& dy) {
+    auto& m = *this;
+    transcoder_backward(m.p, x.view(), dy.view(), m.ws, m.g);
+    if (m.norm_dec) backend<cpu>::remove_parallel_rows(m.ws.ctx, m.p.W_dec.view(), m.g.W_dec.view());
+    m.opt.step(m.p, m.g, m.ws.ctx);
+    if (m.norm_dec) backend<cpu>::normalize_rows(m.ws.ctx, m.p.W_dec.view());
+  }
 };
 
 template <class T, class Model>
@@ -283,8 +325,12 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   }
   MXD_CHECK(start < o.steps, "--steps = ", o.steps, " but the checkpoint is already at step ", start);
 
-  const index_t B = o.batch, O = src.d_out();
-  Tensor<T> x, y, pred(B, O), dy(B, O);
+  if (o.cuda) {
+    mxd->to_gpu(o.tf32);
+    if (tc) tc->to_gpu(o.tf32);
+  }
+  const index_t B = o.batch;
+  Tensor<T> x, y;
   double time_mxd = 0, time_tc = 0, sum_mxd = 0, sum_tc = 0;
   index_t in_window = 0;
   Series c_mxd{"mxd" + suffix, {}, {}}, c_tc{(tc ? tc->name : std::string()) + suffix, {}, {}};
@@ -294,16 +340,12 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   for (index_t step = start; step < o.steps; ++step) {
     src.train_batch(static_cast<std::uint64_t>(step), B, x, y);
     auto t0 = clock::now();
-    mxd->predict(x, pred);
-    const double l_mxd = loss<T>(Loss::nmse_ref, pred.view(), y.view(), dy.view());
-    mxd->update(x, dy);
+    const double l_mxd = mxd->train_step(x, y);
     auto t1 = clock::now();
     time_mxd += std::chrono::duration<double>(t1 - t0).count();
     sum_mxd += l_mxd;
     if (tc) {
-      tc->predict(x, pred);
-      const double l_tc = loss<T>(Loss::nmse_ref, pred.view(), y.view(), dy.view());
-      tc->update(x, dy);
+      const double l_tc = tc->train_step(x, y);
       time_tc += std::chrono::duration<double>(clock::now() - t1).count();
       sum_tc += l_tc;
     }
@@ -436,7 +478,7 @@ int run_train(int argc, char** argv) {
                         "device", "log-every", "out", "resume"})
     flags.insert(f);
   std::set<std::string> switches = layer_switches();
-  switches.insert("no-norm-dec");
+  switches.insert({"no-norm-dec", "tf32"});
   Args args(argc, argv, argc < 2 ? argc : 2, flags, switches);
   if (args.help()) {
     std::printf(train_help, layer_flags_help());
@@ -506,8 +548,11 @@ int run_train(int argc, char** argv) {
   MXD_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr = ", o.lr, " must be positive");
   MXD_CHECK(!o.out.empty(), "--out must not be empty");
   const std::string device = args.get("device", "cpu");
-  MXD_CHECK(device == "cpu", "--device = '", device,
-            "': this build trains on the CPU only (the CUDA backend is not built)");
+  MXD_CHECK(device == "cpu" || device == "cuda", "--device = '", device, "' is not cpu or cuda");
+  o.cuda = device == "cuda";
+  o.tf32 = args.flag("tf32");
+  MXD_CHECK(!o.tf32 || o.cuda, "--tf32 needs --device cuda");
+  if (o.cuda) require_cuda();
   const std::string dtype = args.get("dtype", "f32");
   if (dtype == "f32") return run<float>(o);
   if (dtype == "f64") return run<double>(o);

@@ -85,6 +85,8 @@ struct memory<cpu> {
   static void copy(void* dst, const void* src, std::size_t bytes) {
     if (bytes) std::memcpy(dst, src, bytes);
   }
+  /// Copies host memory into this device's memory (here: also the host).
+  static void upload(void* dst, const void* host_src, std::size_t bytes) { copy(dst, host_src, bytes); }
 };
 
 /// An owning, contiguous row-major matrix [rows, cols] in Device memory. resize() reallocates

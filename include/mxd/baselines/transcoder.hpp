@@ -145,7 +145,7 @@ void transcoder_forward(const TranscoderParams<T, Device>& p, InView<T, Device> 
     Tensor<T> host(B, c.d_out);
     for (index_t i = 0; i < host.size(); ++i) host[i] = T(1);
     ws.ones.resize(B, c.d_out, false);
-    memory<Device>::copy(ws.ones.data(), host.data(), host.bytes());
+    memory<Device>::upload(ws.ones.data(), host.data(), host.bytes());
   }
   ws.v.resize(B, c.d_out, false);
   auto& ctx = ws.ctx;

@@ -14,7 +14,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -85,6 +87,9 @@ struct memory<cuda> {
   }
   static void copy(void* dst, const void* src, std::size_t bytes) {
     if (bytes) MXD_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+  }
+  static void upload(void* dst, const void* host_src, std::size_t bytes) {
+    if (bytes) MXD_CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
   }
 };
 
@@ -222,14 +227,15 @@ Tensor<T, cpu> to_host(const Tensor<T, cuda>& d) {
 
 namespace detail {
 
-// Copies every tensor of one parameter set into another of the same config on another device.
-template <class T, class From, class To>
-void copy_params(const Params<T, From>& src, Params<T, To>& dst) {
-  const Tensor<T, From>* tensors[16];
-  int n = 0;
-  src.for_each([&](const char*, const Tensor<T, From>& t) { tensors[n++] = &t; });
-  n = 0;
-  dst.for_each([&](const char*, Tensor<T, To>& t) {
+// Copies every tensor of one parameter set (Params, TranscoderParams: anything with for_each
+// over Tensor<T, Device>) into another of the same config on the other device.
+template <class T, class From, class To, template <class, class> class Set>
+void copy_set(const Set<T, From>& src, Set<T, To>& dst) {
+  std::vector<const Tensor<T, From>*> tensors;
+  src.for_each([&](const char*, const Tensor<T, From>& t) { tensors.push_back(&t); });
+  std::size_t n = 0;
+  dst.for_each([&](const char* name, Tensor<T, To>& t) {
+    MXD_CHECK(n < tensors.size(), "copy: the destination has more tensors than the source at ", name);
     const Tensor<T, From>& s = *tensors[n++];
     if constexpr (std::is_same_v<To, cuda>) copy_to_device<T>(s.view(), t.view());
     else copy_to_host<T>(s.view(), t.view());
@@ -238,39 +244,41 @@ void copy_params(const Params<T, From>& src, Params<T, To>& dst) {
 
 }  // namespace detail
 
-/// Device copy of a host parameter set (or gradient set): same config, same names.
-template <class T>
-Params<T, cuda> to_device(const Params<T, cpu>& h) {
-  Params<T, cuda> d(h.config);
-  detail::copy_params(h, d);
+/// Device copy of a host parameter set (Params, Grads or TranscoderParams): same config.
+template <class T, template <class, class> class Set>
+Set<T, cuda> to_device(const Set<T, cpu>& h) {
+  Set<T, cuda> d(h.config);
+  detail::copy_set(h, d);
   return d;
 }
 
 /// Host copy of a device parameter set.
-template <class T>
-Params<T, cpu> to_host(const Params<T, cuda>& d) {
-  Params<T, cpu> h(d.config);
-  detail::copy_params(d, h);
+template <class T, template <class, class> class Set>
+Set<T, cpu> to_host(const Set<T, cuda>& d) {
+  Set<T, cpu> h(d.config);
+  detail::copy_set(d, h);
   return h;
 }
 
 /// Device copy of a host optimizer's state (moments and step count), for `params` on the device.
-template <class T>
-AdamW<T, cuda> to_device(const AdamW<T, cpu>& h, const Params<T, cuda>& params) {
-  AdamW<T, cuda> d(params, h.config());
+template <class T, template <class, class> class Set>
+AdamW<T, cuda, Set<T, cuda>> to_device(const AdamW<T, cpu, Set<T, cpu>>& h,
+                                       const Set<T, cuda>& params) {
+  AdamW<T, cuda, Set<T, cuda>> d(params, h.config());
   d.t = h.t;
-  detail::copy_params(h.m, d.m);
-  detail::copy_params(h.v, d.v);
+  detail::copy_set(h.m, d.m);
+  detail::copy_set(h.v, d.v);
   return d;
 }
 
 /// Host copy of a device optimizer's state, for `params` on the host (e.g. save_checkpoint).
-template <class T>
-AdamW<T, cpu> to_host(const AdamW<T, cuda>& d, const Params<T, cpu>& params) {
-  AdamW<T, cpu> h(params, d.config());
+template <class T, template <class, class> class Set>
+AdamW<T, cpu, Set<T, cpu>> to_host(const AdamW<T, cuda, Set<T, cuda>>& d,
+                                   const Set<T, cpu>& params) {
+  AdamW<T, cpu, Set<T, cpu>> h(params, d.config());
   h.t = d.t;
-  detail::copy_params(d.m, h.m);
-  detail::copy_params(d.v, h.v);
+  detail::copy_set(d.m, h.m);
+  detail::copy_set(d.v, h.v);
   return h;
 }
 

@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: MIT
+// The mxd tool's GPU side: see cuda.hpp.
+#include "cuda.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include <mxd/cuda.cuh>
+#include <mxd/init.hpp>
+
+namespace mxd::cli {
+
+void require_cuda() {
+  MXD_CHECK(cuda_device_count() > 0, "--device cuda: no CUDA device is visible");
+}
+
+namespace {
+
+// What differs between the two kinds of model: their workspace and layer functions.
+template <class T, template <class, class> class Set>
+struct Layer;
+
+template <class T>
+struct Layer<T, Params> {
+  using Workspace = mxd::Workspace<T, mxd::cuda>;
+  static void forward(const Params<T, mxd::cuda>& p, const Tensor<T, mxd::cuda>& x,
+                      Tensor<T, mxd::cuda>& y, Workspace& ws) {
+    mxd::forward<T>(p, x.view(), y.view(), ws);
+  }
+  static void backward(const Params<T, mxd::cuda>& p, const Tensor<T, mxd::cuda>& x,
+                       const Tensor<T, mxd::cuda>& dy, Workspace& ws, Params<T, mxd::cuda>& g) {
+    mxd::backward<T>(p, x.view(), dy.view(), ws, g);
+  }
+  static void project(const Params<T, mxd::cuda>& p, Params<T, mxd::cuda>& g, Workspace& ws) {
+    project_expert_grads(p, g, ws.ctx);
+  }
+  static void normalize(Params<T, mxd::cuda>& p, Workspace& ws) { normalize_experts(p, ws.ctx); }
+};
+
+template <class T>
+struct Layer<T, TranscoderParams> {
+  using Workspace = TranscoderWorkspace<T, mxd::cuda>;
+  using P = TranscoderParams<T, mxd::cuda>;
+  static void forward(const P& p, const Tensor<T, mxd::cuda>& x, Tensor<T, mxd::cuda>& y,
+                      Workspace& ws) {
+    transcoder_forward<T>(p, x.view(), y.view(), ws);
+  }
+  static void backward(const P& p, const Tensor<T, mxd::cuda>& x, const Tensor<T, mxd::cuda>& dy,
+                       Workspace& ws, P& g) {
+    transcoder_backward<T>(p, x.view(), dy.view(), ws, g);
+  }
+  // Skip transcoders keep free decoder rows (as on the CPU).
+  static void project(const P& p, P& g, Workspace& ws) {
+    if (!p.config.skip) backend<mxd::cuda>::remove_parallel_rows<T>(ws.ctx, p.W_dec.view(), g.W_dec.view());
+  }
+  static void normalize(P& p, Workspace& ws) {
+    if (!p.config.skip) backend<mxd::cuda>::normalize_rows<T>(ws.ctx, p.W_dec.view());
+  }
+};
+
+template <class T, template <class, class> class Set>
+class CudaModel final : public DeviceModel<T, Set> {
+public:
+  CudaModel(const Set<T, cpu>& hp, const AdamW<T, cpu, Set<T, cpu>>& hopt, bool nd, bool tf32)
+      : p(to_device(hp)), g(hp.config), opt(to_device(hopt, p)), norm_dec(nd) {
+    ws.ctx.math = tf32 ? MathMode::tf32 : MathMode::fp32;
+  }
+
+  double train_step(const Tensor<T>& hx, const Tensor<T>& ht) override {
+    load_batch(hx);
+    target.resize(ht.rows(), ht.cols(), false);
+    copy_to_device<T>(ht.view(), target.view());
+    dy.resize(ht.rows(), ht.cols(), false);
+    L::forward(p, x, y, ws);
+    const double l = loss<T>(ws.ctx, Loss::nmse_ref, y.view(), target.view(), dy.view());
+    L::backward(p, x, dy, ws, g);
+    if (norm_dec) L::project(p, g, ws);
+    opt.step(p, g, ws.ctx);
+    if (norm_dec) L::normalize(p, ws);
+    return l;
+  }
+
+  void predict(const Tensor<T>& hx, Tensor<T>& hy, Tensor<std::int32_t>& idx,
+               Tensor<T>& val) override {
+    load_batch(hx);
+    L::forward(p, x, y, ws);
+    ws.ctx.synchronize();
+    hy = to_host(y);
+    idx = to_host(ws.topk_idx);
+    val = to_host(ws.topk_val);
+  }
+
+  void download(Set<T, cpu>& hp, AdamW<T, cpu, Set<T, cpu>>& hopt) override {
+    ws.ctx.synchronize();
+    hp = to_host(p);
+    hopt = to_host(opt, hp);
+  }
+
+private:
+  using L = Layer<T, Set>;
+
+  void load_batch(const Tensor<T>& hx) {
+    x.resize(hx.rows(), hx.cols(), false);
+    copy_to_device<T>(hx.view(), x.view());
+    y.resize(hx.rows(), p.config.d_out, false);
+  }
+
+  Set<T, mxd::cuda> p, g;
+  AdamW<T, mxd::cuda, Set<T, mxd::cuda>> opt;
+  typename L::Workspace ws;
+  bool norm_dec;
+  Tensor<T, mxd::cuda> x, target, y, dy;
+};
+
+}  // namespace
+
+template <class T, template <class, class> class Set>
+std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
+                                                     const AdamW<T, cpu, Set<T, cpu>>& opt,
+                                                     bool norm_dec, bool tf32) {
+  require_cuda();
+  return std::make_unique<CudaModel<T, Set>>(p, opt, norm_dec, tf32);
+}
+
+template <class T>
+CudaTimings bench_cuda(const Config& cfg, index_t B, int iters, int warmup, bool tf32,
+                       bool verbose) {
+  require_cuda();
+  Params<T> hp(cfg);
+  init_params(hp, /*seed=*/0);
+  // D = 0 after init: give it values so the decoder's products are not trivially zero.
+  std::mt19937_64 rng(1);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const double dscale = 1.0 / std::sqrt(static_cast<double>(cfg.d_hidden));
+  for (index_t i = 0; i < hp.D.size(); ++i) hp.D[i] = static_cast<T>(dscale * normal(rng));
+  Tensor<T> hx(B, cfg.d_in), hdy(B, cfg.d_out);
+  for (index_t i = 0; i < hx.size(); ++i) hx[i] = static_cast<T>(normal(rng));
+  for (index_t i = 0; i < hdy.size(); ++i) hdy[i] = static_cast<T>(normal(rng) / B);
+
+  Params<T, mxd::cuda> p = to_device(hp);
+  Grads<T, mxd::cuda> g(cfg);
+  Tensor<T, mxd::cuda> x = to_device(hx), dy = to_device(hdy), y(B, cfg.d_out);
+  Workspace<T, mxd::cuda> ws;
+  ws.ctx.math = tf32 ? MathMode::tf32 : MathMode::fp32;
+  AdamWConfig oc;
+  oc.warmup_steps = 0;
+  AdamW<T, mxd::cuda> opt(p, oc);
+
+  cudaStream_t s = ws.ctx.stream();
+  cudaEvent_t ev[4];
+  for (auto& e : ev) MXD_CUDA_CHECK(cudaEventCreate(&e));
+  std::vector<double> f, b, st;
+  for (int it = 0; it < warmup + iters; ++it) {
+    MXD_CUDA_CHECK(cudaEventRecord(ev[0], s));
+    forward<T>(p, x.view(), y.view(), ws);
+    MXD_CUDA_CHECK(cudaEventRecord(ev[1], s));
+    backward<T>(p, x.view(), dy.view(), ws, g);
+    MXD_CUDA_CHECK(cudaEventRecord(ev[2], s));
+    opt.step(p, g, ws.ctx);
+    MXD_CUDA_CHECK(cudaEventRecord(ev[3], s));
+    MXD_CUDA_CHECK(cudaEventSynchronize(ev[3]));
+    float t01 = 0, t12 = 0, t03 = 0;
+    MXD_CUDA_CHECK(cudaEventElapsedTime(&t01, ev[0], ev[1]));
+    MXD_CUDA_CHECK(cudaEventElapsedTime(&t12, ev[1], ev[2]));
+    MXD_CUDA_CHECK(cudaEventElapsedTime(&t03, ev[0], ev[3]));
+    if (verbose)
+      std::fprintf(stderr, "  iter %d%s: forward %.3f ms, backward %.3f ms, step %.3f ms\n", it,
+                   it < warmup ? " (warm-up)" : "", t01, t12, t03);
+    if (it < warmup) continue;
+    f.push_back(t01);
+    b.push_back(t12);
+    st.push_back(t03);
+  }
+  for (auto& e : ev) (void)cudaEventDestroy(e);
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const std::size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  cudaDeviceProp prop{};
+  int device = 0;
+  MXD_CUDA_CHECK(cudaGetDevice(&device));
+  MXD_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return {median(f), median(b), median(st), ws.bytes(), prop.name};
+}
+
+MXD_CLI_CUDA_INSTANTIATIONS
+
+}  // namespace mxd::cli

@@ -1,0 +1,73 @@
+// SPDX-License-Identifier: MIT
+// The mxd tool's GPU side, declared for the plain C++ subcommands. CUDA builds define it in
+// cuda.cu; CPU-only builds link no_cuda.cpp, whose functions throw mxd::Error saying the build
+// has no CUDA backend. Everything here takes host tensors.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <mxd/baselines/transcoder.hpp>
+#include <mxd/optim.hpp>
+#include <mxd/params.hpp>
+
+namespace mxd::cli {
+
+/// Throws mxd::Error unless this build has the CUDA backend and a CUDA device is visible.
+void require_cuda();
+
+/// A model trained on the GPU (Set = Params for an MxD, TranscoderParams for a baseline):
+/// parameters, gradients and optimizer state stay on the device; batches go in, losses and
+/// predictions come out, and the state comes back when it is saved.
+template <class T, template <class, class> class Set>
+class DeviceModel {
+public:
+  virtual ~DeviceModel() = default;
+  /// forward, the reference nmse loss (returned, before the update), backward, AdamW (with
+  /// norm_dec when set). x: [B, I], target: [B, O].
+  virtual double train_step(const Tensor<T>& x, const Tensor<T>& target) = 0;
+  /// y = model(x) with the selection. x: [B, I] -> y: [B, O], idx, val: [B, k].
+  virtual void predict(const Tensor<T>& x, Tensor<T>& y, Tensor<std::int32_t>& idx,
+                       Tensor<T>& val) = 0;
+  /// Copies parameters and optimizer state back into host sets of the same config.
+  virtual void download(Set<T, cpu>& p, AdamW<T, cpu, Set<T, cpu>>& opt) = 0;
+};
+
+/// The model `p` with optimizer state `opt` on the GPU (TF32 GEMMs when `tf32`).
+/// CPU-only builds throw mxd::Error saying so.
+template <class T, template <class, class> class Set>
+std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
+                                                     const AdamW<T, cpu, Set<T, cpu>>& opt,
+                                                     bool norm_dec, bool tf32);
+
+/// Medians of GPU forward, backward and step (forward + backward + AdamW) times, from CUDA
+/// events around each phase after `warmup` iterations; the layer as in `mxd bench`.
+/// CPU-only builds throw mxd::Error saying so.
+struct CudaTimings {
+  double forward_ms, backward_ms, step_ms;
+  std::size_t workspace_bytes;
+  std::string device_name;
+};
+template <class T>
+CudaTimings bench_cuda(const Config& cfg, index_t B, int iters, int warmup, bool tf32, bool verbose);
+
+// The explicit instantiations that cuda.cu and no_cuda.cpp both provide.
+#define MXD_CLI_CUDA_INSTANTIATIONS                                                           \
+  template std::unique_ptr<DeviceModel<float, Params>> make_cuda_model<float, Params>(        \
+      const Params<float, cpu>&, const AdamW<float, cpu, Params<float, cpu>>&, bool, bool);   \
+  template std::unique_ptr<DeviceModel<double, Params>> make_cuda_model<double, Params>(      \
+      const Params<double, cpu>&, const AdamW<double, cpu, Params<double, cpu>>&, bool, bool); \
+  template std::unique_ptr<DeviceModel<float, TranscoderParams>>                              \
+  make_cuda_model<float, TranscoderParams>(                                                   \
+      const TranscoderParams<float, cpu>&,                                                    \
+      const AdamW<float, cpu, TranscoderParams<float, cpu>>&, bool, bool);                    \
+  template std::unique_ptr<DeviceModel<double, TranscoderParams>>                             \
+  make_cuda_model<double, TranscoderParams>(                                                  \
+      const TranscoderParams<double, cpu>&,                                                   \
+      const AdamW<double, cpu, TranscoderParams<double, cpu>>&, bool, bool);                  \
+  template CudaTimings bench_cuda<float>(const Config&, index_t, int, int, bool, bool);        \
+  template CudaTimings bench_cuda<double>(const Config&, index_t, int, int, bool, bool);
+
+}  // namespace mxd::cli

@@ -1,0 +1,29 @@
+// SPDX-License-Identifier: MIT
+// The mxd tool's GPU side in a build without the CUDA backend: every entry point of cuda.hpp
+// throws mxd::Error saying how to get one.
+#include "cuda.hpp"
+
+namespace mxd::cli {
+
+namespace {
+[[noreturn]] void no_cuda() {
+  throw Error("--device cuda: CUDA backend not built (configure with -DMXD_CUDA=ON; needs nvcc)");
+}
+}  // namespace
+
+void require_cuda() { no_cuda(); }
+
+template <class T, template <class, class> class Set>
+std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>&,
+                                                     const AdamW<T, cpu, Set<T, cpu>>&, bool, bool) {
+  no_cuda();
+}
+
+template <class T>
+CudaTimings bench_cuda(const Config&, index_t, int, int, bool, bool) {
+  no_cuda();
+}
+
+MXD_CLI_CUDA_INSTANTIATIONS
+
+}  // namespace mxd::cli
