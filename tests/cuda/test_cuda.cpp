@@ -364,6 +364,13 @@ TEST_CASE("device copies round-trip bit for bit, so checkpoints are interchangea
   CHECK(loaded_opt.t == 1);
 }
 
+TEST_CASE("a caught CUDA failure is not blamed on the next launch") {
+  CHECK(cu::impossible_allocation_error().find("cudaErrorMemoryAllocation") != std::string::npos);
+  const Config c = layer_config(8, 16, 8, 32, 4, Activation::relu);
+  CHECK_NOTHROW(cu::layer(random_params<float>(c, 71), random_matrix<float>(3, 8, 72),
+                          random_matrix<float>(3, 8, 73)));
+}
+
 TEST_CASE("bad shapes on the GPU throw mxd::Error naming the tensor") {
   const Config c = layer_config(4, 6, 3, 8, 2, Activation::relu);
   const Params<float> p(c);

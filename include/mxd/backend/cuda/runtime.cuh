@@ -28,13 +28,17 @@
 #include "../../tensor.hpp"
 
 /// Throws mxd::Error naming the call, its CUDA error code and message unless it succeeded.
+/// The runtime's last-error slot is cleared first, so a caught failure (say, an allocation
+/// too large) is not reported again by the next launch check.
 #define MXD_CUDA_CHECK(call)                                                                  \
   do {                                                                                        \
     const cudaError_t mxd_status_ = (call);                                                   \
-    if (mxd_status_ != cudaSuccess)                                                           \
+    if (mxd_status_ != cudaSuccess) {                                                         \
+      (void)cudaGetLastError();                                                               \
       throw ::mxd::Error(::mxd::detail::concat(#call, " failed: ", cudaGetErrorName(mxd_status_), \
                                                " (", cudaGetErrorString(mxd_status_), ") at ",   \
                                                __FILE__, ":", __LINE__));                       \
+    }                                                                                         \
   } while (0)
 
 /// Throws mxd::Error naming the call and its cuBLAS status unless it succeeded.

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Times the authors' MxD layer in PyTorch on the GPU (eager and torch.compile; fp32, TF32,
+bf16) and `mxd bench --device cuda` (fp32, TF32) in the same run on the same GPU, and prints
+a markdown table for bench/RESULTS.md with ratios against PyTorch eager fp32.
+
+Also measures the cuBLAS bf16 GEMM rate on the layer's own GEMM shapes (forward and backward
+of the dense torch layer's products, no experts) and reports the time those FLOPs need at that
+rate: the floor a bf16 step is compared with.
+
+    python3 bench/compare_torch_cuda.py --mxd build/examples/mxd --batch 4096
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_torch import MxD  # noqa: E402  the same torch layer as the CPU comparison
+
+
+def cuda_time(fn, iters, warmup):
+    """Median milliseconds of fn() over iters calls after warmup, by CUDA events."""
+    times = []
+    for it in range(warmup + iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if it >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_torch(cfg, batch, iters, warmup, dtype, tf32, compiled):
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.manual_seed(0)
+    layer = MxD(cfg["d_in"], cfg["d_hidden"], cfg["d_out"], cfg["n_experts"], cfg["k"]).to("cuda", dtype)
+    opt = torch.optim.AdamW(layer.parameters(), lr=4e-4, weight_decay=0.0)
+    fwd = torch.compile(layer) if compiled else layer
+    x = torch.randn(batch, cfg["d_in"], device="cuda", dtype=dtype)
+    dy = torch.randn(batch, cfg["d_out"], device="cuda", dtype=dtype) / batch
+    out = {}
+
+    def forward():
+        with torch.no_grad():
+            fwd(x)
+
+    def backward_only():
+        y = fwd(x)
+        opt.zero_grad(set_to_none=False)
+        y.backward(dy)
+
+    def step():
+        backward_only()
+        opt.step()
+
+    out["forward_ms"] = cuda_time(forward, iters, warmup)
+    out["fwd_bwd_ms"] = cuda_time(backward_only, iters, warmup)
+    out["step_ms"] = cuda_time(step, iters, warmup)
+    out["backward_ms"] = out["fwd_bwd_ms"] - out["forward_ms"]
+    return out
+
+
+def time_mxd(exe, cfg, batch, iters, warmup, tf32):
+    cmd = [exe, "bench", "--device", "cuda", "--json", "--batch", str(batch), "--iters",
+           str(iters), "--warmup", str(warmup), "--d-in", str(cfg["d_in"]), "--d-hidden",
+           str(cfg["d_hidden"]), "--d-out", str(cfg["d_out"]), "--experts", str(cfg["n_experts"]),
+           "--k", str(cfg["k"]), "--activation", "gelu"] + (["--tf32"] if tf32 else [])
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def gemm_floor_ms(cfg, batch, iters, warmup):
+    """(time of the dense layer's GEMMs in bf16, their TFLOP/s): forward x E, z D, x G^T and
+    each one's two backward products, as cuBLAS runs them here."""
+    B, I, H, O, N = batch, cfg["d_in"], cfg["d_hidden"], cfg["d_out"], cfg["n_experts"]
+    shapes = []  # (m, k, n) of each forward product and its two gradients
+    for (m, k, n) in ((B, I, H), (B, H, O), (B, I, N)):
+        shapes += [(m, k, n), (m, n, k), (k, m, n)]
+    mats = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+             torch.randn(k, n, device="cuda", dtype=torch.bfloat16)) for (m, k, n) in shapes]
+    ms = cuda_time(lambda: [a @ b for a, b in mats], iters, warmup)
+    flops = sum(2 * m * k * n for (m, k, n) in shapes)
+    return ms, flops / (ms * 1e-3) / 1e12
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mxd", default="build/examples/mxd")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    args = ap.parse_args()
+    cfg = {"d_in": 768, "d_hidden": 3072, "d_out": 768, "n_experts": 21504, "k": 32}
+    name = torch.cuda.get_device_name()
+    print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, batch {args.batch}, "
+          f"GPT-2 small MxD {cfg}", flush=True)
+
+    rows = []
+    f32, bf16 = torch.float32, torch.bfloat16
+    for label, dtype, tf32, compiled in (("torch eager fp32", f32, False, False),
+                                         ("torch eager TF32", f32, True, False),
+                                         ("torch eager bf16", bf16, False, False),
+                                         ("torch.compile fp32", f32, False, True),
+                                         ("torch.compile bf16", bf16, False, True)):
+        if compiled and args.no_compile:
+            continue
+        try:
+            rows.append((label, time_torch(cfg, args.batch, args.iters, args.warmup, dtype, tf32, compiled)))
+        except Exception as e:  # torch.compile needs a working Triton; report, do not stop
+            print(f"{label}: failed ({type(e).__name__}: {e})", file=sys.stderr)
+        print(f"  {label} done", file=sys.stderr, flush=True)
+    for label, tf32 in (("mxd fp32", False), ("mxd TF32", True)):
+        rows.append((label, time_mxd(args.mxd, cfg, args.batch, args.iters, args.warmup, tf32)))
+        print(f"  {label} done", file=sys.stderr, flush=True)
+    floor, rate = gemm_floor_ms(cfg, args.batch, args.iters, args.warmup)
+
+    base = rows[0][1]["step_ms"]
+    print(f"\n| run | forward ms | backward ms | step ms | step vs torch eager fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    for label, r in rows:
+        print(f"| {label} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} | {r['step_ms']:.3f} | "
+              f"{base / r['step_ms']:.2f}x |")
+    print(f"\ncuBLAS bf16 on the dense layer's 9 GEMM shapes: {rate:.0f} TFLOP/s, "
+          f"{floor:.3f} ms for their FLOPs (the bf16 step target is within 2x of this)")
+
+
+if __name__ == "__main__":
+    main()
