@@ -107,4 +107,19 @@ std::string error_of(F&& f) {
   return "<no mxd::Error>";
 }
 
+/// Every gradient of `g` against the golden file's grad.<reference name> (in the file's layout),
+/// as (name, normwise relative error) pairs in the parameters' order.
+template <class T>
+std::vector<std::pair<std::string, double>> golden_grad_errors(mxd::io::SafetensorsReader& f,
+                                                               const mxd::Grads<T>& g) {
+  std::vector<std::pair<std::string, double>> errors;
+  g.for_each([&](const char* name, const mxd::Tensor<T>& t) {
+    std::vector<std::int64_t> shape;
+    const std::vector<T> mine = mxd::io::reference_layout(name, t, shape);
+    const auto ref = f.read_all<double>(std::string("grad.") + name, shape);
+    errors.emplace_back(name, rel_error(mine.data(), ref.data(), ref.size()));
+  });
+  return errors;
+}
+
 }  // namespace mxd_test

@@ -28,24 +28,28 @@ struct Timings {
   std::size_t workspace_bytes;
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
+// The benchmarked layer and batch: the authors' initialisation, except D (zero after init),
+// which gets values so the decoder's products are not trivially zero.
 template <class T>
-Timings run_cpu(const Config& cfg, index_t B, int iters, int warmup, int threads, bool verbose) {
-  Params<T> p(cfg);
-  init_params(p, /*seed=*/0);
-  // D = 0 after init: give it values so the decoder's products are not trivially zero.
+BenchInputs<T> bench_inputs(const Config& cfg, index_t B) {
+  BenchInputs<T> in{Params<T>(cfg), Tensor<T>(B, cfg.d_in), Tensor<T>(B, cfg.d_out)};
+  init_params(in.p, /*seed=*/0);
   std::mt19937_64 rng(1);
   std::normal_distribution<double> normal(0.0, 1.0);
   const double dscale = 1.0 / std::sqrt(static_cast<double>(cfg.d_hidden));
-  for (index_t i = 0; i < p.D.size(); ++i) p.D[i] = static_cast<T>(dscale * normal(rng));
-  Tensor<T> x(B, cfg.d_in), y(B, cfg.d_out), dy(B, cfg.d_out), dx(B, cfg.d_in);
-  for (index_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(normal(rng));
-  for (index_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<T>(normal(rng) / B);
+  for (index_t i = 0; i < in.p.D.size(); ++i) in.p.D[i] = static_cast<T>(dscale * normal(rng));
+  for (index_t i = 0; i < in.x.size(); ++i) in.x[i] = static_cast<T>(normal(rng));
+  for (index_t i = 0; i < in.dy.size(); ++i) in.dy[i] = static_cast<T>(normal(rng) / B);
+  return in;
+}
+
+template <class T>
+Timings run_cpu(BenchInputs<T> in, int iters, int warmup, int threads, bool verbose) {
+  const Config& cfg = in.p.config;
+  Params<T>& p = in.p;
+  Tensor<T>& x = in.x;
+  Tensor<T>& dy = in.dy;
+  Tensor<T> y(x.rows(), cfg.d_out), dx(x.rows(), cfg.d_in);
   Workspace<T> ws;
   ws.ctx.threads = threads;
   Grads<T> g(cfg);
@@ -142,14 +146,16 @@ int run_bench(int argc, char** argv) {
   Timings t;
   std::string gpu_name;
   if (gpu) {
-    const CudaTimings c = dtype == "f32"
-                              ? bench_cuda<float>(cfg, B, int(iters), int(warmup), tf32, verbose)
-                              : bench_cuda<double>(cfg, B, int(iters), int(warmup), tf32, verbose);
+    require_cuda();
+    auto run = [&](const auto& in) {
+      return bench_cuda(in.p, in.x, in.dy, int(iters), int(warmup), tf32, verbose);
+    };
+    const CudaTimings c = dtype == "f32" ? run(bench_inputs<float>(cfg, B)) : run(bench_inputs<double>(cfg, B));
     t = {c.forward_ms, c.backward_ms, c.step_ms, c.workspace_bytes};
     gpu_name = c.device_name;
   } else {
-    t = dtype == "f32" ? run_cpu<float>(cfg, B, int(iters), int(warmup), int(threads), verbose)
-                       : run_cpu<double>(cfg, B, int(iters), int(warmup), int(threads), verbose);
+    t = dtype == "f32" ? run_cpu(bench_inputs<float>(cfg, B), int(iters), int(warmup), int(threads), verbose)
+                       : run_cpu(bench_inputs<double>(cfg, B), int(iters), int(warmup), int(threads), verbose);
   }
   const double peak_rss_mib = peak_rss_kib() / 1024.0;
 

@@ -2,6 +2,7 @@
 // Argument parsing shared by the mxd subcommands: positionals, `--flag value`, `--flag=value`.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
@@ -136,6 +137,13 @@ inline Config layer_config(const Args& args, Config c, bool read_k = true) {
   if (args.has("skip")) c.skip = args.flag("skip");
   c.validate();
   return c;
+}
+
+/// Median of timings (mean of the middle two for an even count); v must not be empty.
+inline double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 }  // namespace mxd::cli

@@ -2,14 +2,12 @@
 // The mxd tool's GPU side: see cuda.hpp.
 #include "cuda.hpp"
 
-#include <algorithm>
-#include <cmath>
 #include <cstdio>
-#include <random>
 #include <vector>
 
 #include <mxd/cuda.cuh>
-#include <mxd/init.hpp>
+
+#include "cli.hpp"
 
 namespace mxd::cli {
 
@@ -126,23 +124,14 @@ std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
 }
 
 template <class T>
-CudaTimings bench_cuda(const Config& cfg, index_t B, int iters, int warmup, bool tf32,
-                       bool verbose) {
+CudaTimings bench_cuda(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>& hdy, int iters,
+                       int warmup, bool tf32, bool verbose) {
   require_cuda();
-  Params<T> hp(cfg);
-  init_params(hp, /*seed=*/0);
-  // D = 0 after init: give it values so the decoder's products are not trivially zero.
-  std::mt19937_64 rng(1);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  const double dscale = 1.0 / std::sqrt(static_cast<double>(cfg.d_hidden));
-  for (index_t i = 0; i < hp.D.size(); ++i) hp.D[i] = static_cast<T>(dscale * normal(rng));
-  Tensor<T> hx(B, cfg.d_in), hdy(B, cfg.d_out);
-  for (index_t i = 0; i < hx.size(); ++i) hx[i] = static_cast<T>(normal(rng));
-  for (index_t i = 0; i < hdy.size(); ++i) hdy[i] = static_cast<T>(normal(rng) / B);
-
+  const Config& cfg = hp.config;
   Params<T, mxd::cuda> p = to_device(hp);
   Grads<T, mxd::cuda> g(cfg);
-  Tensor<T, mxd::cuda> x = to_device(hx), dy = to_device(hdy), y(B, cfg.d_out);
+  Tensor<T, mxd::cuda> x = to_device(hx), dy = to_device(hdy), y(hx.rows(), cfg.d_out),
+      dx(hx.rows(), cfg.d_in);
   Workspace<T, mxd::cuda> ws;
   ws.ctx.math = tf32 ? MathMode::tf32 : MathMode::fp32;
   AdamWConfig oc;
@@ -157,7 +146,7 @@ CudaTimings bench_cuda(const Config& cfg, index_t B, int iters, int warmup, bool
     MXD_CUDA_CHECK(cudaEventRecord(ev[0], s));
     forward<T>(p, x.view(), y.view(), ws);
     MXD_CUDA_CHECK(cudaEventRecord(ev[1], s));
-    backward<T>(p, x.view(), dy.view(), ws, g);
+    backward<T>(p, x.view(), dy.view(), ws, g, dx.view());  // with dx, as on the CPU
     MXD_CUDA_CHECK(cudaEventRecord(ev[2], s));
     opt.step(p, g, ws.ctx);
     MXD_CUDA_CHECK(cudaEventRecord(ev[3], s));
@@ -175,11 +164,6 @@ CudaTimings bench_cuda(const Config& cfg, index_t B, int iters, int warmup, bool
     st.push_back(t03);
   }
   for (auto& e : ev) (void)cudaEventDestroy(e);
-  auto median = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const std::size_t n = v.size();
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-  };
   cudaDeviceProp prop{};
   int device = 0;
   MXD_CUDA_CHECK(cudaGetDevice(&device));

@@ -42,8 +42,15 @@ std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
                                                      const AdamW<T, cpu, Set<T, cpu>>& opt,
                                                      bool norm_dec, bool tf32);
 
-/// Medians of GPU forward, backward and step (forward + backward + AdamW) times, from CUDA
-/// events around each phase after `warmup` iterations; the layer as in `mxd bench`.
+/// The layer and batch that `mxd bench` times (host copies).
+template <class T>
+struct BenchInputs {
+  Params<T> p;
+  Tensor<T> x, dy;  // [B, I], [B, O]
+};
+
+/// Medians of GPU forward, backward and step (forward + backward + AdamW) times of `in`, from
+/// CUDA events around each phase after `warmup` iterations.
 /// CPU-only builds throw mxd::Error saying so.
 struct CudaTimings {
   double forward_ms, backward_ms, step_ms;
@@ -51,7 +58,8 @@ struct CudaTimings {
   std::string device_name;
 };
 template <class T>
-CudaTimings bench_cuda(const Config& cfg, index_t B, int iters, int warmup, bool tf32, bool verbose);
+CudaTimings bench_cuda(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& dy, int iters,
+                       int warmup, bool tf32, bool verbose);
 
 // The explicit instantiations that cuda.cu and no_cuda.cpp both provide.
 #define MXD_CLI_CUDA_INSTANTIATIONS                                                           \
@@ -67,7 +75,9 @@ CudaTimings bench_cuda(const Config& cfg, index_t B, int iters, int warmup, bool
   make_cuda_model<double, TranscoderParams>(                                                  \
       const TranscoderParams<double, cpu>&,                                                   \
       const AdamW<double, cpu, TranscoderParams<double, cpu>>&, bool, bool);                  \
-  template CudaTimings bench_cuda<float>(const Config&, index_t, int, int, bool, bool);        \
-  template CudaTimings bench_cuda<double>(const Config&, index_t, int, int, bool, bool);
+  template CudaTimings bench_cuda<float>(const Params<float>&, const Tensor<float>&,            \
+                                         const Tensor<float>&, int, int, bool, bool);          \
+  template CudaTimings bench_cuda<double>(const Params<double>&, const Tensor<double>&,        \
+                                          const Tensor<double>&, int, int, bool, bool);
 
 }  // namespace mxd::cli

@@ -20,7 +20,7 @@ std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>&,
 }
 
 template <class T>
-CudaTimings bench_cuda(const Config&, index_t, int, int, bool, bool) {
+CudaTimings bench_cuda(const Params<T>&, const Tensor<T>&, const Tensor<T>&, int, int, bool, bool) {
   no_cuda();
 }
 

@@ -246,44 +246,51 @@ void copy_set(const Set<T, From>& src, Set<T, To>& dst) {
   });
 }
 
+// The set `src` on device To.
+template <class To, class T, class From, template <class, class> class Set>
+Set<T, To> set_on(const Set<T, From>& src) {
+  Set<T, To> dst(src.config);
+  copy_set(src, dst);
+  return dst;
+}
+
+// The optimizer state `src` on device To, for `params` there.
+template <class To, class T, class From, template <class, class> class Set>
+AdamW<T, To, Set<T, To>> optimizer_on(const AdamW<T, From, Set<T, From>>& src,
+                                      const Set<T, To>& params) {
+  AdamW<T, To, Set<T, To>> dst(params, src.config());
+  dst.t = src.t;
+  copy_set(src.m, dst.m);
+  copy_set(src.v, dst.v);
+  return dst;
+}
+
 }  // namespace detail
 
 /// Device copy of a host parameter set (Params, Grads or TranscoderParams): same config.
 template <class T, template <class, class> class Set>
 Set<T, cuda> to_device(const Set<T, cpu>& h) {
-  Set<T, cuda> d(h.config);
-  detail::copy_set(h, d);
-  return d;
+  return detail::set_on<cuda>(h);
 }
 
 /// Host copy of a device parameter set.
 template <class T, template <class, class> class Set>
 Set<T, cpu> to_host(const Set<T, cuda>& d) {
-  Set<T, cpu> h(d.config);
-  detail::copy_set(d, h);
-  return h;
+  return detail::set_on<cpu>(d);
 }
 
 /// Device copy of a host optimizer's state (moments and step count), for `params` on the device.
 template <class T, template <class, class> class Set>
 AdamW<T, cuda, Set<T, cuda>> to_device(const AdamW<T, cpu, Set<T, cpu>>& h,
                                        const Set<T, cuda>& params) {
-  AdamW<T, cuda, Set<T, cuda>> d(params, h.config());
-  d.t = h.t;
-  detail::copy_set(h.m, d.m);
-  detail::copy_set(h.v, d.v);
-  return d;
+  return detail::optimizer_on<cuda>(h, params);
 }
 
 /// Host copy of a device optimizer's state, for `params` on the host (e.g. save_checkpoint).
 template <class T, template <class, class> class Set>
 AdamW<T, cpu, Set<T, cpu>> to_host(const AdamW<T, cuda, Set<T, cuda>>& d,
                                    const Set<T, cpu>& params) {
-  AdamW<T, cpu, Set<T, cpu>> h(params, d.config());
-  h.t = d.t;
-  detail::copy_set(d.m, h.m);
-  detail::copy_set(d.v, h.v);
-  return h;
+  return detail::optimizer_on<cpu>(d, params);
 }
 
 }  // namespace mxd
