@@ -101,7 +101,7 @@ int run_bench(int argc, char** argv) {
   Args args(argc, argv, 2, flags, switches);
   if (args.help()) {
     std::printf("usage: mxd bench [layer flags] [--batch B] [--iters N] [--warmup W] [--threads T]\n"
-                "                 [--dtype f32|f64] [--device cpu|cuda] [--tf32] [--json] [--verbose]\n\n"
+                "                 [--dtype f32|f64|bf16] [--device cpu|cuda] [--tf32] [--json] [--verbose]\n\n"
                 "Times forward, backward and a training step (forward + backward + AdamW) of a\n"
                 "randomly initialised layer on a random batch; prints medians over --iters after\n"
                 "--warmup iterations. Defaults: GPT-2 small (768 -> 3072 -> 768, 21504 experts,\n"
@@ -109,6 +109,8 @@ int run_bench(int argc, char** argv) {
                 "layer flags:\n%s"
                 "  --device cuda     time on the GPU (CUDA events; needs a CUDA build)\n"
                 "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
+                "  --dtype bf16      with --device cuda: float tensors, GEMMs on bf16 copies of\n"
+                "                    their inputs with float accumulation\n"
                 "  --json            print one JSON object on stdout (progress on stderr)\n",
                 layer_flags_help());
     return 0;
@@ -134,12 +136,15 @@ int run_bench(int argc, char** argv) {
   if (dtype == "float") dtype = "f32";
   if (dtype == "double") dtype = "f64";
   const std::string device = args.get("device", "cpu");
-  MXD_CHECK(dtype == "f32" || dtype == "f64", "--dtype = '", args.get("dtype", ""),
-            "' must be f32 or f64 (or float, double)");
+  MXD_CHECK(dtype == "f32" || dtype == "f64" || dtype == "bf16", "--dtype = '",
+            args.get("dtype", ""), "' must be f32, f64 or bf16 (or float, double)");
   MXD_CHECK(device == "cpu" || device == "cuda", "--device = '", device, "' must be cpu or cuda");
   const bool json = args.flag("json"), verbose = args.flag("verbose"), tf32 = args.flag("tf32");
   const bool gpu = device == "cuda";
   MXD_CHECK(!tf32 || (gpu && dtype == "f32"), "--tf32 applies to --device cuda --dtype f32 only");
+  MXD_CHECK(dtype != "bf16" || gpu, "--dtype bf16 needs --device cuda");
+  // How the GPU's float GEMMs run (mxd::MathMode); bf16 keeps float tensors.
+  const std::string math = dtype == "bf16" ? "bf16" : tf32 ? "tf32" : "fp32";
 
   Context<cpu> probe;
   probe.threads = static_cast<int>(threads);
@@ -148,9 +153,9 @@ int run_bench(int argc, char** argv) {
   if (gpu) {
     require_cuda();
     auto run = [&](const auto& in) {
-      return bench_cuda(in.p, in.x, in.dy, int(iters), int(warmup), tf32, verbose);
+      return bench_cuda(in.p, in.x, in.dy, int(iters), int(warmup), math, verbose);
     };
-    const CudaTimings c = dtype == "f32" ? run(bench_inputs<float>(cfg, B)) : run(bench_inputs<double>(cfg, B));
+    const CudaTimings c = dtype == "f64" ? run(bench_inputs<double>(cfg, B)) : run(bench_inputs<float>(cfg, B));
     t = {c.forward_ms, c.backward_ms, c.step_ms, c.workspace_bytes};
     gpu_name = c.device_name;
   } else {
@@ -172,7 +177,7 @@ int run_bench(int argc, char** argv) {
     j["device"] = device;
     if (gpu) {
       j["gpu"] = gpu_name;
-      j["math"] = tf32 ? "tf32" : "fp32";
+      j["math"] = math;
     }
     j["d_in"] = cfg.d_in;
     j["d_hidden"] = cfg.d_hidden;
@@ -186,7 +191,8 @@ int run_bench(int argc, char** argv) {
   }
   std::printf("mxd bench: I=%lld H=%lld O=%lld N=%lld k=%lld, batch %lld, %s%s, ",
               (long long)cfg.d_in, (long long)cfg.d_hidden, (long long)cfg.d_out,
-              (long long)cfg.n_experts, (long long)cfg.k, B, dtype.c_str(), tf32 ? " (TF32)" : "");
+              (long long)cfg.n_experts, (long long)cfg.k, B, dtype.c_str(),
+              gpu ? (" (" + math + " GEMMs)").c_str() : "");
   if (gpu) std::printf("%s\n", gpu_name.c_str());
   else std::printf("%d threads\n", probe.resolved_threads());
   std::printf("  forward   %9.2f ms\n  backward  %9.2f ms\n  step      %9.2f ms  (%.0f tokens/s)\n",

@@ -17,6 +17,13 @@ void require_cuda() {
 
 namespace {
 
+MathMode math_mode(const std::string& math) {
+  if (math == "fp32") return MathMode::fp32;
+  if (math == "tf32") return MathMode::tf32;
+  if (math == "bf16") return MathMode::bf16;
+  throw Error("GEMM math '" + math + "' is not fp32, tf32 or bf16");
+}
+
 // What differs between the two kinds of model: their workspace and layer functions.
 template <class T, template <class, class> class Set>
 struct Layer;
@@ -62,9 +69,10 @@ struct Layer<T, TranscoderParams> {
 template <class T, template <class, class> class Set>
 class CudaModel final : public DeviceModel<T, Set> {
 public:
-  CudaModel(const Set<T, cpu>& hp, const AdamW<T, cpu, Set<T, cpu>>& hopt, bool nd, bool tf32)
+  CudaModel(const Set<T, cpu>& hp, const AdamW<T, cpu, Set<T, cpu>>& hopt, bool nd,
+            MathMode math)
       : p(to_device(hp)), g(hp.config), opt(to_device(hopt, p)), norm_dec(nd) {
-    ws.ctx.math = tf32 ? MathMode::tf32 : MathMode::fp32;
+    ws.ctx.math = math;
   }
 
   double train_step(const Tensor<T>& hx, const Tensor<T>& ht) override {
@@ -118,14 +126,14 @@ private:
 template <class T, template <class, class> class Set>
 std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
                                                      const AdamW<T, cpu, Set<T, cpu>>& opt,
-                                                     bool norm_dec, bool tf32) {
+                                                     bool norm_dec, const std::string& math) {
   require_cuda();
-  return std::make_unique<CudaModel<T, Set>>(p, opt, norm_dec, tf32);
+  return std::make_unique<CudaModel<T, Set>>(p, opt, norm_dec, math_mode(math));
 }
 
 template <class T>
 CudaTimings bench_cuda(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>& hdy, int iters,
-                       int warmup, bool tf32, bool verbose) {
+                       int warmup, const std::string& math, bool verbose) {
   require_cuda();
   const Config& cfg = hp.config;
   Params<T, mxd::cuda> p = to_device(hp);
@@ -133,7 +141,7 @@ CudaTimings bench_cuda(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>
   Tensor<T, mxd::cuda> x = to_device(hx), dy = to_device(hdy), y(hx.rows(), cfg.d_out),
       dx(hx.rows(), cfg.d_in);
   Workspace<T, mxd::cuda> ws;
-  ws.ctx.math = tf32 ? MathMode::tf32 : MathMode::fp32;
+  ws.ctx.math = math_mode(math);
   AdamWConfig oc;
   oc.warmup_steps = 0;
   AdamW<T, mxd::cuda> opt(p, oc);

@@ -35,12 +35,13 @@ public:
   virtual void download(Set<T, cpu>& p, AdamW<T, cpu, Set<T, cpu>>& opt) = 0;
 };
 
-/// The model `p` with optimizer state `opt` on the GPU (TF32 GEMMs when `tf32`).
+/// The model `p` with optimizer state `opt` on the GPU; `math` is how float GEMMs run:
+/// "fp32", "tf32" or "bf16" (mxd::MathMode).
 /// CPU-only builds throw mxd::Error saying so.
 template <class T, template <class, class> class Set>
 std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
                                                      const AdamW<T, cpu, Set<T, cpu>>& opt,
-                                                     bool norm_dec, bool tf32);
+                                                     bool norm_dec, const std::string& math);
 
 /// The layer and batch that `mxd bench` times (host copies).
 template <class T>
@@ -59,25 +60,27 @@ struct CudaTimings {
 };
 template <class T>
 CudaTimings bench_cuda(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& dy, int iters,
-                       int warmup, bool tf32, bool verbose);
+                       int warmup, const std::string& math, bool verbose);
 
 // The explicit instantiations that cuda.cu and no_cuda.cpp both provide.
-#define MXD_CLI_CUDA_INSTANTIATIONS                                                           \
-  template std::unique_ptr<DeviceModel<float, Params>> make_cuda_model<float, Params>(        \
-      const Params<float, cpu>&, const AdamW<float, cpu, Params<float, cpu>>&, bool, bool);   \
-  template std::unique_ptr<DeviceModel<double, Params>> make_cuda_model<double, Params>(      \
-      const Params<double, cpu>&, const AdamW<double, cpu, Params<double, cpu>>&, bool, bool); \
-  template std::unique_ptr<DeviceModel<float, TranscoderParams>>                              \
-  make_cuda_model<float, TranscoderParams>(                                                   \
-      const TranscoderParams<float, cpu>&,                                                    \
-      const AdamW<float, cpu, TranscoderParams<float, cpu>>&, bool, bool);                    \
-  template std::unique_ptr<DeviceModel<double, TranscoderParams>>                             \
-  make_cuda_model<double, TranscoderParams>(                                                  \
-      const TranscoderParams<double, cpu>&,                                                   \
-      const AdamW<double, cpu, TranscoderParams<double, cpu>>&, bool, bool);                  \
-  template CudaTimings bench_cuda<float>(const Params<float>&, const Tensor<float>&,            \
-                                         const Tensor<float>&, int, int, bool, bool);          \
-  template CudaTimings bench_cuda<double>(const Params<double>&, const Tensor<double>&,        \
-                                          const Tensor<double>&, int, int, bool, bool);
+#define MXD_CLI_CUDA_INSTANTIATIONS                                                                   \
+  template std::unique_ptr<DeviceModel<float, Params>> make_cuda_model<float, Params>(                \
+      const Params<float, cpu>&, const AdamW<float, cpu, Params<float, cpu>>&, bool,                  \
+      const std::string&);                                                                            \
+  template std::unique_ptr<DeviceModel<double, Params>> make_cuda_model<double, Params>(              \
+      const Params<double, cpu>&, const AdamW<double, cpu, Params<double, cpu>>&, bool,               \
+      const std::string&);                                                                            \
+  template std::unique_ptr<DeviceModel<float, TranscoderParams>>                                      \
+  make_cuda_model<float, TranscoderParams>(                                                           \
+      const TranscoderParams<float, cpu>&,                                                            \
+      const AdamW<float, cpu, TranscoderParams<float, cpu>>&, bool, const std::string&);              \
+  template std::unique_ptr<DeviceModel<double, TranscoderParams>>                                     \
+  make_cuda_model<double, TranscoderParams>(                                                          \
+      const TranscoderParams<double, cpu>&,                                                           \
+      const AdamW<double, cpu, TranscoderParams<double, cpu>>&, bool, const std::string&);            \
+  template CudaTimings bench_cuda<float>(const Params<float>&, const Tensor<float>&,                  \
+                                         const Tensor<float>&, int, int, const std::string&, bool);   \
+  template CudaTimings bench_cuda<double>(const Params<double>&, const Tensor<double>&,               \
+                                          const Tensor<double>&, int, int, const std::string&, bool);
 
 }  // namespace mxd::cli

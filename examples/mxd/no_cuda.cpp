@@ -15,12 +15,14 @@ void require_cuda() { no_cuda(); }
 
 template <class T, template <class, class> class Set>
 std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>&,
-                                                     const AdamW<T, cpu, Set<T, cpu>>&, bool, bool) {
+                                                     const AdamW<T, cpu, Set<T, cpu>>&, bool,
+                                                     const std::string&) {
   no_cuda();
 }
 
 template <class T>
-CudaTimings bench_cuda(const Params<T>&, const Tensor<T>&, const Tensor<T>&, int, int, bool, bool) {
+CudaTimings bench_cuda(const Params<T>&, const Tensor<T>&, const Tensor<T>&, int, int,
+                       const std::string&, bool) {
   no_cuda();
 }
 

@@ -58,6 +58,7 @@ const char* const train_help =
     "  --dtype f32|f64   precision (default f32)\n"
     "  --device cpu|cuda where both models train (default cpu; cuda needs a CUDA build)\n"
     "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
+    "  --dtype bf16      with --device cuda: float tensors, GEMMs on bf16 copies of their inputs\n"
     "  --log-every N     steps per log.csv row (default 10)\n"
     "  --out DIR         output directory (default mxd_out)\n"
     "  --resume CKPT     continue from DIR/mxd.safetensors (the baseline from the same DIR)\n\n"
@@ -76,7 +77,8 @@ struct Options {
   double lr = 1e-3, eval_fraction = 0.05;
   std::uint64_t seed = 0;
   int threads = 0;
-  bool cuda = false, tf32 = false;
+  bool cuda = false;
+  std::string math = "fp32";  // --device cuda: how float GEMMs run (fp32, tf32, bf16)
   std::string out = "mxd_out", resume;
   std::vector<std::string> data;
 };
@@ -144,7 +146,7 @@ struct Model {
     ws.ctx.threads = threads;
   }
   // Moves training to the GPU from the current parameters and optimizer state.
-  void to_gpu(bool tf32) { gpu = make_cuda_model<T, Set>(p, opt, norm_dec, tf32); }
+  void to_gpu(const std::string& math) { gpu = make_cuda_model<T, Set>(p, opt, norm_dec, math); }
 
   // One step on (x, target); returns the reference loss before the update.
   template <class Layer>
@@ -326,8 +328,8 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   MXD_CHECK(start < o.steps, "--steps = ", o.steps, " but the checkpoint is already at step ", start);
 
   if (o.cuda) {
-    mxd->to_gpu(o.tf32);
-    if (tc) tc->to_gpu(o.tf32);
+    mxd->to_gpu(o.math);
+    if (tc) tc->to_gpu(o.math);
   }
   const index_t B = o.batch;
   Tensor<T> x, y;
@@ -550,13 +552,15 @@ int run_train(int argc, char** argv) {
   const std::string device = args.get("device", "cpu");
   MXD_CHECK(device == "cpu" || device == "cuda", "--device = '", device, "' is not cpu or cuda");
   o.cuda = device == "cuda";
-  o.tf32 = args.flag("tf32");
-  MXD_CHECK(!o.tf32 || o.cuda, "--tf32 needs --device cuda");
-  if (o.cuda) require_cuda();
   const std::string dtype = args.get("dtype", "f32");
+  MXD_CHECK(!args.flag("tf32") || (o.cuda && dtype == "f32"), "--tf32 needs --device cuda --dtype f32");
+  MXD_CHECK(dtype != "bf16" || o.cuda, "--dtype bf16 needs --device cuda");
+  o.math = dtype == "bf16" ? "bf16" : args.flag("tf32") ? "tf32" : "fp32";
+  if (o.cuda) require_cuda();
+  if (dtype == "bf16") return run<float>(o);
   if (dtype == "f32") return run<float>(o);
   if (dtype == "f64") return run<double>(o);
-  throw Error("--dtype = '" + dtype + "' is not f32 or f64");
+  throw Error("--dtype = '" + dtype + "' is not f32, f64 or bf16");
 }
 
 }  // namespace mxd::cli

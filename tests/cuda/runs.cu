@@ -28,7 +28,7 @@ LayerResult<T> layer(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>& 
   Tensor<T, cuda> x = to_device(hx), dy = to_device(hdy);
   Tensor<T, cuda> y(hx.rows(), hp.config.d_out), dx(hx.rows(), hp.config.d_in);
   Workspace<T, cuda> ws;
-  ws.ctx.math = options.tf32 ? MathMode::tf32 : MathMode::fp32;
+  ws.ctx.math = options.bf16 ? MathMode::bf16 : options.tf32 ? MathMode::tf32 : MathMode::fp32;
   forward<T>(p, x.view(), y.view(), ws, options.steering);
   backward<T>(p, x.view(), dy.view(), ws, g, dx.view());
   if (options.accumulate_twice) backward<T>(p, x.view(), dy.view(), ws, g, dx.view(), GradMode::Accumulate);

@@ -38,6 +38,7 @@ struct LayerResult {
 struct LayerOptions {
   const mxd::Steering* steering = nullptr;
   bool tf32 = false;
+  bool bf16 = false;               // MathMode::bf16 (float only)
   bool accumulate_twice = false;  // backward Overwrite, then again with Accumulate
 };
 

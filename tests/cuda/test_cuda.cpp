@@ -95,6 +95,14 @@ void check_against_cpu(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& 
   }
 }
 
+// Every 32nd expert gets a gate bias 16 above the rest (512 experts, k = 16): rounding the
+// scores (~N(0, 1)) in TF32 or bf16 cannot change which experts are selected, so runs in
+// different math modes differ by rounding alone.
+Params<float> separated_gate(Params<float> p) {
+  for (index_t n = 0; n < p.config.n_experts; ++n) p.b_gate[n] = n % 32 == 0 ? 8.0f : -8.0f;
+  return p;
+}
+
 Config layer_config(index_t I, index_t H, index_t O, index_t N, index_t k, Activation a,
                     bool glu = false, bool skip = false) {
   Config c;
@@ -215,7 +223,7 @@ TEST_CASE("steering edits on the GPU equal the CPU's, gradients included") {
 
 TEST_CASE("TF32 GEMMs stay within TF32 rounding of the exact float layer") {
   const Config c = layer_config(64, 256, 64, 512, 16, Activation::gelu);
-  const Params<float> p = random_params<float>(c, 31);
+  const Params<float> p = separated_gate(random_params<float>(c, 31));
   const Tensor<float> x = random_matrix<float>(128, 64, 32), dy = random_matrix<float>(128, 64, 33);
   cu::LayerOptions o;
   o.tf32 = true;
@@ -224,6 +232,23 @@ TEST_CASE("TF32 GEMMs stay within TF32 rounding of the exact float layer") {
   CHECK(rel_error(t.y.data(), f.y.data(), f.y.size()) <= 2e-2);
   CHECK(rel_error(t.dx.data(), f.dx.data(), f.dx.size()) <= 2e-2);
   CHECK(rel_error(t.g.E.data(), f.g.E.data(), f.g.E.size()) <= 2e-2);
+}
+
+TEST_CASE("bf16 GEMMs stay within bf16 rounding of the exact float layer") {
+  const Config c = layer_config(64, 256, 64, 512, 16, Activation::gelu, true, true);
+  const Params<float> p = separated_gate(random_params<float>(c, 34));
+  const Tensor<float> x = random_matrix<float>(128, 64, 35), dy = random_matrix<float>(128, 64, 36);
+  cu::LayerOptions o;
+  o.bf16 = true;
+  const cu::LayerResult<float> b = cu::layer(p, x, dy, o), f = cu::layer(p, x, dy);
+  // bf16 keeps 8 significant bits (2^-9 ~ 2e-3 per input); sums over 64-256 terms stay ~1e-2.
+  CHECK(rel_error(b.y.data(), f.y.data(), f.y.size()) <= 5e-2);
+  CHECK(rel_error(b.dx.data(), f.dx.data(), f.dx.size()) <= 5e-2);
+  CHECK(rel_error(b.g.D.data(), f.g.D.data(), f.g.D.size()) <= 5e-2);
+  CHECK(rel_error(b.g.W_glu.data(), f.g.W_glu.data(), f.g.W_glu.size()) <= 5e-2);
+  const cu::LayerResult<float> b2 = cu::layer(p, x, dy, o);
+  CHECK(same_bits(b.y, b2.y));  // and still deterministic
+  CHECK(same_bits(b.g, b2.g));
 }
 
 TEST_CASE_TEMPLATE("gate top-k equals the CPU selection exactly, ties included", T, float, double) {

@@ -53,6 +53,16 @@ private:
   std::size_t bytes_ = 0;
 };
 
+// dst = bf16(src), contiguous. src: [rows, cols] with leading dimension ld.
+template <class S>
+__global__ void to_bf16_kernel(const S* src, index_t ld, index_t rows, index_t cols,
+                               __nv_bfloat16* dst) {
+  const index_t n = rows * cols;
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
+       e += index_t(gridDim.x) * blockDim.x)
+    dst[e] = __float2bfloat16_rn(src[(e / cols) * ld + e % cols]);
+}
+
 // C = beta C (beta = 0 writes zeros). C: [M, N].
 template <class T>
 __global__ void scale_kernel(T* c, index_t ld, index_t rows, index_t cols, T beta) {
@@ -313,8 +323,8 @@ struct backend<cuda> {
   using Ctx = Context<cuda>;
   static constexpr int block = detail::cu::block;
 
-  /// C = alpha op(A) op(B) + beta C, row-major, through cuBLAS (TF32 for float when
-  /// ctx.math == MathMode::tf32). op(A): [M, K], op(B): [K, N], C: [M, N].
+  /// C = alpha op(A) op(B) + beta C, row-major, through cuBLAS; float GEMMs follow ctx.math
+  /// (see MathMode). op(A): [M, K], op(B): [K, N], C: [M, N].
   template <class T>
   static void gemm(Ctx& ctx, bool trans_a, bool trans_b, T alpha, cview<T> A, cview<T> B, T beta,
                    View<T, cuda> C) {
@@ -336,6 +346,10 @@ struct backend<cuda> {
     const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasHandle_t h = ctx.cublas();
     if constexpr (std::is_same_v<T, float>) {
+      if (ctx.math == MathMode::bf16) {
+        gemm_bf16(ctx, op_a, op_b, M, N, K, alpha, A, B, beta, C);
+        return;
+      }
       const cublasComputeType_t compute =
           ctx.math == MathMode::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
       MXD_CUBLAS_CHECK(cublasGemmEx(h, op_b, op_a, int(N), int(M), int(K), &alpha, B.data,
@@ -345,6 +359,28 @@ struct backend<cuda> {
       MXD_CUBLAS_CHECK(cublasDgemm(h, op_b, op_a, int(N), int(M), int(K), &alpha, B.data,
                                    int(B.ld), A.data, int(A.ld), &beta, C.data, int(C.ld)));
     }
+  }
+
+  /// gemm's MathMode::bf16 path: bf16 copies of A and B (contiguous), float accumulation
+  /// and output. Operands as in gemm after the column-major swap.
+  static void gemm_bf16(Ctx& ctx, cublasOperation_t op_a, cublasOperation_t op_b, index_t M,
+                        index_t N, index_t K, float alpha, cview<float> A, cview<float> B,
+                        float beta, View<float, cuda> C) {
+    detail::cu::ScratchCarver plan;
+    plan.reserve<__nv_bfloat16>(A.size());
+    plan.reserve<__nv_bfloat16>(B.size());
+    plan.map(ctx.scratch(plan.bytes()));
+    __nv_bfloat16* a = plan.take<__nv_bfloat16>(A.size());
+    __nv_bfloat16* b = plan.take<__nv_bfloat16>(B.size());
+    cudaStream_t s = ctx.stream();
+    MXD_CUDA_LAUNCH(detail::cu::to_bf16_kernel<float>, detail::cu::grid_for(A.size(), block), block, s,
+                    A.data, A.ld, A.rows, A.cols, a);
+    MXD_CUDA_LAUNCH(detail::cu::to_bf16_kernel<float>, detail::cu::grid_for(B.size(), block), block, s,
+                    B.data, B.ld, B.rows, B.cols, b);
+    MXD_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), op_b, op_a, int(N), int(M), int(K), &alpha, b,
+                                  CUDA_R_16BF, int(B.cols), a, CUDA_R_16BF, int(A.cols), &beta,
+                                  C.data, CUDA_R_32F, int(C.ld), CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
   }
 
   /// hpre += b_enc; with GLU (g non-empty) g += b_glu and z = g * act(hpre), else z = act(hpre).

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "../../device.hpp"
@@ -97,9 +98,13 @@ struct memory<cuda> {
   }
 };
 
-/// How cuBLAS may compute float GEMMs. tf32 rounds the inputs to 10-bit mantissas on the
-/// tensor cores (about 1e-3 relative error, several times faster); fp32 is exact IEEE float.
-enum class MathMode { fp32, tf32 };
+/// How cuBLAS computes float GEMMs (double GEMMs are always exact IEEE double):
+///   fp32: IEEE float.
+///   tf32: inputs rounded to TF32 (10-bit mantissa) on the tensor cores, float accumulation;
+///         about 1e-3 relative error, several times faster.
+///   bf16: inputs rounded to bf16 (7-bit mantissa) copies, float accumulation and output;
+///         about 1e-2 relative error, the tensor cores' fastest float path. Tensors stay float.
+enum class MathMode { fp32, tf32, bf16 };
 
 /// The device's execution context: one stream that every primitive runs on, a cuBLAS handle
 /// bound to it, the float GEMM math mode and a grow-only scratch buffer. The stream and handle
