@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """Times the authors' MxD layer in PyTorch on the GPU (eager and torch.compile; fp32, TF32,
-bf16) and `mxd bench --device cuda` (fp32, TF32) in the same run on the same GPU, and prints
+bf16) and `mxd bench --device cuda` (fp32, TF32, bf16 GEMMs) in the same run on the same GPU, and prints
 a markdown table for bench/RESULTS.md with ratios against PyTorch eager fp32.
 
 Also measures the cuBLAS bf16 GEMM rate on the layer's own GEMM shapes (forward and backward
@@ -68,11 +68,11 @@ def time_torch(cfg, batch, iters, warmup, dtype, tf32, compiled):
     return out
 
 
-def time_mxd(exe, cfg, batch, iters, warmup, tf32):
+def time_mxd(exe, cfg, batch, iters, warmup, extra):
     cmd = [exe, "bench", "--device", "cuda", "--json", "--batch", str(batch), "--iters",
            str(iters), "--warmup", str(warmup), "--d-in", str(cfg["d_in"]), "--d-hidden",
            str(cfg["d_hidden"]), "--d-out", str(cfg["d_out"]), "--experts", str(cfg["n_experts"]),
-           "--k", str(cfg["k"]), "--activation", "gelu"] + (["--tf32"] if tf32 else [])
+           "--k", str(cfg["k"]), "--activation", "gelu"] + extra
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
@@ -117,8 +117,8 @@ def main():
         except Exception as e:  # torch.compile needs a working Triton; report, do not stop
             print(f"{label}: failed ({type(e).__name__}: {e})", file=sys.stderr)
         print(f"  {label} done", file=sys.stderr, flush=True)
-    for label, tf32 in (("mxd fp32", False), ("mxd TF32", True)):
-        rows.append((label, time_mxd(args.mxd, cfg, args.batch, args.iters, args.warmup, tf32)))
+    for label, extra in (("mxd fp32", []), ("mxd TF32", ["--tf32"]), ("mxd bf16 GEMMs", ["--dtype", "bf16"])):
+        rows.append((label, time_mxd(args.mxd, cfg, args.batch, args.iters, args.warmup, extra)))
         print(f"  {label} done", file=sys.stderr, flush=True)
     floor, rate = gemm_floor_ms(cfg, args.batch, args.iters, args.warmup)
 
