@@ -9,6 +9,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -101,7 +102,8 @@ int run_bench(int argc, char** argv) {
   Args args(argc, argv, 2, flags, switches);
   if (args.help()) {
     std::printf("usage: mxd bench [layer flags] [--batch B] [--iters N] [--warmup W] [--threads T]\n"
-                "                 [--dtype f32|f64|bf16] [--device cpu|cuda] [--tf32] [--json] [--verbose]\n\n"
+                "                 [--dtype f32|f64|bf16] [--device cpu|cuda] [--tf32] [--json]\n"
+                "                 [--verbose]\n\n"
                 "Times forward, backward and a training step (forward + backward + AdamW) of a\n"
                 "randomly initialised layer on a random batch; prints medians over --iters after\n"
                 "--warmup iterations. Defaults: GPT-2 small (768 -> 3072 -> 768, 21504 experts,\n"
@@ -155,12 +157,15 @@ int run_bench(int argc, char** argv) {
     auto run = [&](const auto& in) {
       return bench_cuda(in.p, in.x, in.dy, int(iters), int(warmup), math, verbose);
     };
-    const CudaTimings c = dtype == "f64" ? run(bench_inputs<double>(cfg, B)) : run(bench_inputs<float>(cfg, B));
+    const CudaTimings c =
+        dtype == "f64" ? run(bench_inputs<double>(cfg, B)) : run(bench_inputs<float>(cfg, B));
     t = {c.forward_ms, c.backward_ms, c.step_ms, c.workspace_bytes};
     gpu_name = c.device_name;
   } else {
-    t = dtype == "f32" ? run_cpu(bench_inputs<float>(cfg, B), int(iters), int(warmup), int(threads), verbose)
-                       : run_cpu(bench_inputs<double>(cfg, B), int(iters), int(warmup), int(threads), verbose);
+    auto run = [&](auto in) {
+      return run_cpu(std::move(in), int(iters), int(warmup), int(threads), verbose);
+    };
+    t = dtype == "f32" ? run(bench_inputs<float>(cfg, B)) : run(bench_inputs<double>(cfg, B));
   }
   const double peak_rss_mib = peak_rss_kib() / 1024.0;
 

@@ -179,15 +179,16 @@ __global__ void iota_kernel(T* out, index_t n) {
 template <class Key>
 __global__ void segment_offsets_kernel(const Key* sorted, index_t P, index_t N,
                                        std::int32_t* offsets) {
-  const index_t n = blockIdx.x * index_t(blockDim.x) + threadIdx.x;
-  if (n > N) return;
-  index_t lo = 0, hi = P;
-  while (lo < hi) {
-    const index_t mid = (lo + hi) / 2;
-    if (static_cast<index_t>(sorted[mid]) < n) lo = mid + 1;
-    else hi = mid;
+  for (index_t n = blockIdx.x * index_t(blockDim.x) + threadIdx.x; n <= N;
+       n += index_t(gridDim.x) * blockDim.x) {
+    index_t lo = 0, hi = P;
+    while (lo < hi) {
+      const index_t mid = (lo + hi) / 2;
+      if (static_cast<index_t>(sorted[mid]) < n) lo = mid + 1;
+      else hi = mid;
+    }
+    offsets[n] = static_cast<std::int32_t>(lo);
   }
-  offsets[n] = static_cast<std::int32_t>(lo);
 }
 
 // One block per expert n, over its pairs in sorted (row, slot) order:
@@ -496,8 +497,8 @@ struct backend<cuda> {
       MXD_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out,
                                                      values_in, values_out, int(P), 0, end_bit, s));
     }
-    MXD_CUDA_LAUNCH(detail::cu::segment_offsets_kernel<unsigned int>, detail::cu::grid_for(N + 1, block), block,
-                    s, keys_out, P, N, offsets.data);
+    MXD_CUDA_LAUNCH(detail::cu::segment_offsets_kernel<unsigned int>,
+                    detail::cu::grid_for(N + 1, block), block, s, keys_out, P, N, offsets.data);
   }
 
   /// For every expert n, over its pairs (b, j) in order:
