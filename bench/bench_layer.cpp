@@ -14,31 +14,14 @@
 #include <mxd/init.hpp>
 #include <mxd/mxd.hpp>
 
+#include "layers.hpp"
+
 namespace {
 
 using mxd::index_t;
-
-// arg 0 selects the layer, arg 1 the batch.
-mxd::Config layer_config(int which) {
-  mxd::Config c;
-  if (which == 0) {  // GPT-2 small
-    c.d_in = 768; c.d_hidden = 3072; c.d_out = 768; c.n_experts = 21504; c.k = 32;
-  } else {           // small
-    c.d_in = 256; c.d_hidden = 1024; c.d_out = 256; c.n_experts = 4096; c.k = 32;
-  }
-  c.activation = mxd::Activation::gelu;
-  return c;
-}
-
-// Useful FLOPs per token: the dense encoder, decoder and gate GEMMs, plus O(k) expert work.
-double forward_flops(const mxd::Config& c) {
-  return 2.0 * c.d_in * c.d_hidden + 2.0 * c.d_hidden * c.d_out + 2.0 * c.d_in * c.n_experts +
-         2.0 * c.k * c.d_out;
-}
-double backward_flops(const mxd::Config& c) {
-  return 4.0 * c.d_in * c.d_hidden + 4.0 * c.d_hidden * c.d_out +
-         2.0 * c.k * (2.0 * c.d_out + 2.0 * c.d_in);
-}
+using mxd_bench::backward_flops;
+using mxd_bench::forward_flops;
+using mxd_bench::layer_config;
 
 // Measured GEMM rate (GFLOP/s) of a [1024, 768] x [768, 3072] product with the benchmark's
 // thread count, memoised per (type, threads).
