@@ -39,6 +39,19 @@ LayerResult<T> layer(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>& 
 }
 
 template <class T>
+TranscoderResult<T> transcoder(const TranscoderParams<T>& hp, const Tensor<T>& hx,
+                               const Tensor<T>& hdy) {
+  TranscoderParams<T, cuda> p = to_device(hp), g(hp.config);
+  Tensor<T, cuda> x = to_device(hx), dy = to_device(hdy);
+  Tensor<T, cuda> y(hx.rows(), hp.config.d_out), dx(hx.rows(), hp.config.d_in);
+  TranscoderWorkspace<T, cuda> ws;
+  transcoder_forward<T>(p, x.view(), y.view(), ws);
+  transcoder_backward<T>(p, x.view(), dy.view(), ws, g, dx.view());
+  ws.ctx.synchronize();
+  return {to_host(y), to_host(dx), to_host(g)};
+}
+
+template <class T>
 TrainResult<T> train(const Params<T>& hp, const std::vector<Tensor<T>>& inputs,
                      const std::vector<Tensor<T>>& targets, const AdamWConfig& oc, bool norm_dec,
                      Loss kind) {
@@ -128,6 +141,8 @@ AdamW<T> round_trip(const AdamW<T>& opt, const Params<T>& p) {
   template TrainResult<T> train<T>(const Params<T>&, const std::vector<Tensor<T>>&,            \
                                    const std::vector<Tensor<T>>&, const AdamWConfig&, bool,    \
                                    Loss);                                                      \
+  template TranscoderResult<T> transcoder<T>(const TranscoderParams<T>&, const Tensor<T>&,     \
+                                             const Tensor<T>&);                                \
   template double loss<T>(Loss, const Tensor<T>&, const Tensor<T>&, Tensor<T>&);               \
   template void gate_topk<T>(Tensor<T>&, const Tensor<T>&, index_t, Tensor<std::int32_t>&,     \
                              Tensor<T>&);                                                      \

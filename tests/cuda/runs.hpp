@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include <mxd/baselines/transcoder.hpp>
 #include <mxd/loss.hpp>
 #include <mxd/optim.hpp>
 #include <mxd/params.hpp>
@@ -46,6 +47,16 @@ struct LayerOptions {
 template <class T>
 LayerResult<T> layer(const mxd::Params<T>& p, const Tensor<T>& x, const Tensor<T>& dy,
                      const LayerOptions& options = {});
+
+/// One forward and backward of a transcoder on the device. x: [B, I], dy: [B, O].
+template <class T>
+struct TranscoderResult {
+  Tensor<T> y, dx;
+  mxd::TranscoderParams<T> g;
+};
+template <class T>
+TranscoderResult<T> transcoder(const mxd::TranscoderParams<T>& p, const Tensor<T>& x,
+                               const Tensor<T>& dy);
 
 /// Training steps on the device: per step, forward, loss against targets[step], backward,
 /// norm_dec projection (if set), AdamW, renormalisation; then params, optimizer state and

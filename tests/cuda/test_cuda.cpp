@@ -184,6 +184,32 @@ TEST_CASE_TEMPLATE("batch 1, k = 1, k = n_experts and large k equal the CPU back
   }
 }
 
+TEST_CASE_TEMPLATE("TopK and skip transcoders on the GPU equal the CPU's", T, float, double) {
+  for (bool skip : {false, true}) {
+    CAPTURE(skip);
+    TranscoderParams<T> p(TranscoderConfig{12, 12, 96, 6, skip});
+    init_transcoder(p, 81);
+    std::mt19937_64 rng(82);
+    fill_normal(p.b_enc, rng, 0.1, 0.2);  // mostly positive latents, so gradients flow
+    if (skip) fill_normal(p.W_skip, rng, 0.3);
+    const Tensor<T> x = random_matrix<T>(19, 12, 83), dy = random_matrix<T>(19, 12, 84);
+    const cu::TranscoderResult<T> d = cu::transcoder(p, x, dy);
+    TranscoderParams<T> g(p.config);
+    TranscoderWorkspace<T> ws;
+    Tensor<T> y(19, 12), dx(19, 12);
+    transcoder_forward<T>(p, x.view(), y.view(), ws);
+    transcoder_backward<T>(p, x.view(), dy.view(), ws, g, dx.view());
+    CHECK(rel_error(d.y.data(), y.data(), y.size()) <= tolerance<T>());
+    CHECK(rel_error(d.dx.data(), dx.data(), dx.size()) <= tolerance<T>());
+    std::vector<const Tensor<T>*> gd, gc;
+    d.g.for_each([&](const char*, const Tensor<T>& t) { gd.push_back(&t); });
+    g.for_each([&](const char*, const Tensor<T>& t) { gc.push_back(&t); });
+    REQUIRE(gd.size() == gc.size());
+    for (std::size_t i = 0; i < gc.size(); ++i)
+      CHECK(rel_error(gd[i]->data(), gc[i]->data(), gc[i]->size()) <= tolerance<T>());
+  }
+}
+
 TEST_CASE("two GPU runs give identical bits") {
   const Config c = layer_config(48, 300, 40, 1500, 24, Activation::gelu, true);
   const Params<float> p = random_params<float>(c, 7);
