@@ -170,8 +170,10 @@ TEST_CASE_TEMPLATE("every layer variant equals the CPU backend", T, float, doubl
 TEST_CASE_TEMPLATE("batch 1, k = 1, k = n_experts and large k equal the CPU backend", T, float,
                    double) {
   struct Shape { index_t B, N, k; };
-  const Shape shapes[] = {{1, 64, 4}, {5, 64, 1}, {6, 40, 40}, {3, 4096, 300}, {2, 1000, 1000},
-                          {9, 20000, 32}};
+  // k = 1000 and 1000 of 1000 rank in the block; k = 2000 and 3000 of 3000 go through the
+  // segmented sort.
+  const Shape shapes[] = {{1, 64, 4},     {5, 64, 1},      {6, 40, 40},     {3, 4096, 300},
+                          {2, 1000, 1000}, {9, 20000, 32}, {4, 5000, 2000}, {2, 3000, 3000}};
   int seed = 50;
   for (const Shape& s : shapes) {
     CAPTURE(s.B);
@@ -279,7 +281,7 @@ TEST_CASE("bf16 GEMMs stay within bf16 rounding of the exact float layer") {
 
 TEST_CASE_TEMPLATE("gate top-k equals the CPU selection exactly, ties included", T, float, double) {
   // Scores on a coarse grid: many exact ties, broken by the lower index on both devices.
-  for (index_t k : {1, 7, 64, 256, 700}) {
+  for (index_t k : {1, 7, 64, 256, 700, 1500}) {
     CAPTURE(k);
     const index_t B = 5, N = 3000;
     Tensor<T> scores(B, N), b(1, N);

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_segmented_sort.cuh>
 
 #include "../activation.hpp"
 #include "../layer.hpp"
@@ -397,22 +398,50 @@ struct backend<cuda> {
 
   /// scores = relu(scores + b_gate) in place; then per row the k best (value desc, index asc)
   /// as (idx, val), exactly as backend<cpu>. scores: [B, N], b_gate: [1, N], idx, val: [B, k].
+  /// Up to k = 1024 one kernel does it all; beyond, a stable CUB segmented sort orders the
+  /// candidates the kernel collected in index order.
   template <class T>
   static void gate_topk(Ctx& ctx, View<T, cuda> scores, cview<T> b_gate, index_t k,
                         View<std::int32_t, cuda> idx, View<T, cuda> val) {
+    namespace cu = detail::cu;
     const index_t B = scores.rows, N = scores.cols;
     MXD_CHECK(k >= 1 && k <= N, "gate_topk: k = ", k, " must be in [1, ", N, "]");
     if (B == 0) return;
-    detail::cu::ScratchCarver plan;
+    MXD_CHECK(B * k <= 0x7fffffff, "gate_topk: ", B, " x ", k, " selected pairs exceed CUB's int "
+              "item count");
+    const bool sort = k > cu::topk_rank_limit;
+    std::size_t sort_bytes = 0;
+    if (sort)
+      MXD_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
+          nullptr, sort_bytes, static_cast<const T*>(nullptr), static_cast<T*>(nullptr),
+          static_cast<const std::int32_t*>(nullptr), static_cast<std::int32_t*>(nullptr),
+          int(B * k), int(B), static_cast<const int*>(nullptr), static_cast<const int*>(nullptr),
+          ctx.stream()));
+    const index_t sorted = sort ? B * k : 0;
+    cu::ScratchCarver plan;
     plan.reserve<std::int32_t>(B * k);
     plan.reserve<T>(B * k);
+    plan.reserve<std::int32_t>(sorted);
+    plan.reserve<T>(sorted);
+    plan.reserve<int>(sort ? B + 1 : 0);
+    plan.reserve<char>(index_t(sort_bytes));
     plan.map(ctx.scratch(plan.bytes()));
     std::int32_t* cand_idx = plan.take<std::int32_t>(B * k);
     T* cand_val = plan.take<T>(B * k);
-    MXD_CHECK(B <= 0x7fffffff, "gate_topk: batch of ", B, " rows exceeds one grid");
-    MXD_CUDA_LAUNCH(detail::cu::gate_topk_kernel<T>, unsigned(B), detail::cu::topk_block,
-                    ctx.stream(), scores.data, scores.ld, b_gate.data, N, k, cand_idx, cand_val,
-                    idx.data, idx.ld, val.data, val.ld);
+    std::int32_t* sorted_idx = plan.take<std::int32_t>(sorted);
+    T* sorted_val = plan.take<T>(sorted);
+    int* offsets = plan.take<int>(sort ? B + 1 : 0);
+    void* temp = plan.take<char>(index_t(sort_bytes));
+    cudaStream_t s = ctx.stream();
+    MXD_CUDA_LAUNCH(cu::gate_topk_kernel<T>, unsigned(B), cu::topk_block, s, scores.data, scores.ld,
+                    b_gate.data, N, k, cand_idx, cand_val, idx.data, idx.ld, val.data, val.ld);
+    if (!sort) return;
+    MXD_CUDA_LAUNCH(cu::row_offsets_kernel<int>, cu::grid_for(B + 1, block), block, s, offsets, B, k);
+    MXD_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
+        temp, sort_bytes, cand_val, sorted_val, cand_idx, sorted_idx, int(B * k), int(B), offsets,
+        offsets + 1, s));
+    MXD_CUDA_LAUNCH(cu::scatter_selection_kernel<T>, cu::grid_for(B * k, block), block, s,
+                    sorted_idx, sorted_val, B, k, idx.data, idx.ld, val.data, val.ld);
   }
 
   /// v[b] = sum_j val[b,j] C[idx[b,j]];  y = (accumulate ? y : 0) + u * v + b_out.

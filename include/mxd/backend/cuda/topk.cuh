@@ -37,8 +37,13 @@ __device__ __forceinline__ unsigned long long to_bits(double v) {
 
 constexpr int topk_block = 256;
 
+/// Largest k whose candidates are ranked inside the block (O(k^2 / threads) per row); above
+/// it the candidates are left in index order for a stable segmented sort by value.
+constexpr index_t topk_rank_limit = 1024;
+
 /// scores: [B, N] (relu'd in place), b_gate: [1, N], cand_idx, cand_val: [B, k] scratch,
-/// idx, val: [B, k] (row-major with leading dimensions ld_i, ld_v). One block per row.
+/// idx, val: [B, k] (row-major with leading dimensions ld_i, ld_v). One block per row. With
+/// k > topk_rank_limit only the candidates are written (in index order), not idx and val.
 template <class T>
 __global__ void __launch_bounds__(topk_block)
     gate_topk_kernel(T* scores, index_t ld_s, const T* b_gate, index_t N, index_t k,
@@ -107,6 +112,7 @@ __global__ void __launch_bounds__(topk_block)
     taken += take_total;  // block aggregates: the same in every thread, so the loop stays uniform
     equal_seen += equal_total;
   }
+  if (k > topk_rank_limit) return;
   __syncthreads();
 
   // Rank each candidate under (value desc, index asc): O(k^2 / threads) per row.
@@ -123,4 +129,26 @@ __global__ void __launch_bounds__(topk_block)
   }
 }
 
+// offsets[i] = i k for i in [0, B]: the segments of the candidates' rows.
+template <class I>
+__global__ void row_offsets_kernel(I* offsets, index_t B, index_t k) {
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i <= B;
+       i += index_t(gridDim.x) * blockDim.x)
+    offsets[i] = static_cast<I>(i * k);
+}
+
+// idx[r, j] = sorted_idx[r k + j], val likewise: the sorted selection into strided outputs.
+template <class T>
+__global__ void scatter_selection_kernel(const std::int32_t* sorted_idx, const T* sorted_val,
+                                         index_t B, index_t k, std::int32_t* idx, index_t ld_i,
+                                         T* val, index_t ld_v) {
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < B * k;
+       e += index_t(gridDim.x) * blockDim.x) {
+    const index_t r = e / k, j = e % k;
+    idx[r * ld_i + j] = sorted_idx[e];
+    val[r * ld_v + j] = sorted_val[e];
+  }
+}
+
 }  // namespace mxd::detail::cu
+
