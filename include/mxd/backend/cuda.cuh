@@ -192,6 +192,22 @@ __global__ void segment_offsets_kernel(const Key* sorted, index_t P, index_t N,
   }
 }
 
+// out[n] (+)= sum of w[p] rows[p / k] over the pairs p = order[q], q in [q0, q1), in order;
+// the block's threads split the columns.
+template <class T>
+__device__ void segment_rows_sum(index_t n, index_t q0, index_t q1, const std::int32_t* order,
+                                 index_t k, const T* w, View<const T, cuda> rows,
+                                 View<T, cuda> out, bool accumulate) {
+  for (index_t c = threadIdx.x; c < out.cols; c += blockDim.x) {
+    T acc = accumulate ? out(n, c) : T(0);
+    for (index_t q = q0; q < q1; ++q) {
+      const index_t p = order[q];
+      if (w[p] != T(0)) acc += w[p] * rows(p / k, c);
+    }
+    out(n, c) = acc;
+  }
+}
+
 // One block per expert n, over its pairs in sorted (row, slot) order:
 //   dC[n] (+)= sum val dv[b];  dG[n] (+)= sum ds x[b];  db_gate[n] (+)= sum ds.
 template <class T>
@@ -201,24 +217,8 @@ __global__ void expert_weight_grads_kernel(index_t k, const T* val, const T* ds,
                                            View<T, cuda> dC, View<T, cuda> dG, T* db_gate,
                                            bool accumulate) {
   const index_t n = blockIdx.x, q0 = offsets[n], q1 = offsets[n + 1];
-  for (index_t o = threadIdx.x; o < dC.cols; o += blockDim.x) {
-    T acc = accumulate ? dC(n, o) : T(0);
-    for (index_t q = q0; q < q1; ++q) {
-      const index_t p = order[q];
-      const T a = val[p];
-      if (a != T(0)) acc += a * dv(p / k, o);
-    }
-    dC(n, o) = acc;
-  }
-  for (index_t i = threadIdx.x; i < dG.cols; i += blockDim.x) {
-    T acc = accumulate ? dG(n, i) : T(0);
-    for (index_t q = q0; q < q1; ++q) {
-      const index_t p = order[q];
-      const T d = ds[p];
-      if (d != T(0)) acc += d * x(p / k, i);
-    }
-    dG(n, i) = acc;
-  }
+  segment_rows_sum(n, q0, q1, order, k, val, dv, dC, accumulate);
+  segment_rows_sum(n, q0, q1, order, k, ds, x, dG, accumulate);
   if (threadIdx.x == 0) {
     T gb = accumulate ? db_gate[n] : T(0);
     for (index_t q = q0; q < q1; ++q) {
