@@ -114,14 +114,18 @@ __global__ void mix_experts_kernel(View<const std::int32_t, cuda> idx, View<cons
 }
 
 // Column sums in fixed chunks of rows: partial[c, m] = sum of A's rows [c R, (c+1) R) at column m.
+// Chunks are grid-strided over blockIdx.y (gridDim.y is at most 65535).
 template <class T>
-__global__ void col_sum_partial_kernel(View<const T, cuda> A, index_t chunk_rows, T* partial) {
-  const index_t m = blockIdx.x * index_t(blockDim.x) + threadIdx.x, c = blockIdx.y;
+__global__ void col_sum_partial_kernel(View<const T, cuda> A, index_t chunk_rows, index_t chunks,
+                                       T* partial) {
+  const index_t m = blockIdx.x * index_t(blockDim.x) + threadIdx.x;
   if (m >= A.cols) return;
-  const index_t r0 = c * chunk_rows, r1 = A.rows < r0 + chunk_rows ? A.rows : r0 + chunk_rows;
-  T acc(0);
-  for (index_t r = r0; r < r1; ++r) acc += A(r, m);
-  partial[c * A.cols + m] = acc;
+  for (index_t c = blockIdx.y; c < chunks; c += gridDim.y) {
+    const index_t r0 = c * chunk_rows, r1 = A.rows < r0 + chunk_rows ? A.rows : r0 + chunk_rows;
+    T acc(0);
+    for (index_t r = r0; r < r1; ++r) acc += A(r, m);
+    partial[c * A.cols + m] = acc;
+  }
 }
 
 // out[m] = beta out[m] + sum over chunks c of partial[c, m], in chunk order.
@@ -337,6 +341,10 @@ struct backend<cuda> {
     MXD_CHECK(K == Kb && C.rows == M && C.cols == N, "gemm: shapes [", M, ", ", K, "] x [", Kb,
               ", ", N, "] -> [", C.rows, ", ", C.cols, "] do not match");
     if (M == 0 || N == 0) return;
+    constexpr index_t int_max = 0x7fffffff;  // cuBLAS takes int sizes and leading dimensions
+    MXD_CHECK(M <= int_max && N <= int_max && K <= int_max && A.ld <= int_max && B.ld <= int_max &&
+                  C.ld <= int_max,
+              "gemm: [", M, ", ", K, "] x [", K, ", ", N, "] exceeds cuBLAS's int sizes");
     if (K == 0) {  // cuBLAS wants lda >= 1 even then; the product is empty anyway
       MXD_CUDA_LAUNCH(detail::cu::scale_kernel<T>, detail::cu::grid_for(M * N, block), block,
                       ctx.stream(), C.data, C.ld, M, N, beta);
@@ -466,8 +474,9 @@ struct backend<cuda> {
     T* partial = plan.take<T>(chunks * M);
     const unsigned cols_grid = unsigned((M + block - 1) / block);
     if (chunks > 0) {
-      detail::cu::col_sum_partial_kernel<T>
-          <<<dim3(cols_grid, unsigned(chunks)), block, 0, ctx.stream()>>>(A, chunk_rows, partial);
+      const unsigned chunks_grid = unsigned(chunks < 65535 ? chunks : 65535);
+      detail::cu::col_sum_partial_kernel<T><<<dim3(cols_grid, chunks_grid), block, 0, ctx.stream()>>>(
+          A, chunk_rows, chunks, partial);
       MXD_CUDA_LAUNCH_CHECK();
     }
     MXD_CUDA_LAUNCH(detail::cu::col_sum_final_kernel<T>, cols_grid, block, ctx.stream(), partial,

@@ -86,15 +86,19 @@ struct memory<cuda> {
   static void deallocate(void* p) noexcept {
     if (p) (void)cudaFree(p);
   }
-  // Legacy-default-stream calls: ordered with the blocking streams of Context<cuda>.
+  // On the legacy default stream, named explicitly so that the order with the blocking
+  // streams of Context<cuda> holds even in code compiled with per-thread default streams.
   static void zero(void* p, std::size_t bytes) {
-    if (bytes) MXD_CUDA_CHECK(cudaMemset(p, 0, bytes));
+    if (bytes) MXD_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cudaStreamLegacy));
   }
   static void copy(void* dst, const void* src, std::size_t bytes) {
-    if (bytes) MXD_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+    if (bytes)
+      MXD_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cudaStreamLegacy));
   }
   static void upload(void* dst, const void* host_src, std::size_t bytes) {
-    if (bytes) MXD_CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
+    if (!bytes) return;
+    MXD_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cudaStreamLegacy));
+    MXD_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));  // host_src may go away after
   }
 };
 
@@ -186,13 +190,15 @@ private:
 
 namespace detail {
 
-// Copies a [rows, cols] matrix between views with their own leading dimensions.
+// Copies a [rows, cols] matrix between views with their own leading dimensions, on the legacy
+// default stream (after all queued work of the blocking streams), and waits for it.
 template <class T>
 void copy_matrix(T* dst, index_t dst_ld, const T* src, index_t src_ld, index_t rows, index_t cols,
                  cudaMemcpyKind kind) {
   if (rows == 0 || cols == 0) return;
-  MXD_CUDA_CHECK(cudaMemcpy2D(dst, dst_ld * sizeof(T), src, src_ld * sizeof(T), cols * sizeof(T),
-                              rows, kind));
+  MXD_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_ld * sizeof(T), src, src_ld * sizeof(T),
+                                   cols * sizeof(T), rows, kind, cudaStreamLegacy));
+  MXD_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
 }
 
 }  // namespace detail
