@@ -11,6 +11,10 @@ using mxd::cuda;  // CCCL also declares a namespace ::cuda
 
 int device_count() { return cuda_device_count(); }
 
+int device_count_verdict(int status, int count, int driver_version) {
+  return detail::device_count_verdict(static_cast<cudaError_t>(status), count, driver_version);
+}
+
 std::string impossible_allocation_error() {
   try {
     memory<cuda>::deallocate(memory<cuda>::allocate(std::size_t(1) << 62));
@@ -90,15 +94,51 @@ double loss(Loss kind, const Tensor<T>& hy, const Tensor<T>& ht, Tensor<T>& hdy)
 
 template <class T>
 void gate_topk(Tensor<T>& hscores, const Tensor<T>& hb, index_t k, Tensor<std::int32_t>& hidx,
-               Tensor<T>& hval) {
+               Tensor<T>& hval, index_t pad) {
+  const index_t B = hscores.rows();
+  Tensor<std::int32_t> fill_idx(B, k + pad);
+  Tensor<T> fill_val(B, k + pad);
+  for (index_t i = 0; i < fill_idx.size(); ++i) {
+    fill_idx[i] = -7;
+    fill_val[i] = T(-7);
+  }
   Context<cuda> ctx;
-  Tensor<T, cuda> scores = to_device(hscores), b = to_device(hb), val(hscores.rows(), k);
-  Tensor<std::int32_t, cuda> idx(hscores.rows(), k);
-  backend<cuda>::gate_topk<T>(ctx, scores.view(), b.view(), k, idx.view(), val.view());
+  Tensor<T, cuda> scores = to_device(hscores), b = to_device(hb), val = to_device(fill_val);
+  Tensor<std::int32_t, cuda> idx = to_device(fill_idx);
+  backend<cuda>::gate_topk<T>(ctx, scores.view(), b.view(), k,
+                              View<std::int32_t, cuda>(idx.data(), B, k, k + pad),
+                              View<T, cuda>(val.data(), B, k, k + pad));
   ctx.synchronize();
   hscores = to_host(scores);
   hidx = to_host(idx);
   hval = to_host(val);
+}
+
+template <class T>
+std::vector<std::string> gate_topk_errors(const std::vector<Tensor<T>>& batches,
+                                          const Tensor<T>& hb, index_t k, bool sync_each) {
+  Context<cuda> ctx;
+  const Tensor<T, cuda> b = to_device(hb);
+  std::vector<std::string> errors;
+  auto sync = [&] {
+    try {
+      ctx.synchronize();
+      errors.emplace_back();
+    } catch (const Error& e) {
+      errors.emplace_back(e.what());
+    }
+  };
+  Tensor<T, cuda> scores, val;
+  Tensor<std::int32_t, cuda> idx;
+  for (const Tensor<T>& batch : batches) {
+    scores = to_device(batch);
+    val.resize(batch.rows(), k, false);
+    idx.resize(batch.rows(), k, false);
+    backend<cuda>::gate_topk<T>(ctx, scores.view(), b.view(), k, idx.view(), val.view());
+    if (sync_each) sync();
+  }
+  if (!sync_each) sync();
+  return errors;
 }
 
 void group_by_expert(const Tensor<std::int32_t>& hidx, index_t N, Tensor<std::int32_t>& horder,
@@ -114,14 +154,26 @@ void group_by_expert(const Tensor<std::int32_t>& hidx, index_t N, Tensor<std::in
 template <class T>
 void gemm(bool ta, bool tb, T alpha, const Tensor<T>& hA, index_t ar, index_t ac,
           const Tensor<T>& hB, index_t br, index_t bc, T beta, Tensor<T>& hC, index_t cr,
-          index_t cc) {
+          index_t cc, Math math) {
   Context<cuda> ctx;
+  ctx.math = math == Math::bf16 ? MathMode::bf16 : math == Math::tf32 ? MathMode::tf32 : MathMode::fp32;
   Tensor<T, cuda> A = to_device(hA), B = to_device(hB), C = to_device(hC);
   backend<cuda>::gemm<T>(ctx, ta, tb, alpha, View<const T, cuda>(A.data(), ar, ac, A.cols()),
                          View<const T, cuda>(B.data(), br, bc, B.cols()), beta,
                          View<T, cuda>(C.data(), cr, cc, C.cols()));
   ctx.synchronize();
   hC = to_host(C);
+}
+
+template <class T>
+void norm_dec(Tensor<T>& hC, Tensor<T>& hg) {
+  Context<cuda> ctx;
+  Tensor<T, cuda> C = to_device(hC), g = to_device(hg);
+  backend<cuda>::remove_parallel_rows<T>(ctx, C.view(), g.view());
+  backend<cuda>::normalize_rows<T>(ctx, C.view());
+  ctx.synchronize();
+  hC = to_host(C);
+  hg = to_host(g);
 }
 
 template <class T>
@@ -145,9 +197,12 @@ AdamW<T> round_trip(const AdamW<T>& opt, const Params<T>& p) {
                                              const Tensor<T>&);                                \
   template double loss<T>(Loss, const Tensor<T>&, const Tensor<T>&, Tensor<T>&);               \
   template void gate_topk<T>(Tensor<T>&, const Tensor<T>&, index_t, Tensor<std::int32_t>&,     \
-                             Tensor<T>&);                                                      \
+                             Tensor<T>&, index_t);                                             \
+  template std::vector<std::string> gate_topk_errors<T>(const std::vector<Tensor<T>>&,         \
+                                                        const Tensor<T>&, index_t, bool);      \
   template void gemm<T>(bool, bool, T, const Tensor<T>&, index_t, index_t, const Tensor<T>&,   \
-                        index_t, index_t, T, Tensor<T>&, index_t, index_t);                    \
+                        index_t, index_t, T, Tensor<T>&, index_t, index_t, Math);              \
+  template void norm_dec<T>(Tensor<T>&, Tensor<T>&);                                           \
   template Params<T> round_trip<T>(const Params<T>&);                                          \
   template AdamW<T> round_trip<T>(const AdamW<T>&, const Params<T>&);
 MXD_INSTANTIATE(float)

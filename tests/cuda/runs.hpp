@@ -20,8 +20,13 @@ namespace mxd_cuda_test {
 using mxd::index_t;
 using mxd::Tensor;
 
-/// Number of visible CUDA devices (0 without a driver or GPU).
+/// Number of visible CUDA devices: mxd::cuda_device_count (0 without a GPU or driver; throws
+/// mxd::Error naming the CUDA error for a broken driver).
 int device_count();
+
+/// mxd::cuda_device_count's verdict for a cudaGetDeviceCount result `status` (a cudaError_t),
+/// `count` and cudaDriverGetVersion's `driver_version`: the count, or mxd::Error.
+int device_count_verdict(int status, int count, int driver_version);
 
 /// The message of the mxd::Error thrown by an allocation no device can satisfy.
 std::string impossible_allocation_error();
@@ -76,21 +81,39 @@ TrainResult<T> train(const mxd::Params<T>& p, const std::vector<Tensor<T>>& inpu
 template <class T>
 double loss(mxd::Loss kind, const Tensor<T>& y, const Tensor<T>& t, Tensor<T>& dy);
 
-/// backend<cuda>::gate_topk. scores: [B, N] (relu'd in place), b_gate: [1, N] -> idx, val: [B, k].
+/// backend<cuda>::gate_topk. scores: [B, N] (relu'd in place), b_gate: [1, N] -> idx, val:
+/// [B, k + pad], of which gate_topk writes the views of the first k columns (leading
+/// dimension k + pad); the `pad` columns after them hold their fill values -7.
 template <class T>
 void gate_topk(Tensor<T>& scores, const Tensor<T>& b_gate, index_t k, Tensor<std::int32_t>& idx,
-               Tensor<T>& val);
+               Tensor<T>& val, index_t pad = 0);
+
+/// backend<cuda>::gate_topk on each of `batches` ([B, N] gate scores) in turn, on one context.
+/// With `sync_each`, synchronize() after each call: one message per call, "" where it threw
+/// nothing. Without, one synchronize() after all: one message.
+template <class T>
+std::vector<std::string> gate_topk_errors(const std::vector<Tensor<T>>& batches,
+                                          const Tensor<T>& b_gate, index_t k, bool sync_each);
 
 /// backend<cuda>::group_by_expert. idx: [B, k] -> order: [1, B k], offsets: [1, N + 1].
 void group_by_expert(const Tensor<std::int32_t>& idx, index_t N, Tensor<std::int32_t>& order,
                      Tensor<std::int32_t>& offsets);
 
+/// mxd::MathMode, for the host compiler.
+enum class Math { fp32, tf32, bf16 };
+
 /// backend<cuda>::gemm on the sub-matrix views [rows, cols] of A, B and C at their top-left
-/// (so the leading dimensions are the full tensors' widths). C is updated in place.
+/// (so the leading dimensions are the full tensors' widths), float GEMMs in `math`. C is
+/// updated in place.
 template <class T>
 void gemm(bool trans_a, bool trans_b, T alpha, const Tensor<T>& A, index_t a_rows, index_t a_cols,
           const Tensor<T>& B, index_t b_rows, index_t b_cols, T beta, Tensor<T>& C,
-          index_t c_rows, index_t c_cols);
+          index_t c_rows, index_t c_cols, Math math = Math::fp32);
+
+/// norm_dec's kernels: backend<cuda>::remove_parallel_rows(C, g) and normalize_rows(C), both
+/// in place. C, g: [N, O].
+template <class T>
+void norm_dec(Tensor<T>& C, Tensor<T>& g);
 
 /// to_host(to_device(p)) and to_host(to_device(opt)).
 template <class T>

@@ -4,7 +4,12 @@
 // indices equal wherever the selected score is positive, and identical bits run to run.
 #include <doctest/doctest.h>
 
+#include <driver_types.h>  // cudaError_t's codes, for the device-count verdicts
+
+#include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include <mxd/io/checkpoint.hpp>
 
@@ -103,6 +108,25 @@ Params<float> separated_gate(Params<float> p) {
   return p;
 }
 
+// x rounded to bf16 as the bf16 GEMM's __float2bfloat16_rn does: nearest, ties to even (x finite).
+float round_to_bf16(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  std::memcpy(&x, &u, sizeof u);
+  return x;
+}
+
+// The gate scores of gate_topk's tests: B rows of N scores on a coarse grid (many exact ties).
+template <class T>
+Tensor<T> coarse_scores(index_t B, index_t N, std::uint64_t seed) {
+  Tensor<T> scores(B, N);
+  std::mt19937_64 rng(seed);
+  for (index_t i = 0; i < scores.size(); ++i) scores[i] = T(int(rng() % 21) - 10) / T(4);
+  return scores;
+}
+
 Config layer_config(index_t I, index_t H, index_t O, index_t N, index_t k, Activation a,
                     bool glu = false, bool skip = false) {
   Config c;
@@ -118,6 +142,19 @@ TEST_CASE("CUDA failures surface as mxd::Error naming the call, with or without 
   const std::string e = cu::impossible_allocation_error();
   CHECK(e.find("cudaMalloc") != std::string::npos);
   CHECK(e.find("failed: cuda") != std::string::npos);  // the error's name follows
+}
+
+TEST_CASE("only 'no GPU' or 'no driver' counts as zero devices; a broken driver is an error "
+          "naming the CUDA error") {
+  CHECK(cu::device_count_verdict(cudaSuccess, 2, 13000) == 2);
+  CHECK(cu::device_count_verdict(cudaErrorNoDevice, 0, 13000) == 0);
+  CHECK(cu::device_count_verdict(cudaErrorInsufficientDriver, 0, 0) == 0);  // none installed
+  const std::string old = error_of([] { cu::device_count_verdict(cudaErrorInsufficientDriver, 0, 12020); });
+  CHECK(old.find("cudaGetDeviceCount failed: cudaErrorInsufficientDriver") != std::string::npos);
+  CHECK(old.find("driver supports CUDA 12.2") != std::string::npos);
+  const std::string busy = error_of([] { cu::device_count_verdict(cudaErrorDevicesUnavailable, 0, 13000); });
+  CHECK(busy.find("cudaErrorDevicesUnavailable") != std::string::npos);
+  CHECK_NOTHROW(cu::device_count());  // whatever this machine has, it is no broken driver
 }
 
 TEST_SUITE("gpu") {
@@ -249,6 +286,25 @@ TEST_CASE("steering edits on the GPU equal the CPU's, gradients included") {
   CHECK(rel_error(d.coef.data(), cs.ws.coef.data(), cs.ws.coef.size()) <= 1e-12);
 }
 
+TEST_CASE_TEMPLATE("steering with k > 1024 equals the CPU: the sorted selection lands in "
+                   "rows of k + edits", T, float, double) {
+  // The segmented-sort path scatters the selection into idx and val, whose leading dimension
+  // is k + edits here (the edits' slots follow each row's k).
+  const Config c = layer_config(12, 30, 10, 3000, 1100, Activation::gelu);
+  const Params<T> p = random_params<T>(c, 24);
+  const Tensor<T> x = random_matrix<T>(5, 12, 25), dy = random_matrix<T>(5, 10, 26);
+  Steering s;
+  s.add(cpu_layer(p, x, dy).ws.topk_idx(0, 0), 2.5).add(2999, 50.0).zero(7);
+  cu::LayerOptions o;
+  o.steering = &s;
+  check_against_cpu(p, x, dy, o);
+  const cu::LayerResult<T> d = cu::layer(p, x, dy, o);
+  const CpuRun<T> cs = cpu_layer(p, x, dy, &s);
+  CHECK(d.idx.cols() == 1103);
+  CHECK(same_bits(d.idx, cs.ws.topk_idx));
+  CHECK(rel_error(d.coef.data(), cs.ws.coef.data(), cs.ws.coef.size()) <= tolerance<T>());
+}
+
 TEST_CASE("TF32 GEMMs stay within TF32 rounding of the exact float layer") {
   const Config c = layer_config(64, 256, 64, 512, 16, Activation::gelu);
   const Params<float> p = separated_gate(random_params<float>(c, 31));
@@ -260,6 +316,13 @@ TEST_CASE("TF32 GEMMs stay within TF32 rounding of the exact float layer") {
   CHECK(rel_error(t.y.data(), f.y.data(), f.y.size()) <= 2e-2);
   CHECK(rel_error(t.dx.data(), f.dx.data(), f.dx.size()) <= 2e-2);
   CHECK(rel_error(t.g.E.data(), f.g.E.data(), f.g.E.size()) <= 2e-2);
+  // ...and TF32 must have happened: rounding only x and the parameters to TF32 moves y, dx
+  // and dE by 3.5e-4 to 5e-4 on the CPU; another fp32 summation order would move them by
+  // ~1e-6. 2e-5 tells the two apart, so a mode that did nothing fails here.
+  CHECK(rel_error(t.y.data(), f.y.data(), f.y.size()) >= 2e-5);
+  CHECK(rel_error(t.dx.data(), f.dx.data(), f.dx.size()) >= 2e-5);
+  CHECK(rel_error(t.g.E.data(), f.g.E.data(), f.g.E.size()) >= 2e-5);
+  CHECK(same_bits(t.idx, f.idx));  // the separated gate: the same experts in both modes
 }
 
 TEST_CASE("bf16 GEMMs stay within bf16 rounding of the exact float layer") {
@@ -274,29 +337,94 @@ TEST_CASE("bf16 GEMMs stay within bf16 rounding of the exact float layer") {
   CHECK(rel_error(b.dx.data(), f.dx.data(), f.dx.size()) <= 5e-2);
   CHECK(rel_error(b.g.D.data(), f.g.D.data(), f.g.D.size()) <= 5e-2);
   CHECK(rel_error(b.g.W_glu.data(), f.g.W_glu.data(), f.g.W_glu.size()) <= 5e-2);
+  // ...and bf16 must have happened: rounding only x and the parameters to bf16 moves y, dx
+  // and dD by 3.4e-3 to 4.2e-3 on the CPU, ten times more than TF32; 2e-4 is far above
+  // any fp32 or TF32 result.
+  CHECK(rel_error(b.y.data(), f.y.data(), f.y.size()) >= 2e-4);
+  CHECK(rel_error(b.dx.data(), f.dx.data(), f.dx.size()) >= 2e-4);
+  CHECK(rel_error(b.g.D.data(), f.g.D.data(), f.g.D.size()) >= 2e-4);
+  CHECK(same_bits(b.idx, f.idx));
   const cu::LayerResult<float> b2 = cu::layer(p, x, dy, o);
   CHECK(same_bits(b.y, b2.y));  // and still deterministic
   CHECK(same_bits(b.g, b2.g));
 }
 
-TEST_CASE_TEMPLATE("gate top-k equals the CPU selection exactly, ties included", T, float, double) {
-  // Scores on a coarse grid: many exact ties, broken by the lower index on both devices.
+TEST_CASE_TEMPLATE("gate top-k equals the CPU selection exactly, ties included, into strided "
+                   "outputs", T, float, double) {
+  // Scores on a coarse grid: many exact ties, broken by the lower index on both devices. The
+  // outputs are views of [B, k + 3] (as under steering): ranked in the kernel up to k = 1024,
+  // scattered after the segmented sort beyond; the 3 columns after each row stay untouched.
+  const index_t pad = 3;
   for (index_t k : {1, 7, 64, 256, 700, 1500}) {
     CAPTURE(k);
     const index_t B = 5, N = 3000;
-    Tensor<T> scores(B, N), b(1, N);
-    std::mt19937_64 rng(k);
-    for (index_t i = 0; i < scores.size(); ++i) scores[i] = T(int(rng() % 21) - 10) / T(4);
+    Tensor<T> scores = coarse_scores<T>(B, N, k), b(1, N);
     Tensor<T> cpu_scores = scores;
     Tensor<std::int32_t> idx, cpu_idx(B, k);
     Tensor<T> val, cpu_val(B, k);
-    cu::gate_topk(scores, b, k, idx, val);
+    cu::gate_topk(scores, b, k, idx, val, pad);
     Context<cpu> ctx;
     backend<cpu>::gate_topk<T>(ctx, cpu_scores.view(), b.view(), k, cpu_idx.view(), cpu_val.view());
     CHECK(same_bits(scores, cpu_scores));
-    CHECK(same_bits(idx, cpu_idx));
-    CHECK(same_bits(val, cpu_val));
+    REQUIRE(idx.cols() == k + pad);
+    int idx_equal = 0, val_equal = 0, pad_untouched = 0;
+    for (index_t r = 0; r < B; ++r) {
+      for (index_t j = 0; j < k; ++j) {
+        idx_equal += idx(r, j) == cpu_idx(r, j);
+        val_equal += std::memcmp(&val(r, j), &cpu_val(r, j), sizeof(T)) == 0;
+      }
+      for (index_t j = k; j < k + pad; ++j) pad_untouched += idx(r, j) == -7 && val(r, j) == T(-7);
+    }
+    CHECK(idx_equal == B * k);
+    CHECK(val_equal == B * k);
+    CHECK(pad_untouched == B * pad);
   }
+}
+
+TEST_CASE_TEMPLATE("non-finite gate scores are an error naming the first row and expert, as on "
+                   "the CPU", T, float, double) {
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  const Config c = layer_config(8, 16, 6, 40, 4, Activation::gelu);
+  const Params<T> p = random_params<T>(c, 91);
+  const Tensor<T> dy = random_matrix<T>(6, 6, 92);
+
+  Tensor<T> x = random_matrix<T>(6, 8, 93);
+  x(2, 5) = nan;  // every gate score of row 2 is NaN
+  CHECK(error_of([&] { cu::layer(p, x, dy); }) == "gate scores: non-finite value at row 2 (expert 0)");
+
+  Params<T> bad_bias = p;
+  bad_bias.b_gate[17] = nan;  // expert 17's score in every row
+  bad_bias.b_gate[23] = -inf;
+  CHECK(error_of([&] { cu::layer(bad_bias, random_matrix<T>(6, 8, 93), dy); }) ==
+        "gate scores: non-finite value at row 0 (expert 17)");
+
+  // Scores themselves: +Inf and -Inf count too, in both top-k paths (ranked and sorted).
+  for (index_t k : {5, 1500}) {
+    CAPTURE(k);
+    const index_t B = 6, N = 3000;
+    Tensor<T> bad = coarse_scores<T>(B, N, 94), worse = bad;
+    const Tensor<T> clean = bad, b(1, N);
+    bad(3, 2900) = inf;
+    bad(3, 1200) = -inf;
+    bad(5, 0) = nan;
+    worse(1, 7) = nan;
+    // One message per synchronize(), for the lowest row, then expert; a clean call after an
+    // error reports nothing, so the context recovers.
+    const auto each = cu::gate_topk_errors<T>({bad, clean, worse}, b, k, true);
+    REQUIRE(each.size() == 3u);
+    CHECK(each[0] == "gate scores: non-finite value at row 3 (expert 1200)");
+    CHECK(each[1] == "");
+    CHECK(each[2] == "gate scores: non-finite value at row 1 (expert 7)");
+    // Two bad calls before one synchronize(): the first call's is reported.
+    const auto once = cu::gate_topk_errors<T>({clean, bad, worse}, b, k, false);
+    REQUIRE(once.size() == 1u);
+    CHECK(once[0] == "gate scores: non-finite value at row 3 (expert 1200)");
+  }
+
+  // Training stops at the loss of the step whose batch is bad, before backward and AdamW.
+  const std::vector<Tensor<T>> xs{random_matrix<T>(6, 8, 95), x}, ts{dy, dy};
+  CHECK(error_of([&] { cu::train(p, xs, ts, AdamWConfig{}, true, Loss::nmse_ref); }) ==
+        "gate scores: non-finite value at row 2 (expert 0)");
 }
 
 TEST_CASE("grouping pairs by expert equals the CPU's counting sort") {
@@ -332,6 +460,73 @@ TEST_CASE_TEMPLATE("GEMMs in every transpose and on strided views equal the CPU'
       for (index_t r = 0; r < M; ++r)  // the columns outside the view are untouched
         for (index_t j = N; j < N + 2; ++j) CHECK(C(r, j) == cpu_C(r, j));
     }
+}
+
+TEST_CASE("TF32 and bf16 GEMMs on strided views round as their modes say, in every transpose") {
+  // op(A): [M, K], op(B): [K, N] inside wider tensors, as in the fp32 test above. Against the
+  // exact product (double, from the float inputs): rounding the inputs to TF32 moves this
+  // result by 2.3e-4 (nearest) to 7.6e-4 (truncation), to bf16 by 1.8e-3 to 2.9e-3, while fp32
+  // moves it by ~1e-7. The bf16 result must also equal the exact product of the bf16-rounded
+  // inputs up to float accumulation over K = 17 terms (~1e-6).
+  const index_t M = 33, K = 17, N = 29;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      CAPTURE(ta);
+      CAPTURE(tb);
+      const index_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+      const Tensor<float> A = random_matrix<float>(ar, ac + 3, 1), B = random_matrix<float>(br, bc + 5, 2);
+      const Tensor<float> C0 = random_matrix<float>(M, N + 2, 3);
+      auto a = [&](index_t i, index_t k) { return ta ? A(k, i) : A(i, k); };
+      auto b = [&](index_t k, index_t j) { return tb ? B(j, k) : B(k, j); };
+      std::vector<double> exact, bf16;
+      for (index_t i = 0; i < M; ++i)
+        for (index_t j = 0; j < N; ++j) {
+          double e = 0, r = 0;
+          for (index_t k = 0; k < K; ++k) {
+            e += double(a(i, k)) * b(k, j);
+            r += double(round_to_bf16(a(i, k))) * round_to_bf16(b(k, j));
+          }
+          exact.push_back(0.5 * e - 2.0 * C0(i, j));
+          bf16.push_back(0.5 * r - 2.0 * C0(i, j));
+        }
+      for (cu::Math math : {cu::Math::tf32, cu::Math::bf16}) {
+        const bool is_bf16 = math == cu::Math::bf16;
+        CAPTURE(is_bf16);
+        Tensor<float> C = C0;
+        cu::gemm<float>(ta, tb, 0.5f, A, ar, ac, B, br, bc, -2.0f, C, M, N, math);
+        std::vector<float> view;
+        int outside_untouched = 0;
+        for (index_t r = 0; r < M; ++r) {
+          for (index_t j = 0; j < N; ++j) view.push_back(C(r, j));
+          for (index_t j = N; j < N + 2; ++j) outside_untouched += C(r, j) == C0(r, j);
+        }
+        CHECK(outside_untouched == M * 2);
+        const double from_exact = rel_error(view.data(), exact.data(), exact.size());
+        CHECK(from_exact >= (is_bf16 ? 5e-4 : 2e-5));
+        CHECK(from_exact <= (is_bf16 ? 1e-2 : 2e-3));
+        if (is_bf16) {
+          CHECK(rel_error(view.data(), bf16.data(), bf16.size()) <= 1e-5);
+        }
+      }
+    }
+}
+
+TEST_CASE_TEMPLATE("norm_dec's kernels equal the CPU's: gradients lose their part along c_n, "
+                   "rows get unit norm", T, float, double) {
+  // O = 70 > 32 lanes: each warp loops over its row; row 5 is zero and must stay as it is.
+  const index_t N = 300, O = 70;
+  Tensor<T> C = random_matrix<T>(N, O, 1), g = random_matrix<T>(N, O, 2);
+  for (index_t o = 0; o < O; ++o) C(5, o) = T(0);
+  Tensor<T> cpu_C = C, cpu_g = g;
+  cu::norm_dec(C, g);
+  Context<cpu> ctx;
+  backend<cpu>::remove_parallel_rows<T>(ctx, cpu_C.view(), cpu_g.view());
+  backend<cpu>::normalize_rows<T>(ctx, cpu_C.view());
+  CHECK(rel_error(C.data(), cpu_C.data(), C.size()) <= tolerance<T>());
+  CHECK(rel_error(g.data(), cpu_g.data(), g.size()) <= tolerance<T>());
+  int zero_row = 0;
+  for (index_t o = 0; o < O; ++o) zero_row += C(5, o) == T(0) && g(5, o) == cpu_g(5, o);
+  CHECK(zero_row == O);
 }
 
 TEST_CASE_TEMPLATE("device losses and their gradients equal the host losses", T, float, double) {

@@ -407,7 +407,9 @@ struct backend<cuda> {
   /// scores = relu(scores + b_gate) in place; then per row the k best (value desc, index asc)
   /// as (idx, val), exactly as backend<cpu>. scores: [B, N], b_gate: [1, N], idx, val: [B, k].
   /// Up to k = 1024 one kernel does it all; beyond, a stable CUB segmented sort orders the
-  /// candidates the kernel collected in index order.
+  /// candidates the kernel collected in index order. A non-finite score + bias is an error:
+  /// the next ctx.synchronize() throws mxd::Error "gate scores: non-finite value at row R
+  /// (expert N)" for the lowest such row, then expert, as backend<cpu> does at once.
   template <class T>
   static void gate_topk(Ctx& ctx, View<T, cuda> scores, cview<T> b_gate, index_t k,
                         View<std::int32_t, cuda> idx, View<T, cuda> val) {
@@ -417,6 +419,7 @@ struct backend<cuda> {
     if (B == 0) return;
     MXD_CHECK(B * k <= 0x7fffffff, "gate_topk: ", B, " x ", k, " selected pairs exceed CUB's int "
               "item count");
+    MXD_CHECK(N <= 0x7fffffff, "gate_topk: ", N, " experts exceed the int32 indices");
     const bool sort = k > cu::topk_rank_limit;
     std::size_t sort_bytes = 0;
     if (sort)
@@ -442,7 +445,9 @@ struct backend<cuda> {
     void* temp = plan.take<char>(index_t(sort_bytes));
     cudaStream_t s = ctx.stream();
     MXD_CUDA_LAUNCH(cu::gate_topk_kernel<T>, unsigned(B), cu::topk_block, s, scores.data, scores.ld,
-                    b_gate.data, N, k, cand_idx, cand_val, idx.data, idx.ld, val.data, val.ld);
+                    b_gate.data, N, k, cand_idx, cand_val, idx.data, idx.ld, val.data, val.ld,
+                    ctx.nonfinite_position());
+    ctx.nonfinite_check_queued();
     if (!sort) return;
     MXD_CUDA_LAUNCH(cu::row_offsets_kernel<int>, cu::grid_for(B + 1, block), block, s, offsets, B, k);
     MXD_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(

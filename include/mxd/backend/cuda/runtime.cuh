@@ -63,15 +63,34 @@
 
 namespace mxd {
 
-/// Number of CUDA devices visible to this process; 0 (not an error) when there is no driver
-/// or no GPU, so callers can skip GPU work.
-inline int cuda_device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the sticky "no device" error
+namespace detail {
+
+// cuda_device_count's verdict on what cudaGetDeviceCount said: `status` and `count` are its
+// result, `driver_version` cudaDriverGetVersion's (0 where no driver is installed at all).
+inline int device_count_verdict(cudaError_t status, int count, int driver_version) {
+  if (status == cudaSuccess) return count;
+  // No GPU, or no driver library at all (the runtime then reports an insufficient driver).
+  if (status == cudaErrorNoDevice ||
+      (status == cudaErrorInsufficientDriver && driver_version == 0))
     return 0;
-  }
-  return n;
+  throw Error(concat("cudaGetDeviceCount failed: ", cudaGetErrorName(status), " (",
+                     cudaGetErrorString(status), "; driver supports CUDA ", driver_version / 1000,
+                     ".", driver_version % 1000 / 10, ", runtime needs ", CUDART_VERSION / 1000,
+                     ".", CUDART_VERSION % 1000 / 10, ")"));
+}
+
+}  // namespace detail
+
+/// Number of CUDA devices visible to this process: 0 (not an error) where there is no GPU or
+/// no driver installed, so callers can skip GPU work. Any other failure (a driver too old
+/// for this runtime, a device that cannot be opened) throws mxd::Error naming the CUDA error:
+/// a broken setup must not pass for a machine without a GPU.
+inline int cuda_device_count() {
+  int n = 0, driver = 0;
+  const cudaError_t status = cudaGetDeviceCount(&n);
+  (void)cudaGetLastError();  // the failure is sticky in the last-error slot: clear it
+  if (status != cudaSuccess && cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+  return detail::device_count_verdict(status, n, driver);
 }
 
 template <>
@@ -110,10 +129,34 @@ struct memory<cuda> {
 ///         about 1e-2 relative error, the tensor cores' fastest float path. Tensors stay float.
 enum class MathMode { fp32, tf32, bf16 };
 
+namespace detail::cu {
+
+// A position (row, column) as one key, row << 32 | column: keys order like row-major positions,
+// so an atomicMin over them finds the lowest row, then the lowest column in it.
+constexpr unsigned long long no_position = ~0ull;
+
+// positions[0] keeps the first call's key since the host last looked, positions[1] is the
+// current call's (reset for the next). One thread. (A template: no host stub to collide when
+// several .cu files include this.)
+template <class Key>
+__global__ void merge_position_kernel(Key* positions) {
+  if (positions[0] == no_position) positions[0] = positions[1];
+  positions[1] = no_position;
+}
+
+}  // namespace detail::cu
+
 /// The device's execution context: one stream that every primitive runs on, a cuBLAS handle
-/// bound to it, the float GEMM math mode and a grow-only scratch buffer. The stream and handle
-/// are created on first use on the then-current device, so constructing a Workspace needs no GPU.
+/// bound to it, the float GEMM math mode, a grow-only scratch buffer and the record of the
+/// non-finite gate scores found on the device. The stream and handle are created on first use
+/// on the then-current device, so constructing a Workspace needs no GPU.
 /// Move-only: it owns the stream and handle.
+///
+/// Kernels cannot throw: gate_topk records the first non-finite gate score it meets on the
+/// device, and the next synchronize() throws mxd::Error naming it ("gate scores: non-finite
+/// value at row R (expert N)", the CPU's message). loss() synchronizes before it returns, so
+/// a training step stops there, before backward or the optimizer; code that reads results
+/// with to_host should call synchronize() first.
 template <>
 class Context<cuda> {
 public:
@@ -159,9 +202,45 @@ public:
     return scratch_;
   }
 
-  /// Waits for everything queued on the stream; rethrows asynchronous kernel errors.
+  /// Waits for everything queued on the stream; rethrows asynchronous kernel errors, then the
+  /// first non-finite gate score that gate_topk found since the last synchronize().
   void synchronize() {
-    if (stream_) MXD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (!stream_) return;
+    MXD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (!check_pending_) return;
+    check_pending_ = false;
+    const unsigned long long key = *host_position_;
+    if (key == detail::cu::no_position) return;
+    // Clean again for the next calls (stream-ordered before them).
+    MXD_CUDA_CHECK(cudaMemsetAsync(positions_, 0xff, sizeof(*positions_), stream_));
+    throw Error(detail::concat("gate scores: non-finite value at row ", key >> 32, " (expert ",
+                               key & 0xffffffffull, ")"));
+  }
+
+  /// For gate_topk: the device key (see detail::cu::no_position) its kernel lowers with
+  /// atomicMin at each non-finite gate score. Pass it to one kernel, then call
+  /// nonfinite_check_queued() right after.
+  unsigned long long* nonfinite_position() {
+    if (!host_position_) {
+      MXD_CUDA_CHECK(cudaMallocHost(&host_position_, sizeof(*host_position_)));
+      *host_position_ = detail::cu::no_position;
+    }
+    if (!positions_) {
+      cudaStream_t s = stream();
+      positions_ = static_cast<unsigned long long*>(memory<cuda>::allocate(2 * sizeof(*positions_)));
+      MXD_CUDA_CHECK(cudaMemsetAsync(positions_, 0xff, 2 * sizeof(*positions_), s));
+    }
+    return positions_ + 1;
+  }
+
+  /// Queues the report of the kernel's key for synchronize(); the first call since the last
+  /// synchronize() that found a non-finite score is the one reported.
+  void nonfinite_check_queued() {
+    cudaStream_t s = stream();
+    MXD_CUDA_LAUNCH(detail::cu::merge_position_kernel<unsigned long long>, 1, 1, s, positions_);
+    MXD_CUDA_CHECK(cudaMemcpyAsync(host_position_, positions_, sizeof(*positions_),
+                                   cudaMemcpyDeviceToHost, s));
+    check_pending_ = true;
   }
 
 private:
@@ -169,10 +248,15 @@ private:
     if (cublas_) (void)cublasDestroy(cublas_);
     if (stream_) (void)cudaStreamDestroy(stream_);
     memory<cuda>::deallocate(scratch_);
+    memory<cuda>::deallocate(positions_);
+    if (host_position_) (void)cudaFreeHost(host_position_);
     cublas_ = nullptr;
     stream_ = nullptr;
     scratch_ = nullptr;
     scratch_bytes_ = 0;
+    positions_ = nullptr;
+    host_position_ = nullptr;
+    check_pending_ = false;
   }
   void swap(Context& o) noexcept {
     std::swap(math, o.math);
@@ -180,12 +264,20 @@ private:
     std::swap(cublas_, o.cublas_);
     std::swap(scratch_, o.scratch_);
     std::swap(scratch_bytes_, o.scratch_bytes_);
+    std::swap(positions_, o.positions_);
+    std::swap(host_position_, o.host_position_);
+    std::swap(check_pending_, o.check_pending_);
   }
 
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
+  // Non-finite gate scores: [2] device keys (first since the host looked, current call),
+  // their pinned host copy, and whether a copy was queued since the last synchronize().
+  unsigned long long* positions_ = nullptr;
+  unsigned long long* host_position_ = nullptr;
+  bool check_pending_ = false;
 };
 
 namespace detail {

@@ -8,6 +8,11 @@
 /// row whatever k is. The scores above it and the needed number of scores equal to it (lowest
 /// indices first, through an ordered block scan) are the selection; ranking them under the
 /// strict order (value desc, index asc) gives the CPU backend's result, bit for bit.
+///
+/// A non-finite score (after the bias, before relu) is an error, as on the CPU: the pass that
+/// adds the bias lowers a device key to the first one's (row, expert), which the context
+/// reports at its next synchronize(). Meanwhile the row's selection stays in range (a NaN
+/// reads as 0), so nothing is read or written out of bounds.
 #pragma once
 
 #include <cstdint>
@@ -44,11 +49,12 @@ constexpr index_t topk_rank_limit = 1024;
 /// scores: [B, N] (relu'd in place), b_gate: [1, N], cand_idx, cand_val: [B, k] scratch,
 /// idx, val: [B, k] (row-major with leading dimensions ld_i, ld_v). One block per row. With
 /// k > topk_rank_limit only the candidates are written (in index order), not idx and val.
+/// nonfinite: lowered by atomicMin to row << 32 | expert of each row's first non-finite score.
 template <class T>
 __global__ void __launch_bounds__(topk_block)
     gate_topk_kernel(T* scores, index_t ld_s, const T* b_gate, index_t N, index_t k,
                      std::int32_t* cand_idx, T* cand_val, std::int32_t* idx, index_t ld_i, T* val,
-                     index_t ld_v) {
+                     index_t ld_v, unsigned long long* nonfinite) {
   using U = typename ordered_bits<T>::type;
   using Scan = cub::BlockScan<int, topk_block>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -59,8 +65,13 @@ __global__ void __launch_bounds__(topk_block)
   const index_t r = blockIdx.x;
   const int tid = threadIdx.x;
   T* s = scores + r * ld_s;
+  bool flagged = false;  // this thread's first non-finite score is its lowest expert
   for (index_t i = tid; i < N; i += topk_block) {
     const T v = s[i] + b_gate[i];
+    if (!flagged && !isfinite(v)) {
+      flagged = true;
+      atomicMin(nonfinite, static_cast<unsigned long long>(r) << 32 | static_cast<unsigned long long>(i));
+    }
     s[i] = v > T(0) ? v : T(0);  // +0 for negatives and NaN: bit patterns stay ordered
   }
   __syncthreads();
