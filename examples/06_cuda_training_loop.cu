@@ -1,14 +1,15 @@
 // SPDX-License-Identifier: MIT
 // 06: example 04's training loop on the GPU. Only the device tag and the copies change:
 // the batch goes to the device, the loss is computed there, and the trained parameters come
-// back to the host at the end. Exits 77 (reported as skipped) where no GPU is visible.
+// back to the host at the end. Exits 77 (reported as skipped) where no GPU is visible, 1 with
+// the message where the driver is broken or anything else throws mxd::Error.
 #include <cstdio>
 
 #include <mxd/cuda.cuh>
 #include <mxd/init.hpp>
 #include <mxd/train/data.hpp>
 
-int main() {
+int main() try {
   if (mxd::cuda_device_count() == 0) {
     std::printf("skipped: no CUDA device is visible\n");
     return 77;
@@ -51,4 +52,7 @@ int main() {
   const bool ok = last < first / 4;
   std::printf("%s\n", ok ? "ok: the loop learns on the GPU" : "FAILED: loss did not fall 4x");
   return ok ? 0 : 1;
+} catch (const mxd::Error& e) {
+  std::printf("FAILED: %s\n", e.what());
+  return 1;
 }

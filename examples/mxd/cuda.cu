@@ -172,6 +172,7 @@ CudaTimings bench_cuda(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>
     st.push_back(t03);
   }
   for (auto& e : ev) (void)cudaEventDestroy(e);
+  ws.ctx.synchronize();  // what the steps found on the device (non-finite gate scores)
   cudaDeviceProp prop{};
   int device = 0;
   MXD_CUDA_CHECK(cudaGetDevice(&device));
