@@ -7,6 +7,9 @@ that the files on disk are what it would write.
     /usr/bin/python3 tests/data/golden/make_golden.py OUT_DIR            # write the 10 cases
     /usr/bin/python3 tests/data/golden/make_golden.py --check tests/data  # regenerate and compare
 
+It also writes split/gelu_glu_layer.safetensors (the case's parameters and metadata) and
+split/gelu_glu_batch.safetensors (its x, dy and target), for `mxd eval LAYER OUT --batch BATCH`.
+
 Each case holds the parameters under the authors' names and layouts (W_enc [I,H], b_enc [H],
 W_dec [H,O], gate [N,I], gate_bias [N], W_cond [O,N], b_dec_out [O], W_glu.weight [H,I],
 W_glu.bias [H], W_skip.weight [O,I]), a batch x [B,I], a target and an upstream gradient dy,
@@ -162,16 +165,30 @@ def make_case(index, name, I, H, O, N, k, B, activation, glu, skip, variant):
     return out, meta
 
 
-def write_all(out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    for i, case in enumerate(CASES):
-        tensors, meta = make_case(i, *case)
-        write_safetensors(os.path.join(out_dir, case[0] + ".safetensors"), tensors, meta)
-
-
 # Drawn (exact) rather than computed tensors.
 INPUTS = {"W_enc", "b_enc", "W_dec", "gate", "gate_bias", "W_cond", "b_dec_out", "W_glu.weight",
           "W_glu.bias", "W_skip.weight", "x", "target", "dy"}
+SPLIT_CASE = "gelu_glu"
+BATCH = ("x", "dy", "target")
+
+
+def write_all(out_dir):
+    os.makedirs(os.path.join(out_dir, "split"), exist_ok=True)
+    for i, case in enumerate(CASES):
+        tensors, meta = make_case(i, *case)
+        write_safetensors(os.path.join(out_dir, case[0] + ".safetensors"), tensors, meta)
+        if case[0] == SPLIT_CASE:
+            layer = {n: t for n, t in tensors.items() if n in INPUTS and n not in BATCH}
+            write_safetensors(os.path.join(out_dir, "split", case[0] + "_layer.safetensors"), layer, meta)
+            batch = {n: tensors[n] for n in BATCH}
+            write_safetensors(os.path.join(out_dir, "split", case[0] + "_batch.safetensors"), batch, {})
+
+
+def written_files():
+    return [case[0] + ".safetensors" for case in CASES] + [
+        os.path.join("split", SPLIT_CASE + part + ".safetensors") for part in ("_layer", "_batch")]
+
+
 TOLERANCE = 1e-14
 
 
@@ -182,10 +199,9 @@ def check(golden_dir):
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         write_all(tmp)
-        for case in CASES:
-            name = case[0]
-            new, new_meta = read_safetensors(os.path.join(tmp, name + ".safetensors"))
-            old, old_meta = read_safetensors(os.path.join(golden_dir, name + ".safetensors"))
+        for name in written_files():
+            new, new_meta = read_safetensors(os.path.join(tmp, name))
+            old, old_meta = read_safetensors(os.path.join(golden_dir, name))
             problems = []
             if new_meta != old_meta:
                 problems.append(f"metadata {old_meta} != {new_meta}")
@@ -210,7 +226,7 @@ def check(golden_dir):
             for problem in problems:
                 print(f"{name}: {problem}")
             failures += len(problems)
-    print(f"{len(CASES)} golden cases checked, {failures} differences, "
+    print(f"{len(CASES)} golden cases and the split case checked, {failures} differences, "
           f"largest normwise error of computed tensors {worst:.3g}")
     return failures
 
