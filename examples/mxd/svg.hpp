@@ -74,7 +74,7 @@ inline std::vector<double> round_log_ticks(double lo, double hi) {
     }
   if (ticks.size() >= 3 || !fine) return ticks;
   ticks.clear();
-  for (double v : round_ticks(std::pow(10.0, lo), std::pow(10.0, hi), 4))
+  for (double v : round_ticks(std::pow(10.0, lo), std::pow(10.0, hi), 6))
     if (v > 0) ticks.push_back(v);
   return ticks;
 }
