@@ -35,13 +35,16 @@
 
 namespace mxd::detail {
 
-/// Number of CPUs this process may run on (its affinity mask), at least 1.
+/// Number of CPUs this process may run on (its affinity mask at first use), at least 1.
 inline int available_cpus() {
+  static const int n = [] {
 #if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
 #endif
-  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }();
+  return n;
 }
 
 inline void cpu_relax() {
@@ -52,7 +55,9 @@ inline void cpu_relax() {
 
 /// A process-wide pool of helper threads for ThreadPool::run. One loop runs at a time; a loop
 /// started while another is running (another user thread, or a loop nested in a piece) runs on
-/// its calling thread alone.
+/// its calling thread alone, and so does a loop of more than 4M pieces (far beyond the CPU
+/// primitives' loops, whose pieces are 8 or more rows, 256 GEMM rows or columns, or 16384
+/// parameters).
 class ThreadPool {
 public:
   /// The pool, created on first use; its workers are joined at exit.
