@@ -157,7 +157,7 @@ TEST_CASE("analytic gradients match central finite differences for every variant
       }
 }
 
-TEST_CASE("forward and backward give identical bits for 1 and 2 threads and on repeat runs") {
+TEST_CASE("forward and backward give identical bits for 1, 2 and 4 threads and on repeat runs") {
   Config c;
   c.d_in = 48; c.d_hidden = 300; c.d_out = 40; c.n_experts = 1500; c.k = 24;
   c.activation = Activation::gelu; c.glu = true;
@@ -168,17 +168,23 @@ TEST_CASE("forward and backward give identical bits for 1 and 2 threads and on r
     r.backward();
     return r;
   };
-  Run<float> a = make(1), b = make(2), a2 = make(1);
+  Run<float> a = make(1), b = make(2), a2 = make(1), d = make(4);
   auto same = [](const Tensor<float>& u, const Tensor<float>& v) {
     return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.bytes()) == 0;
   };
   CHECK(same(a.y, b.y));
   CHECK(same(a.dx, b.dx));
   CHECK(same(a.y, a2.y));
-  std::vector<const Tensor<float>*> ga, gb;
+  CHECK(same(a.y, d.y));
+  CHECK(same(a.dx, d.dx));
+  std::vector<const Tensor<float>*> ga, gb, gd;
   a.g.for_each([&](const char*, const Tensor<float>& t) { ga.push_back(&t); });
   b.g.for_each([&](const char*, const Tensor<float>& t) { gb.push_back(&t); });
-  for (std::size_t i = 0; i < ga.size(); ++i) CHECK(same(*ga[i], *gb[i]));
+  d.g.for_each([&](const char*, const Tensor<float>& t) { gd.push_back(&t); });
+  for (std::size_t i = 0; i < ga.size(); ++i) {
+    CHECK(same(*ga[i], *gb[i]));
+    CHECK(same(*ga[i], *gd[i]));
+  }
 }
 
 TEST_CASE("Accumulate adds this batch's gradients to what the buffers hold") {

@@ -148,7 +148,9 @@ TEST_CASE("the authors' initialisation: D and biases zero and encoder weights wi
   }
 }
 
-TEST_CASE("parameter-matched expert counts are those of DESIGN.md under both conventions") {
+// N = floor((P_tc - P_base) / (I + O + 1)), P_tc = I M + M O + M + O with M = m I latents,
+// P_base = the MxD's parameters other than G, b_gate and C (which hold I + 1 + O per expert).
+TEST_CASE("parameter-matched expert counts follow N = floor((P_tc - P_base) / (I + O + 1)) under both conventions") {
   CHECK(matched_experts(768, 3072, 768, 32) == 21504);
   CHECK(matched_experts(768, 3072, 768, 32, false, false, MatchConvention::authors) == 21490);
   CHECK(matched_experts(1024, 4096, 1024, 32, false, false, MatchConvention::authors) == 28658);

@@ -114,7 +114,7 @@ int run_bench(int argc, char** argv) {
                 "  --dtype bf16      with --device cuda: float tensors, GEMMs on bf16 copies of\n"
                 "                    their inputs with float accumulation\n"
                 "  --json            print one JSON object on stdout (progress on stderr)\n",
-                layer_flags_help());
+                layer_flags_help().c_str());
     return 0;
   }
   MXD_CHECK(args.positional().empty(), "mxd bench takes no positional arguments, got '",

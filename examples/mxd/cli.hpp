@@ -114,12 +114,13 @@ inline const std::set<std::string>& layer_switches() {
   return s;
 }
 
-inline const char* layer_flags_help() {
-  return "  --d-in I          input width\n"
-         "  --d-hidden H      hidden width of the encoder\n"
-         "  --d-out O         output width\n"
-         "  --experts N       number of experts\n"
-         "  --k K             experts selected per row\n"
+/// Their --help lines; without `with_k` for commands that document their own --k.
+inline std::string layer_flags_help(bool with_k = true) {
+  return std::string("  --d-in I          input width\n"
+                     "  --d-hidden H      hidden width of the encoder\n"
+                     "  --d-out O         output width\n"
+                     "  --experts N       number of experts\n") +
+         (with_k ? "  --k K             experts selected per row\n" : "") +
          "  --activation A    relu | gelu | gelu_tanh | sigmoid | silu\n"
          "  --glu, --skip     GLU encoder; linear skip connection (needs I == O)\n";
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
-// mxd eval IN.safetensors OUT.safetensors [--dtype f64|f32] [--threads N]
+// mxd eval IN.safetensors OUT.safetensors [--batch BATCH.safetensors] [--dtype f64|f32] [--threads N]
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -14,12 +15,14 @@ namespace mxd::cli {
 namespace {
 
 const char* const eval_help =
-    "usage: mxd eval IN.safetensors OUT.safetensors [--dtype f64|f32] [--threads N]\n\n"
+    "usage: mxd eval IN.safetensors OUT.safetensors [--batch BATCH.safetensors]\n"
+    "                [--dtype f64|f32] [--threads N]\n\n"
     "Runs one MxD layer on a batch and writes what it computes.\n\n"
     "IN holds the layer's parameters under the authors' names and layouts\n"
     "  W_enc [I,H], b_enc [H], W_dec [H,O], gate [N,I], gate_bias [N], W_cond [O,N],\n"
     "  b_dec_out [O], and with glu W_glu.weight [H,I], W_glu.bias [H], with skip W_skip.weight [O,I]\n"
-    "  (an unused b_dec is ignored), the input x [B,I], and optionally dy [B,O] and target [B,O].\n"
+    "  (an unused b_dec is ignored), the input x [B,I], and optionally dy [B,O] and target [B,O]\n"
+    "  (or these three from BATCH: then IN needs only the layer, e.g. a training checkpoint).\n"
     "  Its __metadata__ gives activation (relu|gelu|gelu_tanh|sigmoid|silu), k, and optionally\n"
     "  glu and skip (0/1; else inferred from the tensors). Sizes come from the shapes.\n"
     "  Other keys are ignored; missing or mis-shaped ones are an error.\n\n"
@@ -29,13 +32,18 @@ const char* const eval_help =
     "  loss_nmse_ref [1] and dloss_dy [B,O]                    when target is given\n"
     "  (loss_nmse_ref = mean over elements of (y - target)^2 / ||target_row||_2).\n\n"
     "options:\n"
+    "  --batch FILE      read x, dy and target from FILE instead of IN\n"
     "  --dtype f64|f32   precision of the computation and of OUT's floats (default f64)\n"
     "  --threads N       CPU threads (default: all cores); results are identical for any N\n";
 
+// The layer from `in`, x (and dy, target) from `in` too or from `--batch`.
 template <class T>
-void eval(io::SafetensorsReader& in, const std::string& out_path, int threads) {
-  const Config cfg = io::read_config(in);
-  const Params<T> p = io::load_params<T>(in, cfg);
+void eval(io::SafetensorsReader& layer, io::SafetensorsReader& in, const std::string& out_path,
+          int threads) {
+  const Config cfg = io::read_config(layer);
+  const Params<T> p = io::load_params<T>(layer, cfg);
+  MXD_CHECK(in.contains("x"), in.path(), " has no batch x [B, ", cfg.d_in, "]",
+            &in == &layer ? " (give one with --batch FILE)" : "");
   const Tensor<T> x = io::read_matrix<T>(in, "x", cfg.d_in);
   const index_t B = x.rows();
   MXD_CHECK(B > 0, "x in ", in.path(), " has no rows");
@@ -80,7 +88,7 @@ void eval(io::SafetensorsReader& in, const std::string& out_path, int threads) {
 }  // namespace
 
 int run_eval(int argc, char** argv) {
-  Args args(argc, argv, 2, {"dtype", "threads"});
+  Args args(argc, argv, 2, {"batch", "dtype", "threads"});
   if (args.help()) {
     std::fputs(eval_help, stdout);
     return 0;
@@ -90,11 +98,14 @@ int run_eval(int argc, char** argv) {
   const std::string dtype = args.get("dtype", "f64");
   const long long threads = args.get_int("threads", 0);
   MXD_CHECK(threads >= 0 && threads <= 1024, "--threads = ", threads, " is out of range [0, 1024]");
-  io::SafetensorsReader in(args.positional()[0]);
+  io::SafetensorsReader layer(args.positional()[0]);
+  std::unique_ptr<io::SafetensorsReader> batch;
+  if (args.has("batch")) batch = std::make_unique<io::SafetensorsReader>(args.get("batch", ""));
+  io::SafetensorsReader& in = batch ? *batch : layer;
   if (dtype == "f64")
-    eval<double>(in, args.positional()[1], static_cast<int>(threads));
+    eval<double>(layer, in, args.positional()[1], static_cast<int>(threads));
   else if (dtype == "f32")
-    eval<float>(in, args.positional()[1], static_cast<int>(threads));
+    eval<float>(layer, in, args.positional()[1], static_cast<int>(threads));
   else
     throw Error("--dtype = '" + dtype + "' is not f64 or f32");
   return 0;

@@ -132,13 +132,18 @@ int run_inspect(int argc, char** argv) {
         std::printf("%8lld %10.4f %10.4f\n", (long long)n, usage.frequency(n), usage.mean_coefficient(n));
     }
     if (args.has("plot")) {
-      Series s{"experts per bin", {}, {}};
+      Series s;
+      s.name = "experts per bin";
       for (int b = 0; b < bins; ++b) {
         s.x.push_back(lo + (hi - lo) * (b + 0.5) / bins);
         s.y.push_back(double(hist[b]));
       }
-      write_svg_plot(args.get("plot", ""), "expert firing frequencies", "log10 frequency",
-                     "experts", {s}, false);
+      Axes axes;
+      axes.title = "expert firing frequencies (live experts)";
+      axes.x_label = "log10 frequency";
+      axes.y_label = "experts";
+      axes.bar_width = (hi - lo) / bins;
+      write_svg_plot(args.get("plot", ""), axes, {s});
     }
   }
   if (json) std::printf("%s\n", j.dump().c_str());

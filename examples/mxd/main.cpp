@@ -32,7 +32,8 @@ void usage(std::FILE* out) {
                "mxd: Mixture of Decoders layers (arXiv 2505.21364) from the command line.\n\n"
                "usage: mxd [COMMAND [ARGS...]]\n"
                "       mxd COMMAND --help\n\n"
-               "With no command, runs `mxd train` on its built-in default (about a minute on 2 cores).\n\ncommands:\n");
+               "With no command, runs `mxd train` on its built-in default (under a minute on an\n"
+               "idle 2-core machine; see mxd train --help).\n\ncommands:\n");
   for (const Command& c : commands) std::fprintf(out, "  %-8s %s\n", c.name, c.summary);
 }
 

@@ -1,8 +1,6 @@
 // SPDX-License-Identifier: MIT
 // mxd train: trains an MxD and a parameter-matched TopK (or skip) transcoder on the same
 // stream of (x, y) pairs, then evaluates both on held-out pairs.
-#include <unistd.h>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -23,6 +21,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "cuda.hpp"
+#include "progress.hpp"
 #include "svg.hpp"
 
 namespace mxd::cli {
@@ -34,7 +33,9 @@ const char* const train_help =
     "to reproduce y from x, then evaluates both on held-out pairs. With no options: the\n"
     "built-in default, a teacher GELU MLP 64 -> 256 -> 64 with x ~ N(0, I) and weights\n"
     "N(0, 1/fan_in) (seed 0), an MxD 64 -> 256 -> 64 with 1792 experts and a transcoder of\n"
-    "2048 latents (both ~266k parameters), k = 32, 2000 steps of 512 rows (about a minute on 2 cores).\n\n"
+    "2048 latents (both ~266k parameters), k = 32, 2000 steps of 512 rows. Its time is that of\n"
+    "the two models' steps and the teacher's data: under a minute on an idle 2-core x86-64\n"
+    "machine, longer when other processes share the cores (README, \"Training\").\n\n"
     "data:\n"
     "  --data FILE       safetensors with x [T, d_in] and y [T, d_out] (F32/F16/BF16/F64);\n"
     "                    repeatable; rows are streamed, the last --eval-fraction of each file\n"
@@ -60,6 +61,8 @@ const char* const train_help =
     "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
     "  --dtype bf16      with --device cuda: float tensors, GEMMs on bf16 copies of their inputs\n"
     "  --log-every N     steps per log.csv row (default 10)\n"
+    "  --progress-every S  when stderr is not a terminal, a progress line (step, loss, tokens/s,\n"
+    "                    ETA) every S seconds (default 10; 0: every step)\n"
     "  --out DIR         output directory (default mxd_out)\n"
     "  --resume CKPT     continue from DIR/mxd.safetensors (the baseline from the same DIR)\n\n"
     "writes to DIR: mxd.safetensors, topk_transcoder.safetensors (checkpoints with optimizer\n"
@@ -74,7 +77,7 @@ struct Options {
   bool norm_dec = true;
   index_t batch = 512, steps = 2000, warmup = 100, log_every = 10, eval_rows = 8192;
   index_t teacher_hidden = 256;
-  double lr = 1e-3, eval_fraction = 0.05;
+  double lr = 1e-3, eval_fraction = 0.05, progress_every = 10;
   std::uint64_t seed = 0;
   int threads = 0;
   bool cuda = false;
@@ -243,34 +246,6 @@ struct Row {
   double tokens_per_s;
 };
 
-// Progress on stderr, only when it is a terminal.
-class Progress {
-public:
-  Progress(index_t total, index_t start) : total_(total), start_(start), tty_(isatty(2)) {}
-  void update(index_t step, index_t rows_per_step, double loss) {
-    if (!tty_) return;
-    const double s = seconds();
-    if (step + 1 < total_ && s - last_ < 0.2) return;
-    last_ = s;
-    const double done = double(step + 1 - start_), rate = done * rows_per_step / std::max(s, 1e-9);
-    const double eta = (total_ - step - 1) * (s / std::max(done, 1.0));
-    const int width = 30, filled = int(width * double(step + 1) / double(total_));
-    std::fprintf(stderr, "\r[%s%s] step %lld/%lld  %.0f tok/s  loss %.4g  ETA %.0fs ",
-                 std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
-                 (long long)(step + 1), (long long)total_, rate, loss, eta);
-    if (step + 1 == total_) std::fputc('\n', stderr);
-  }
-  double seconds() const {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
-  }
-
-private:
-  index_t total_, start_;
-  bool tty_;
-  double last_ = -1;
-  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
-};
-
 template <class T>
 std::unique_ptr<train::DataSource<T>> make_source(const Options& o) {
   if (!o.data.empty())
@@ -335,9 +310,11 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   Tensor<T> x, y;
   double time_mxd = 0, time_tc = 0, sum_mxd = 0, sum_tc = 0;
   index_t in_window = 0;
-  Series c_mxd{"mxd" + suffix, {}, {}}, c_tc{(tc ? tc->name : std::string()) + suffix, {}, {}};
+  Series c_mxd, c_tc;
+  c_mxd.name = "mxd" + suffix;
+  c_tc.name = (tc ? tc->name : std::string()) + suffix;
   std::vector<double> col_step, col_mxd, col_tc;
-  Progress progress(o.steps, start);
+  Progress progress(o.steps, start, o.progress_every, sweep ? "k " + std::to_string(k) + ": " : "");
   using clock = std::chrono::steady_clock;
   for (index_t step = start; step < o.steps; ++step) {
     src.train_batch(static_cast<std::uint64_t>(step), B, x, y);
@@ -346,8 +323,9 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     auto t1 = clock::now();
     time_mxd += std::chrono::duration<double>(t1 - t0).count();
     sum_mxd += l_mxd;
+    double l_tc = 0;
     if (tc) {
-      const double l_tc = tc->train_step(x, y);
+      l_tc = tc->train_step(x, y);
       time_tc += std::chrono::duration<double>(clock::now() - t1).count();
       sum_tc += l_tc;
     }
@@ -366,7 +344,9 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
       sum_mxd = sum_tc = 0;
       in_window = 0;
     }
-    progress.update(step, B, l_mxd);
+    std::vector<ModelProgress> now{{"mxd", l_mxd, time_mxd}};
+    if (tc) now.push_back({tc->name, l_tc, time_tc});
+    progress.update(step, B, now);
   }
 
   std::filesystem::create_directories(o.out);
@@ -420,9 +400,14 @@ int run(const Options& o) {
   std::vector<std::string> log_names;
   const bool sweep = o.ks.size() > 1;
   MXD_CHECK(!(sweep && !o.resume.empty()), "--resume cannot be combined with a k sweep");
-  for (index_t k : o.ks) {
-    auto r = train_at<T>(opt, k, *src, sweep, curves, log_cols, log_names);
+  for (std::size_t ki = 0; ki < o.ks.size(); ++ki) {
+    const std::size_t first = curves.size();
+    auto r = train_at<T>(opt, o.ks[ki], *src, sweep, curves, log_cols, log_names);
     rows.insert(rows.end(), r.begin(), r.end());
+    for (std::size_t c = first; c < curves.size(); ++c) {  // one colour per k
+      curves[c].color = static_cast<int>(ki);
+      curves[c].dashed = c > first;  // the baseline, dashed beside its MxD
+    }
   }
 
   std::printf("%-18s %12s %5s %12s %12s %8s %12s\n", "model", "params", "k", "nmse_ref", "fvu",
@@ -452,19 +437,34 @@ int run(const Options& o) {
     csv += "\n";
   }
   write_text_atomic((out / "log.csv").string(), csv);
-  write_svg_plot((out / "loss.svg").string(), "training loss (reference normalized MSE)", "step",
-                 "loss", curves, true);
+  Axes loss_axes;
+  loss_axes.title = sweep ? "training loss (reference normalized MSE); dashed: the baseline at the same k"
+                          : "training loss (reference normalized MSE)";
+  loss_axes.x_label = "step";
+  loss_axes.y_label = "loss";
+  loss_axes.log_y = true;
+  write_svg_plot((out / "loss.svg").string(), loss_axes, curves);
   if (sweep) {
     std::vector<Series> frontier;
     for (const Row& r : rows) {
       auto it = std::find_if(frontier.begin(), frontier.end(),
                              [&](const Series& s) { return s.name == r.name; });
-      if (it == frontier.end()) it = frontier.insert(frontier.end(), Series{r.name, {}, {}});
+      if (it == frontier.end()) {
+        it = frontier.insert(frontier.end(), Series());
+        it->name = r.name;
+        it->dashed = frontier.size() > 1;
+        it->markers = true;
+      }
       it->x.push_back(double(r.k));
       it->y.push_back(r.eval.fvu);
     }
-    write_svg_plot((out / "frontier.svg").string(), "sparsity-accuracy frontier (held-out)", "k",
-                   "FVU", frontier, true);
+    Axes axes;
+    axes.title = "sparsity-accuracy frontier (held-out)";
+    axes.x_label = "k";
+    axes.y_label = "FVU";
+    axes.log_x = axes.log_y = true;
+    for (index_t k : o.ks) axes.x_ticks.push_back(double(k));
+    write_svg_plot((out / "frontier.svg").string(), axes, frontier);
   }
   std::printf("wrote %s/{metrics.json, log.csv, loss.svg%s, checkpoints}\n", o.out.c_str(),
               sweep ? ", frontier.svg" : "");
@@ -477,13 +477,13 @@ int run_train(int argc, char** argv) {
   std::set<std::string> flags = layer_flags();
   for (const char* f : {"data", "teacher-hidden", "eval-rows", "eval-fraction", "expansion",
                         "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
-                        "device", "log-every", "out", "resume"})
+                        "device", "log-every", "progress-every", "out", "resume"})
     flags.insert(f);
   std::set<std::string> switches = layer_switches();
   switches.insert({"no-norm-dec", "tf32"});
   Args args(argc, argv, argc < 2 ? argc : 2, flags, switches);
   if (args.help()) {
-    std::printf(train_help, layer_flags_help());
+    std::printf(train_help, layer_flags_help(/*with_k=*/false).c_str());
     return 0;
   }
   MXD_CHECK(args.positional().empty(), "mxd train takes no positional argument, got '",
@@ -536,6 +536,8 @@ int run_train(int argc, char** argv) {
   o.eval_rows = args.get_int("eval-rows", o.eval_rows);
   o.eval_fraction = args.get_double("eval-fraction", o.eval_fraction);
   o.lr = args.get_double("lr", o.lr);
+  o.progress_every = args.get_double("progress-every", o.progress_every);
+  MXD_CHECK(o.progress_every >= 0, "--progress-every = ", o.progress_every, " must be >= 0");
   o.seed = static_cast<std::uint64_t>(args.get_int("seed", 0));
   o.threads = static_cast<int>(args.get_int("threads", 0));
   o.out = args.get("out", o.out);

@@ -59,12 +59,19 @@ void init_params(Params<T>& p, std::uint64_t seed, bool norm_dec = true) {
 
 /// How the parameter-matched expert count treats the transcoder's bias.
 enum class MatchConvention {
-  design,   // P_tc = I M + M O + M + O with M = m I (DESIGN.md): 21504 for GPT-2 small
-  authors,  // the authors' script, which counts the bias width M where H belongs: 21490
+  design,   // P_base counts b_enc with its width H: 21504 experts for GPT-2 small
+  authors,  // the authors' script counts the transcoder's bias width M where H belongs: 21490
 };
 
 /// Number of experts N whose MxD (I -> H -> O) has as many parameters as a TopK transcoder of
-/// m I latents: N = floor((P_tc - P_base) / (I + O + 1)), P_base = the MxD without G, b_gate, C.
+/// M = m I latents (encoder I x M, bias M, decoder M x O, output bias O):
+///
+///     N = floor((P_tc - P_base) / (I + O + 1))
+///     P_tc   = I M + M + M O + O                              (= 2 I (m I) + m I + O for I = O)
+///     P_base = I H + H + H O + O  (+ H I + H with GLU, + O I with skip)
+///
+/// P_base is the MxD's parameter count without G [N, I], b_gate [N] and C [N, O], which add
+/// I + 1 + O per expert. GPT-2 small (I = O = 768, H = 3072, m = 32) gives 21504.
 inline index_t matched_experts(index_t I, index_t H, index_t O, index_t m, bool glu = false,
                                bool skip = false, MatchConvention conv = MatchConvention::design) {
   MXD_CHECK(I > 0 && H > 0 && O > 0 && m > 0, "matched_experts: sizes must be positive (I = ", I,

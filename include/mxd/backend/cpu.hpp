@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 /// @file backend/cpu.hpp
-/// @brief backend<cpu>: the layer's primitives on the host, with Eigen GEMMs and OpenMP threads.
+/// @brief backend<cpu>: the layer's primitives on the host, with Eigen GEMMs and mxd's own
+/// worker threads (backend/thread_pool.hpp).
 ///
 /// Results are bit-identical for any thread count: work is split into pieces whose boundaries
 /// depend only on the shapes, never on the number of threads, and each piece is computed by one
@@ -22,10 +23,6 @@
 
 #include <Eigen/Core>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #if defined(MXD_USE_BLAS)
 #include <cblas.h>
 extern "C" void openblas_set_num_threads(int);
@@ -35,21 +32,17 @@ extern "C" void openblas_set_num_threads(int);
 #include "../layer.hpp"
 #include "../optim.hpp"
 #include "../tensor.hpp"
+#include "thread_pool.hpp"
 
 namespace mxd {
 
-/// Host execution context: how many threads the primitives may use (0 = all available).
+/// Host execution context: how many threads the primitives may use (0 = every CPU the
+/// process may run on).
 template <>
 struct Context<cpu> {
   int threads = 0;
 
-  int resolved_threads() const {
-#if defined(_OPENMP)
-    return threads > 0 ? threads : omp_get_max_threads();
-#else
-    return 1;
-#endif
-  }
+  int resolved_threads() const { return threads > 0 ? threads : detail::available_cpus(); }
 };
 
 namespace detail {
@@ -78,16 +71,7 @@ EigenMap<T> as_eigen(View<T, cpu> v) {
 // Runs body(i) for i in [0, n) on up to `threads` threads. Each i must be independent work.
 template <class F>
 void parallel_for(int threads, index_t n, F&& body) {
-#if defined(_OPENMP)
-  if (threads > 1 && n > 1) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (index_t i = 0; i < n; ++i) body(i);
-    return;
-  }
-#else
-  (void)threads;
-#endif
-  for (index_t i = 0; i < n; ++i) body(i);
+  ThreadPool::instance().run(threads, n, body);
 }
 
 // Splits [0, n) into chunks of `grain` and runs body(begin, end) on each chunk.

@@ -2,13 +2,13 @@
 """Writes adamw_golden.safetensors: three torch.optim.AdamW steps on a float64 tensor with
 given gradients, the tensor after each step, and the hyper-parameters in __metadata__.
 Usage: /usr/bin/python3 tests/data/adamw/make_adamw_golden.py tests/data/adamw/adamw_golden.safetensors
-Needs python3-torch and ../shared/reference/mxd_ref.py (for its safetensors writer)."""
+Needs python3-torch; the safetensors writer is the golden cases' (../golden/make_golden.py)."""
 import os, sys
 import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "..", "..", "..", "..", "shared", "reference"))
-import mxd_ref as R
+sys.path.insert(0, os.path.join(here, "..", "golden"))
+from make_golden import write_safetensors
 
 torch.manual_seed(1234)
 hp = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
@@ -24,5 +24,5 @@ for step in range(1, 4):
     tensors[f"param.{step}"] = p.detach().clone()
 meta = {"lr": hp["lr"], "beta1": hp["betas"][0], "beta2": hp["betas"][1], "eps": hp["eps"],
         "weight_decay": hp["weight_decay"], "torch": torch.__version__}
-R.save_safetensors(sys.argv[1], tensors, meta)
+write_safetensors(sys.argv[1], tensors, meta)
 print("wrote", sys.argv[1])
