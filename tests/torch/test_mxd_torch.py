@@ -261,6 +261,38 @@ class Optimizer(unittest.TestCase):
         self.compare(randomise(mxd_torch.SkipTranscoder(6, 20, 4, dtype=torch.float64), 9))
 
 
+class GradientMemory(unittest.TestCase):
+    """Backward reuses its gradient memory only where nobody else holds it."""
+
+    def test_zero_grad_modes_agree(self):
+        """Training with .grad kept and zeroed (buffers reused) equals .grad set to None."""
+        layer = randomise(mxd_torch.MxD(6, 8, 6, 15, 3, "gelu", True, True, dtype=torch.float64), 11)
+        runs = []
+        for set_to_none in (True, False):
+            m = copy.deepcopy(layer)
+            opt = torch.optim.SGD(m.parameters(), lr=0.1)
+            g = torch.Generator().manual_seed(12)
+            for _ in range(3):
+                opt.zero_grad(set_to_none=set_to_none)
+                m(torch.randn(5, 6, generator=g, dtype=torch.float64)).pow(2).sum().backward()
+                opt.step()
+            runs.append(m)
+        for (name, a), (_, b) in zip(runs[0].named_parameters(), runs[1].named_parameters()):
+            self.assertTrue(torch.equal(a, b), name)
+            self.assertEqual(a.stride(), b.stride(), name)
+
+    def test_gradients_handed_out_are_not_overwritten(self):
+        layer = randomise(mxd_torch.MxD(6, 8, 6, 15, 3, dtype=torch.float64), 13)
+        x1, x2 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+        layer(x1).sum().backward()  # every .grad exists from now on
+        g1 = torch.autograd.grad(layer(x1).sum(), layer.params())
+        kept = [g.clone() for g in g1]
+        g2 = torch.autograd.grad(layer(x2).sum(), layer.params())
+        for a, b, c in zip(g1, kept, g2):
+            self.assertTrue(torch.equal(a, b))
+            self.assertNotEqual(a.data_ptr(), c.data_ptr())
+
+
 class Steering(unittest.TestCase):
     def test_edits_change_the_output_as_documented(self):
         layer = randomise(mxd_torch.MxD(5, 7, 4, 9, 3, "relu", dtype=torch.float64), 10)

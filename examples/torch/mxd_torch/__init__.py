@@ -87,8 +87,11 @@ class _LayerFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, *params = ctx.saved_tensors
-        dx, grads = ctx.layer._backward(params, x, dy.contiguous(), ctx.lease.cache,
-                                        ctx.needs_input_grad[2], torch.get_num_threads())
+        layer = ctx.layer
+        # Where .grad exists autograd adds into it, so the layer's kept buffers can serve.
+        reuse_ok = [p.grad is not None for p in layer.params()]
+        dx, grads = layer._backward(params, x, dy.contiguous(), ctx.lease.cache,
+                                    ctx.needs_input_grad[2], reuse_ok, torch.get_num_threads())
         return (None, None, dx, *grads)
 
 
@@ -112,6 +115,7 @@ class _Layer(torch.nn.Module):
             owner.register_parameter(leaf, torch.nn.Parameter(t))
         self._caches = []
         self._last = None
+        self._grad_buffers = _C.GradBuffers()
 
     def params(self):
         """The parameters in mxd's order (the state dict's)."""
@@ -139,7 +143,12 @@ class _Layer(torch.nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_caches"], state["_last"] = [], None
+        del state["_grad_buffers"]
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._grad_buffers = _C.GradBuffers()
 
 
 class MxD(_Layer):
@@ -167,8 +176,9 @@ class MxD(_Layer):
         return _C.mxd_forward(self.config, list(params), x, cache,
                               steering if steering is not None else self.steering, threads)
 
-    def _backward(self, params, x, dy, cache, need_dx, threads):
-        return _C.mxd_backward(self.config, list(params), x, dy, cache, need_dx, threads)
+    def _backward(self, params, x, dy, cache, need_dx, reuse_ok, threads):
+        return _C.mxd_backward(self.config, list(params), x, dy, cache, need_dx,
+                               self._grad_buffers, reuse_ok, threads)
 
     @classmethod
     def from_file(cls, path, dtype=None):
@@ -210,8 +220,9 @@ class TopKTranscoder(_Layer):
     def _forward(self, params, x, cache, steering, threads):
         return _C.transcoder_forward(self.config, list(params), x, cache, threads)
 
-    def _backward(self, params, x, dy, cache, need_dx, threads):
-        return _C.transcoder_backward(self.config, list(params), x, dy, cache, need_dx, threads)
+    def _backward(self, params, x, dy, cache, need_dx, reuse_ok, threads):
+        return _C.transcoder_backward(self.config, list(params), x, dy, cache, need_dx,
+                                      self._grad_buffers, reuse_ok, threads)
 
     @classmethod
     def from_file(cls, path, dtype=None):
