@@ -87,6 +87,9 @@ class GradCheck(unittest.TestCase):
                       mxd_torch.SkipTranscoder(5, 12, 3, dtype=torch.float64)):
             with self.subTest(skip=layer.config.skip):
                 self.check(randomise(layer, 3), torch.randn(4, 5, dtype=torch.float64))
+                idx, vals = layer.topk()  # the latents each row used, best first
+                self.assertEqual(tuple(idx.shape), (4, 3))
+                self.assertTrue(bool((vals[:, :-1] >= vals[:, 1:]).all()))
 
 
 class Golden(unittest.TestCase):
