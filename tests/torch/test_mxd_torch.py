@@ -12,6 +12,7 @@ in the same precision the results must agree to 1e-13.
 import argparse
 import copy
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -175,6 +176,61 @@ class AgainstTool(unittest.TestCase):
                     self.assertLessEqual(rel_error(x.grad, tool["grad.x"]), 1e-13)
                     for name, p in layer.named_parameters():
                         self.assertLessEqual(rel_error(p.grad, tool["grad." + name]), 1e-13, name)
+
+
+    def test_tool_checkpoints_load(self):
+        """`mxd train` checkpoints load into the modules and compute the authors' math
+        (written out in torch here) on their parameters."""
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([MXD_TOOL, "train", "--d-in", "8", "--d-hidden", "16", "--d-out", "8",
+                            "--teacher-hidden", "16", "--k", "4", "--expansion", "4", "--steps",
+                            "3", "--batch", "32", "--eval-rows", "64", "--baseline", "skip",
+                            "--activation", "silu", "--threads", "1", "--out", tmp],
+                           check=True, capture_output=True)
+            layer = mxd_torch.MxD.from_file(os.path.join(tmp, "mxd.safetensors"), torch.float64)
+            tc = mxd_torch.TopKTranscoder.from_file(os.path.join(tmp, "skip_transcoder.safetensors"),
+                                                    torch.float64)
+        self.assertIsInstance(tc, mxd_torch.SkipTranscoder)
+        x = torch.randn(10, 8, dtype=torch.float64)
+        with torch.no_grad():
+            p = dict(layer.named_parameters())
+            s = torch.relu(x @ p["gate"].T + p["gate_bias"])
+            vals, idx = s.topk(layer.config.k, dim=-1)
+            a = torch.zeros_like(s).scatter(-1, idx, vals)
+            z = torch.nn.functional.silu(x @ p["W_enc"] + p["b_enc"])
+            y = (z @ p["W_dec"]) * (a @ p["W_cond"].T) + p["b_dec_out"]
+            self.assertLessEqual(rel_error(layer(x), y), 1e-12)
+            q = dict(tc.named_parameters())
+            s = torch.relu(x @ q["W_enc"] + q["b_enc"])
+            vals, idx = s.topk(tc.config.k, dim=-1)
+            a = torch.zeros_like(s).scatter(-1, idx, vals)
+            y = a @ q["W_dec"] + x @ q["W_skip.weight"].T + q["b_dec_out"]
+            self.assertLessEqual(rel_error(tc(x), y), 1e-12)
+
+    def test_module_files_read_by_the_tool(self):
+        """A file the module saves is read by `mxd inspect`, which finds the same expert usage
+        as the module's top-k on the same rows."""
+        case = os.path.join(DATA, "relu_basic.safetensors")
+        g, _ = mxd_torch.read_safetensors(case)
+        src = mxd_torch.MxD.from_file(case, dtype=torch.float64)
+        c = src.config
+        layer = randomise(mxd_torch.MxD(c.d_in, c.d_hidden, c.d_out, c.n_experts, c.k, c.activation,
+                                        dtype=torch.float64), 14)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "module.safetensors")
+            layer.save(path)
+            out = subprocess.run([MXD_TOOL, "inspect", path, "--data", case, "--json"],
+                                 check=True, capture_output=True, text=True).stdout
+        report = json.loads(out)
+        with torch.no_grad():
+            layer(g["x"])
+        idx, vals = layer.topk()
+        rows = idx.shape[0]
+        self.assertEqual(report["rows"], rows)
+        self.assertGreater(len(report["top_experts"]), 0)
+        for e in report["top_experts"]:
+            used = int(((idx == e["expert"]) & (vals > 0)).sum())
+            self.assertAlmostEqual(e["frequency"], used / rows, places=12)
 
 
 class Files(unittest.TestCase):

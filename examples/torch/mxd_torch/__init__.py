@@ -15,7 +15,8 @@ contiguous [N, O] matrix, mxd's expert-major layout: assign it with .copy_() (lo
 does), never by replacing its .data with another layout.
 
 Errors from mxd (wrong shape, dtype, layout, k > n_experts, a bad file) raise mxd_torch.Error,
-a RuntimeError carrying mxd's message.
+a RuntimeError carrying mxd's message. CUDA tensors are refused: Debian's torch 1.13 is built
+without CUDA, and so is this extension.
 """
 import torch
 
@@ -189,7 +190,8 @@ class MxD(_Layer):
 
     def save(self, path):
         """Writes the parameters (in their dtype) and the config to `path` in mxd's format,
-        atomically; `mxd eval`, `mxd train --resume`-free tools and MxD.from_file read it."""
+        atomically (a temporary file, then a rename); MxD.from_file and the mxd tool's
+        `inspect` and `steer` read it."""
         _C.mxd_save(str(path), self.config, self.params())
 
     def extra_repr(self):
