@@ -15,7 +15,6 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -43,7 +42,8 @@ struct BlasThreads {
 struct BlasThreads {};
 #endif
 
-// Where mxd runs: its own memory for the GIL-free part of every call.
+// The scope of one mxd call: without the GIL (other Python threads run meanwhile) and with
+// OpenBLAS single-threaded.
 struct Compute {
   py::gil_scoped_release nogil;
   BlasThreads blas;
@@ -74,7 +74,7 @@ T* borrow_memory(const at::Tensor& t, const char* name, index_t rows, index_t co
   MXD_CHECK(t.defined(), name, " is missing (None)");
   check_device(t, name);
   MXD_CHECK(t.scalar_type() == scalar_of<T>(), name, " has dtype ", c10::toString(t.scalar_type()),
-            ", expected ", c10::toString(scalar_of<T>()), " like the layer's input");
+            ", expected ", c10::toString(scalar_of<T>()), " (the layer's dtype, W_enc's)");
   const bool bias = mxd::is_bias(name);
   std::vector<std::int64_t> want = transposed ? std::vector<std::int64_t>{cols, rows}
                                    : bias     ? std::vector<std::int64_t>{cols}
@@ -157,7 +157,8 @@ std::pair<Set, std::vector<at::Tensor>> allocate_set(const Config& c, at::Tensor
   return {std::move(s), std::move(out)};
 }
 
-// Rows of an activation [..., width]: its leading dimensions flattened (a view, no copy).
+// The rows of an activation [..., width] (its leading dimensions flattened, read in place),
+// after checking its device, dtype, width and contiguity.
 template <class T>
 index_t rows_of(const at::Tensor& x, index_t width, const char* name) {
   MXD_CHECK(x.defined(), name, " is missing (None)");
@@ -229,7 +230,7 @@ struct Cache {
   }
 };
 
-// Runs f.template operator()<T>() for the dtype of x (float32 or float64).
+// Returns f(T{}) with T the scalar type of `x` (float or double).
 template <class F>
 decltype(auto) by_dtype(const at::Tensor& x, const char* name, F&& f) {
   MXD_CHECK(x.defined(), name, " is missing (None)");
@@ -356,6 +357,7 @@ at::ScalarType dtype_arg(const std::string& dtype) {
   return at::kDouble;
 }
 
+// Returns f(T{}) for a dtype_arg() result: float for kFloat, else double.
 template <class F>
 decltype(auto) by_scalar(at::ScalarType t, F&& f) {
   if (t == at::kFloat) return f(float{});
