@@ -105,7 +105,8 @@ public:
   }
   /// A tensor over `data` (contiguous row-major [rows, cols], alive as long as this tensor).
   static Tensor borrow(T* data, index_t rows, index_t cols) {
-    MXD_CHECK(rows >= 0 && cols >= 0, "Tensor::borrow: negative shape [", rows, ", ", cols, "]");
+    MXD_CHECK(rows >= 0 && cols >= 0 && (rows == 0 || rows * cols / rows == cols),
+              "Tensor::borrow: invalid shape [", rows, ", ", cols, "]");
     MXD_CHECK(data != nullptr || rows * cols == 0, "Tensor::borrow: null data for shape [", rows,
               ", ", cols, "]");
     Tensor t;
