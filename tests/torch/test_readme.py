@@ -44,7 +44,8 @@ def small_gpt2():
 def check_basic(ns):
     layer, x, y = ns["layer"], ns["x"], ns["y"]
     assert tuple(y.shape) == tuple(x.shape[:-1]) + (layer.config.d_out,)
-    assert layer.W_enc.grad is not None and torch.isfinite(layer.W_enc.grad).all()
+    for t in (x, layer.W_enc, layer.W_cond):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
     idx, vals = ns["idx"], ns["vals"]
     assert tuple(idx.shape) == (x.shape[0], layer.config.k), idx.shape
 
