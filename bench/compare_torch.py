@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
-"""Times the PyTorch MxD layer and `mxd bench` side by side, in the same run, with the same
-thread count, batch and layer, and prints a ratio table (torch time / mxd time).
+"""Times the PyTorch MxD layer, mxd_torch.MxD (mxd's forward and backward inside PyTorch) and
+`mxd bench` side by side, in the same run, with the same thread count, batch and layer, and
+prints a ratio table (torch time / other time).
 
 The torch layer is written here after the authors' code: the same math and the same dense
 top-k scatter (a [B, N] coefficient matrix multiplied by W_cond), trained with
-torch.optim.AdamW. Rounds alternate torch and mxd so that both see the same machine load;
-medians are taken over rounds.
+torch.optim.AdamW. mxd_torch.MxD is trained with torch.optim.AdamW too; `mxd bench` uses
+mxd::AdamW. Rounds alternate the three so that all see the same machine load; medians are
+taken over rounds. "kept" is the module's speed-up over the C++ tool's.
 
     /usr/bin/python3 bench/compare_torch.py --mxd build/examples/mxd --threads 2 --batch 1024
+
+mxd_torch is imported from --module-path (e.g. build/examples/torch/python) or the installed
+package; without it its column is left out.
 """
 import argparse
 import json
@@ -44,10 +49,19 @@ class MxD(torch.nn.Module):
         return (z @ self.W_dec) * (a @ self.W_cond.T) + self.b_dec_out
 
 
-def time_torch(cfg, batch, iters, warmup, dtype):
+def time_torch(cfg, batch, iters, warmup, dtype, module=None, mxd_adamw=False):
+    """The authors' layer, or (module=mxd_torch) mxd_torch.MxD, trained with torch's AdamW
+    (or, with mxd_adamw, with mxd_torch.AdamW: mxd::AdamW on the same tensors)."""
     torch.manual_seed(0)
-    layer = MxD(cfg["d_in"], cfg["d_hidden"], cfg["d_out"], cfg["n_experts"], cfg["k"]).to(dtype)
-    opt = torch.optim.AdamW(layer.parameters(), lr=4e-4, weight_decay=0.0)
+    if module is None:
+        layer = MxD(cfg["d_in"], cfg["d_hidden"], cfg["d_out"], cfg["n_experts"], cfg["k"]).to(dtype)
+    else:
+        layer = module.MxD(cfg["d_in"], cfg["d_hidden"], cfg["d_out"], cfg["n_experts"], cfg["k"],
+                           "gelu", dtype=dtype)
+    if mxd_adamw:
+        opt = module.AdamW(layer, lr=4e-4, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(layer.parameters(), lr=4e-4, weight_decay=0.0)
     x = torch.randn(batch, cfg["d_in"], dtype=dtype)
     dy = torch.randn(batch, cfg["d_out"], dtype=dtype) / batch
     fwd, bwd, step = [], [], []
@@ -104,7 +118,16 @@ def main():
     ap.add_argument("--dtype", default="float", choices=["float", "double"])
     ap.add_argument("--config", default="gpt2", choices=["gpt2", "small"])
     ap.add_argument("--json", action="store_true", help="also print the raw medians as JSON")
+    ap.add_argument("--module-path", default="", help="directory holding the mxd_torch package")
     args = ap.parse_args()
+
+    module = None
+    if args.module_path:
+        sys.path.insert(0, args.module_path)
+    try:
+        import mxd_torch as module
+    except ImportError as e:
+        print(f"mxd_torch not importable ({e}): its column is left out")
 
     cfg = ({"d_in": 768, "d_hidden": 3072, "d_out": 768, "n_experts": 21504, "k": 32}
            if args.config == "gpt2" else
@@ -121,31 +144,57 @@ def main():
           f"{args.rounds} rounds x {args.iters} iterations (+{args.warmup} warm-up)", flush=True)
 
     rounds = {"torch": [], "mxd": []}
+    if module is not None:
+        rounds["mxd_torch"] = []
+        rounds["mxd_torch+mxd_adamw"] = []
     for r in range(args.rounds):
         rounds["torch"].append(time_torch(cfg, args.batch, args.iters, args.warmup, dtype))
+        if module is not None:
+            rounds["mxd_torch"].append(time_torch(cfg, args.batch, args.iters, args.warmup, dtype,
+                                                  module))
+            rounds["mxd_torch+mxd_adamw"].append(time_torch(cfg, args.batch, args.iters,
+                                                            args.warmup, dtype, module, True))
         rounds["mxd"].append(time_mxd(args.mxd, cfg, args.batch, args.iters, args.warmup,
                                       args.threads, args.dtype))
-        print(f"  round {r}: torch step {rounds['torch'][-1]['step_ms']:.1f} ms, "
-              f"mxd step {rounds['mxd'][-1]['step_ms']:.1f} ms", file=sys.stderr, flush=True)
+        print(f"  round {r}: " + ", ".join(f"{who} step {rs[-1]['step_ms']:.1f} ms"
+                                           for who, rs in rounds.items()),
+              file=sys.stderr, flush=True)
 
     med = {who: {key: statistics.median(x[key] for x in rs)
                  for key in ("forward_ms", "backward_ms", "step_ms")}
            for who, rs in rounds.items()}
-    print(f"\n{'':<10}{'torch ms':>12}{'mxd ms':>12}{'speed-up':>12}")
+    if module is None:
+        print(f"\n{'':<10}{'torch ms':>12}{'mxd ms':>12}{'speed-up':>12}")
+    else:
+        print(f"\n{'':<10}{'torch ms':>12}{'mxd_torch ms':>14}{'mxd ms':>12}"
+              f"{'mxd_torch x':>13}{'mxd x':>10}{'kept':>8}")
     for key, name in (("forward_ms", "forward"), ("backward_ms", "backward"), ("step_ms", "step")):
         t, m = med["torch"][key], med["mxd"][key]
-        print(f"{name:<10}{t:>12.1f}{m:>12.1f}{t / m:>11.2f}x")
+        if module is None:
+            print(f"{name:<10}{t:>12.1f}{m:>12.1f}{t / m:>11.2f}x")
+        else:
+            mt = med["mxd_torch"][key]
+            print(f"{name:<10}{t:>12.1f}{mt:>14.1f}{m:>12.1f}{t / mt:>12.2f}x{t / m:>9.2f}x"
+                  f"{100 * m / mt:>7.0f}%")
+    if module is not None:  # the same step, with mxd::AdamW instead of torch's
+        t, m, mt = (med["torch"]["step_ms"], med["mxd"]["step_ms"],
+                    med["mxd_torch+mxd_adamw"]["step_ms"])
+        print(f"{'step*':<10}{t:>12.1f}{mt:>14.1f}{m:>12.1f}{t / mt:>12.2f}x{t / m:>9.2f}x"
+              f"{100 * m / mt:>7.0f}%")
+        print("step* = mxd_torch trained with mxd_torch.AdamW (mxd::AdamW on torch's tensors); "
+              "the torch and mxd columns are as in 'step'")
     spread = {who: (min(x["step_ms"] for x in rs), max(x["step_ms"] for x in rs))
               for who, rs in rounds.items()}
-    print(f"step range over rounds: torch {spread['torch'][0]:.1f}-{spread['torch'][1]:.1f} ms, "
-          f"mxd {spread['mxd'][0]:.1f}-{spread['mxd'][1]:.1f} ms")
+    print("step range over rounds: " + ", ".join(f"{who} {lo:.1f}-{hi:.1f} ms"
+                                                for who, (lo, hi) in spread.items()))
     last = rounds["mxd"][-1]
     print(f"mxd workspace {last.get('workspace_bytes', 0) / 2**20:.1f} MiB, "
           f"peak RSS {last.get('peak_rss_mib', 0):.1f} MiB")
     torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"torch process peak RSS {torch_rss:.1f} MiB (Python and torch included)")
+    print(f"torch process peak RSS {torch_rss:.1f} MiB (Python and torch included"
+          f"{', and mxd_torch' if module is not None else ''})")
     if args.json:
-        print(json.dumps({"torch": med["torch"], "mxd": med["mxd"], "blas": info, "libs": libs}))
+        print(json.dumps({**med, "blas": info, "libs": libs}))
 
 
 if __name__ == "__main__":

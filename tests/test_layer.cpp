@@ -4,6 +4,9 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <map>
+#include <string>
+#include <vector>
 
 #include "testing.hpp"
 
@@ -257,4 +260,64 @@ TEST_CASE("forward and backward reject mismatched shapes naming the tensor") {
   CHECK(error_of([&] { backward<float>(p, x.view(), dy.view(), ws, g_other, dx.view()); })
             .find("another config") != std::string::npos);
   CHECK_NOTHROW(backward<float>(p, x.view(), dy.view(), ws, g, dx.view()));
+}
+
+TEST_CASE("borrowed parameters: forward, backward and AdamW on foreign memory equal the owning API") {
+  Config c;
+  c.d_in = 8; c.d_hidden = 12; c.d_out = 8; c.n_experts = 30; c.k = 4;
+  c.activation = Activation::silu; c.glu = true; c.skip = true;
+  Params<double> owned = random_params<double>(c, 21);
+  const Tensor<double> x = random_matrix<double>(6, 8, 22), dy = random_matrix<double>(6, 8, 23);
+
+  // "Another framework's" memory: one buffer per parameter for the weights and the gradients.
+  std::map<std::string, std::vector<double>> weights, grads;
+  owned.for_each([&](const char* name, const Tensor<double>& t) {
+    weights[name].assign(t.data(), t.data() + t.size());
+    grads[name].assign(t.size(), -1.0);
+  });
+  auto over = [](std::map<std::string, std::vector<double>>& m) {
+    return [&m](const char* name, index_t rows, index_t cols) {
+      REQUIRE(m.at(name).size() == static_cast<std::size_t>(rows * cols));
+      return m.at(name).data();
+    };
+  };
+  Params<double> pb = Params<double>::borrow(c, over(weights));
+  Grads<double> gb = Grads<double>::borrow(c, over(grads));
+  CHECK(!pb.E.owns_memory());
+  CHECK(pb.C.data() == weights.at("W_cond").data());
+
+  Grads<double> go(c);
+  Workspace<double> wo, wb;
+  Tensor<double> yo(6, 8), yb(6, 8), dxo(6, 8), dxb(6, 8);
+  AdamWConfig oc;
+  oc.lr = 1e-2;
+  oc.warmup_steps = 0;
+  AdamW<double> opt_o(owned, oc), opt_b(pb, oc);
+  auto same = [](const Tensor<double>& a, const Tensor<double>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.bytes()) == 0;
+  };
+  for (int step = 0; step < 3; ++step) {
+    forward<double>(owned, x.view(), yo.view(), wo);
+    forward<double>(pb, x.view(), yb.view(), wb);
+    backward<double>(owned, x.view(), dy.view(), wo, go, dxo.view());
+    backward<double>(pb, x.view(), dy.view(), wb, gb, dxb.view());
+    opt_o.step(owned, go, wo.ctx);
+    opt_b.step(pb, gb, wb.ctx);
+    CHECK(same(yo, yb));
+    CHECK(same(dxo, dxb));
+  }
+  // Gradients and AdamW's updates landed in the foreign buffers, bit for bit.
+  go.for_each([&](const char* name, const Tensor<double>& t) {
+    CHECK_MESSAGE(std::memcmp(t.data(), grads.at(name).data(), t.bytes()) == 0, name);
+  });
+  owned.for_each([&](const char* name, const Tensor<double>& t) {
+    CHECK_MESSAGE(std::memcmp(t.data(), weights.at(name).data(), t.bytes()) == 0, name);
+  });
+  // Borrowed memory is never reallocated, and a copy owns its own.
+  CHECK(error_of([&] { pb.E.resize(9, 12); }).find("borrowed tensor of 96 values") !=
+        std::string::npos);
+  CHECK_NOTHROW(pb.E.resize(4, 12));
+  Params<double> copy = pb;
+  CHECK(copy.C.owns_memory());
+  CHECK(copy.C.data() != pb.C.data());
 }

@@ -33,19 +33,24 @@ struct Params {
   /// Validates `cfg` and allocates every parameter of it, zero-filled.
   explicit Params(const Config& cfg) : config(cfg) {
     cfg.validate();
-    const index_t I = cfg.d_in, H = cfg.d_hidden, O = cfg.d_out, N = cfg.n_experts;
-    E.resize(I, H);
-    b_enc.resize(1, H);
-    D.resize(H, O);
-    G.resize(N, I);
-    b_gate.resize(1, N);
-    C.resize(N, O);
-    b_out.resize(1, O);
-    if (cfg.glu) {
-      W_glu.resize(H, I);
-      b_glu.resize(1, H);
-    }
-    if (cfg.skip) W_skip.resize(O, I);
+    each_shaped(*this, [](const char*, Tensor<T, Device>& t, index_t rows, index_t cols) {
+      t.resize(rows, cols);
+    });
+  }
+
+  /// A parameter set over memory someone else owns, with no copy (Tensor::borrow):
+  /// `memory(reference_name, rows, cols)` returns the T* of a contiguous row-major
+  /// [rows, cols] block, in mxd's layouts (C as [N, O], biases [1, n]), that outlives the set.
+  /// Forward, backward and AdamW then read and write that memory directly.
+  template <class F>
+  static Params borrow(const Config& cfg, F&& memory) {
+    cfg.validate();
+    Params p;
+    p.config = cfg;
+    each_shaped(p, [&](const char* name, Tensor<T, Device>& t, index_t rows, index_t cols) {
+      t = Tensor<T, Device>::borrow(memory(name, rows, cols), rows, cols);
+    });
+    return p;
   }
 
   /// Calls f(reference_name, tensor) for every parameter this config has, in a fixed order.
@@ -72,18 +77,26 @@ struct Params {
 private:
   template <class Self, class F>
   static void for_each_impl(Self& p, F& f) {
-    f("W_enc", p.E);
-    f("b_enc", p.b_enc);
-    f("W_dec", p.D);
-    f("gate", p.G);
-    f("gate_bias", p.b_gate);
-    f("W_cond", p.C);
-    f("b_dec_out", p.b_out);
-    if (p.config.glu) {
-      f("W_glu.weight", p.W_glu);
-      f("W_glu.bias", p.b_glu);
+    each_shaped(p, [&](const char* name, auto& t, index_t, index_t) { f(name, t); });
+  }
+
+  // f(reference_name, tensor, rows, cols) for every parameter of p.config, in mxd's layout.
+  template <class Self, class F>
+  static void each_shaped(Self& p, F&& f) {
+    const Config& c = p.config;
+    const index_t I = c.d_in, H = c.d_hidden, O = c.d_out, N = c.n_experts;
+    f("W_enc", p.E, I, H);
+    f("b_enc", p.b_enc, 1, H);
+    f("W_dec", p.D, H, O);
+    f("gate", p.G, N, I);
+    f("gate_bias", p.b_gate, 1, N);
+    f("W_cond", p.C, N, O);
+    f("b_dec_out", p.b_out, 1, O);
+    if (c.glu) {
+      f("W_glu.weight", p.W_glu, H, I);
+      f("W_glu.bias", p.b_glu, 1, H);
     }
-    if (p.config.skip) f("W_skip.weight", p.W_skip);
+    if (c.skip) f("W_skip.weight", p.W_skip, O, I);
   }
 };
 

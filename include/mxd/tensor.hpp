@@ -91,12 +91,32 @@ struct memory<cpu> {
 
 /// An owning, contiguous row-major matrix [rows, cols] in Device memory. resize() reallocates
 /// only when the capacity must grow, so a workspace reused across steps stops allocating.
+///
+/// Tensor::borrow(data, rows, cols) makes one over memory someone else owns (another
+/// framework's tensor): it is never freed here and cannot grow, so Params, Grads and AdamW
+/// run on that memory with no copy. A copy of any Tensor owns its storage.
 template <class T, class Device = cpu>
 class Tensor {
 public:
   Tensor() = default;
   Tensor(index_t rows, index_t cols) { resize(rows, cols); }
-  ~Tensor() { memory<Device>::deallocate(data_); }
+  ~Tensor() {
+    if (owned_) memory<Device>::deallocate(data_);
+  }
+  /// A tensor over `data` (contiguous row-major [rows, cols], alive as long as this tensor).
+  static Tensor borrow(T* data, index_t rows, index_t cols) {
+    MXD_CHECK(rows >= 0 && cols >= 0 && (rows == 0 || rows * cols / rows == cols),
+              "Tensor::borrow: invalid shape [", rows, ", ", cols, "]");
+    MXD_CHECK(data != nullptr || rows * cols == 0, "Tensor::borrow: null data for shape [", rows,
+              ", ", cols, "]");
+    Tensor t;
+    t.data_ = data;
+    t.rows_ = rows;
+    t.cols_ = cols;
+    t.capacity_ = rows * cols;
+    t.owned_ = false;
+    return t;
+  }
   Tensor(const Tensor& o) : Tensor(o.rows_, o.cols_) {
     memory<Device>::copy(data_, o.data_, bytes());
   }
@@ -110,6 +130,7 @@ public:
     std::swap(rows_, o.rows_);
     std::swap(cols_, o.cols_);
     std::swap(capacity_, o.capacity_);
+    std::swap(owned_, o.owned_);
   }
 
   /// Sets the shape; new contents are zero whenever storage is (re)allocated or `zero` is set.
@@ -119,6 +140,8 @@ public:
     MXD_CHECK(rows == 0 || n / rows == cols, "Tensor::resize: shape [", rows, ", ", cols,
               "] overflows");
     if (n > capacity_) {
+      MXD_CHECK(owned_, "Tensor::resize: a borrowed tensor of ", capacity_,
+                " values cannot grow to [", rows, ", ", cols, "]");
       memory<Device>::deallocate(data_);
       data_ = nullptr;
       capacity_ = 0;
@@ -138,6 +161,8 @@ public:
   index_t cols() const { return cols_; }
   index_t size() const { return rows_ * cols_; }
   std::size_t bytes() const { return static_cast<std::size_t>(size()) * sizeof(T); }
+  /// False for a tensor made by borrow().
+  bool owns_memory() const { return owned_; }
 
   View<T, Device> view() { return {data_, rows_, cols_}; }
   View<const T, Device> view() const { return {data_, rows_, cols_}; }
@@ -165,6 +190,7 @@ public:
 private:
   T* data_ = nullptr;
   index_t rows_ = 0, cols_ = 0, capacity_ = 0;
+  bool owned_ = true;  // false: borrow()ed memory, freed by its owner
 };
 
 }  // namespace mxd

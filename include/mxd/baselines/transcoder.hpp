@@ -67,6 +67,24 @@ struct TranscoderParams {
     if (c.skip) W_skip.resize(c.d_out, c.d_in);
   }
 
+  /// Transcoder weights over memory someone else owns, as Params::borrow: `memory(name, rows,
+  /// cols)` returns a contiguous row-major block in mxd's layouts (W_enc [M, I], b_enc [1, M]).
+  template <class F>
+  static TranscoderParams borrow(const TranscoderConfig& c, F&& memory) {
+    c.validate();
+    TranscoderParams p;
+    p.config = c;
+    auto bind = [&](const char* name, Tensor<T, Device>& t, index_t rows, index_t cols) {
+      t = Tensor<T, Device>::borrow(memory(name, rows, cols), rows, cols);
+    };
+    bind("W_enc", p.W_enc, c.n_latents, c.d_in);
+    bind("b_enc", p.b_enc, 1, c.n_latents);
+    bind("W_dec", p.W_dec, c.n_latents, c.d_out);
+    bind("b_dec_out", p.b_out, 1, c.d_out);
+    if (c.skip) bind("W_skip.weight", p.W_skip, c.d_out, c.d_in);
+    return p;
+  }
+
   /// True for the parameter stored transposed in files: W_enc is [I, M] there.
   static bool transposed_in_file(const std::string& reference_name) {
     return reference_name == "W_enc";

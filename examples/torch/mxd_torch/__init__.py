@@ -1,0 +1,278 @@
+# SPDX-License-Identifier: MIT
+"""mxd_torch: Mixture of Decoders (MxD) layers as PyTorch modules, computed by the header-only
+mxd library on the tensors' own memory (float32 and float64, CPU).
+
+    import torch, mxd_torch
+    layer = mxd_torch.MxD(768, 3072, 768, n_experts=21504, k=32)        # GELU, the authors' init
+    y = layer(x)                          # x: [..., 768] -> y: [..., 768]; autograd as usual
+    idx, vals = layer.topk()              # the experts each row used: [..., k] each
+    layer.save("mxd.safetensors")         # mxd's format; MxD.from_file reads it (and mxd's own)
+
+Parameters carry the authors' names and shapes (W_enc [I, H], b_enc, W_dec [H, O], gate [N, I],
+gate_bias [N], W_cond [O, N], b_dec_out, W_glu.weight/bias, W_skip.weight), so their state dict
+loads as it is (their unused b_dec is ignored). W_cond is stored as the transpose of a
+contiguous [N, O] matrix, mxd's expert-major layout: assign it with .copy_() (load_state_dict
+does), never by replacing its .data with another layout.
+
+Errors from mxd (wrong shape, dtype, layout, k > n_experts, a bad file) raise mxd_torch.Error,
+a RuntimeError carrying mxd's message. CUDA tensors are refused: Debian's torch 1.13 is built
+without CUDA, and so is this extension.
+"""
+import torch
+
+from . import _C
+
+__all__ = ["MxD", "TopKTranscoder", "SkipTranscoder", "Steering", "AdamW", "Error",
+           "matched_experts", "read_safetensors"]
+
+Error = _C.Error
+Steering = _C.Steering
+matched_experts = _C.matched_experts
+
+
+def read_safetensors(path):
+    """Every tensor of a safetensors file (floats as float64, integers as int64) and its
+    metadata, read with mxd's reader: (dict name -> tensor, dict)."""
+    return _C.read_safetensors(str(path))
+
+
+def _dtype_name(dtype):
+    if dtype in (None, torch.float32):
+        return "float32"
+    if dtype == torch.float64:
+        return "float64"
+    raise Error(f"dtype {dtype}: mxd_torch supports torch.float32 and torch.float64")
+
+
+def _seed():
+    """A seed for mxd's initialisation drawn from torch's generator, so torch.manual_seed
+    makes construction reproducible."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+
+
+class _Lease:
+    """Holds a forward cache for autograd; when the graph lets go of it, it goes back to the
+    layer's pool, so a training loop reuses the same few caches instead of allocating."""
+    __slots__ = ("pool", "cache")
+
+    def __init__(self, pool, cache):
+        self.pool, self.cache = pool, cache
+
+    def __del__(self):
+        self.pool.append(self.cache)
+
+
+class _LayerFunction(torch.autograd.Function):
+    """y = layer(x) with mxd's forward, and mxd's analytic backward for x and every parameter."""
+
+    @staticmethod
+    def forward(ctx, layer, steering, x, *params):
+        pool = layer._caches
+        cache = pool.pop() if pool else _C.Cache()
+        threads = torch.get_num_threads()
+        try:
+            y = layer._forward(params, x, cache, steering, threads)
+        except BaseException:
+            pool.append(cache)
+            raise
+        layer._last = cache
+        if any(ctx.needs_input_grad):
+            ctx.lease = _Lease(pool, cache)
+            ctx.layer = layer
+            ctx.save_for_backward(x, *params)
+        else:
+            pool.append(cache)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, *params = ctx.saved_tensors
+        layer = ctx.layer
+        # Where .grad exists autograd adds into it, so the layer's kept buffers can serve.
+        reuse_ok = [p.grad is not None for p in layer.params()]
+        dx, grads = layer._backward(params, x, dy.contiguous(), ctx.lease.cache,
+                                    ctx.needs_input_grad[2], reuse_ok, torch.get_num_threads())
+        return (None, None, dx, *grads)
+
+
+class _Holder(torch.nn.Module):
+    """A parameter container, so names such as W_glu.weight match the authors' state dict."""
+
+
+class _Layer(torch.nn.Module):
+    """What MxD and the transcoders share: parameters under the authors' names, the autograd
+    function, top-k access, state-dict and file round trips."""
+
+    def _register(self, names, tensors):
+        self._names = list(names)
+        for name, t in zip(self._names, tensors):
+            owner, leaf = self, name
+            if "." in name:
+                head, leaf = name.split(".")
+                if not hasattr(self, head):
+                    self.add_module(head, _Holder())
+                owner = getattr(self, head)
+            owner.register_parameter(leaf, torch.nn.Parameter(t))
+        self._caches = []
+        self._last = None
+        self._grad_buffers = _C.GradBuffers()
+
+    def params(self):
+        """The parameters in mxd's order (the state dict's)."""
+        return [self.get_parameter(n) for n in self._names]
+
+    def forward(self, x, steering=None):
+        """x: [..., d_in] (contiguous, the parameters' dtype) -> [..., d_out]."""
+        return _LayerFunction.apply(self, steering, x, *self.params())
+
+    def topk(self):
+        """The last forward's selection: (indices int64, values), each [..., k]; values are
+        the coefficients the experts were mixed with (steering edits add columns)."""
+        if self._last is None:
+            raise Error("topk(): no forward has run yet")
+        return self._last.topk()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The authors' modules carry an unused b_dec (the SAE's pre-encoder bias).
+        state_dict.pop(prefix + "b_dec", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _dtype_name(self):
+        return _dtype_name(self.get_parameter(self._names[0]).dtype)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_caches"], state["_last"] = [], None
+        del state["_grad_buffers"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._grad_buffers = _C.GradBuffers()
+
+
+class MxD(_Layer):
+    """A Mixture of Decoders layer (Oldfield et al., arXiv 2505.21364):
+
+        z = act(x W_enc + b_enc)            (glu: z = (x W_glu^T + b_glu) * act(x W_enc + b_enc))
+        a = top-k(relu(x gate^T + gate_bias))
+        y = (z W_dec) * (a W_cond^T) (+ x W_skip^T) + b_dec_out
+
+    activation: relu, gelu, gelu_tanh (gelu_pytorch_tanh), sigmoid or silu. Initialised as
+    the authors' layer (mxd::init_params, seeded from torch's generator).
+    """
+
+    def __init__(self, d_in, d_hidden, d_out, n_experts, k, activation="gelu", glu=False,
+                 skip=False, dtype=None, *, _config=None, _tensors=None):
+        super().__init__()
+        self.config = _config or _C.Config(d_in, d_hidden, d_out, n_experts, k, activation,
+                                           glu, skip)
+        tensors = _tensors if _tensors is not None else _C.mxd_init(
+            self.config, _seed(), _dtype_name(dtype))
+        self._register(self.config.names(), tensors)
+        self.steering = None
+
+    def _forward(self, params, x, cache, steering, threads):
+        return _C.mxd_forward(self.config, list(params), x, cache,
+                              steering if steering is not None else self.steering, threads)
+
+    def _backward(self, params, x, dy, cache, need_dx, reuse_ok, threads):
+        return _C.mxd_backward(self.config, list(params), x, dy, cache, need_dx,
+                               self._grad_buffers, reuse_ok, threads)
+
+    @classmethod
+    def from_file(cls, path, dtype=None):
+        """An MxD read from a safetensors file with mxd's reader: `mxd train` checkpoints,
+        MxD.save files, or the authors' tensors with `activation` and `k` in the metadata."""
+        config, tensors = _C.mxd_load(str(path), _dtype_name(dtype))
+        return cls(None, None, None, None, None, _config=config, _tensors=tensors)
+
+    def save(self, path):
+        """Writes the parameters (in their dtype) and the config to `path` in mxd's format,
+        atomically (a temporary file, then a rename); MxD.from_file and the mxd tool's
+        `inspect` and `steer` read it."""
+        _C.mxd_save(str(path), self.config, self.params())
+
+    def extra_repr(self):
+        c = self.config
+        return (f"d_in={c.d_in}, d_hidden={c.d_hidden}, d_out={c.d_out}, n_experts={c.n_experts}, "
+                f"k={c.k}, activation={c.activation}, glu={c.glu}, skip={c.skip}")
+
+
+class TopKTranscoder(_Layer):
+    """The TopK transcoder MxD is compared with (and, with skip=True, the skip transcoder):
+
+        a = top-k(relu(x W_enc + b_enc));   y = a W_dec (+ x W_skip^T) + b_dec_out
+
+    W_enc [d_in, n_latents] is stored as the transpose of a contiguous [n_latents, d_in]."""
+
+    def __init__(self, d_in, d_out, n_latents, k, skip=False, dtype=None, *, _config=None,
+                 _tensors=None):
+        super().__init__()
+        self.config = _config or _C.TranscoderConfig(d_in, d_out, n_latents, k, skip)
+        tensors = _tensors if _tensors is not None else _C.transcoder_init(
+            self.config, _seed(), _dtype_name(dtype))
+        self._register(self.config.names(), tensors)
+
+    def forward(self, x):
+        """x: [..., d_in] (contiguous, the parameters' dtype) -> [..., d_out]."""
+        return super().forward(x)
+
+    def _forward(self, params, x, cache, steering, threads):
+        return _C.transcoder_forward(self.config, list(params), x, cache, threads)
+
+    def _backward(self, params, x, dy, cache, need_dx, reuse_ok, threads):
+        return _C.transcoder_backward(self.config, list(params), x, dy, cache, need_dx,
+                                      self._grad_buffers, reuse_ok, threads)
+
+    @classmethod
+    def from_file(cls, path, dtype=None):
+        """A transcoder read from an mxd checkpoint (`mxd train`'s topk_transcoder.safetensors
+        or .save); with W_skip.weight in the file it is a skip transcoder."""
+        config, tensors = _C.transcoder_load(str(path), _dtype_name(dtype))
+        layer = cls.__new__(SkipTranscoder if config.skip else TopKTranscoder)
+        TopKTranscoder.__init__(layer, None, None, None, None, _config=config, _tensors=tensors)
+        return layer
+
+    def save(self, path):
+        """Writes the parameters and config to `path` in mxd's checkpoint format, atomically."""
+        _C.transcoder_save(str(path), self.config, self.params())
+
+    def extra_repr(self):
+        c = self.config
+        return (f"d_in={c.d_in}, d_out={c.d_out}, n_latents={c.n_latents}, k={c.k}, "
+                f"skip={c.skip}")
+
+
+class SkipTranscoder(TopKTranscoder):
+    """A TopK transcoder with a linear skip connection (needs d_in == d_out)."""
+
+    def __init__(self, d, n_latents, k, dtype=None):
+        super().__init__(d, d, n_latents, k, skip=True, dtype=dtype)
+
+
+class AdamW:
+    """mxd::AdamW over a layer's parameters and their .grad, in place (what `mxd train` uses):
+    the same update as torch.optim.AdamW, with the authors' linear warm-up to lr."""
+
+    def __init__(self, layer, lr=4e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 warmup_steps=0):
+        self.layer = layer
+        self._opt = _C.AdamW(layer.config, layer.params(), lr, betas[0], betas[1], eps,
+                             weight_decay, warmup_steps)
+
+    def step(self):
+        params = self.layer.params()
+        for name, p in zip(self.layer._names, params):
+            if p.grad is None:
+                raise Error(f"AdamW.step: {name} has no gradient (call backward first)")
+        with torch.no_grad():
+            self._opt.step(params, [p.grad for p in params], torch.get_num_threads())
+
+    def zero_grad(self, set_to_none=True):
+        self.layer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def steps(self):
+        return self._opt.steps
