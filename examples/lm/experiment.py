@@ -24,7 +24,7 @@ import lm  # noqa: E402
 import layers  # noqa: E402
 
 FULL = dict(d=64, layers=4, heads=4, hidden=256, ctx=128, lm_steps=600, lm_batch=32, lm_lr=3e-3,
-            layer=2, dump_windows=4096, eval_windows=128, ks=[8, 16, 32, 64], expansion=32,
+            layer=1, dump_windows=4096, eval_windows=256, ks=[8, 16, 32, 64], expansion=32,
             steps=1000, batch=1024, lr=4e-4, warmup=100, scaling_k=32,
             scaling_steps=[125, 250, 500, 1000])
 # The ctest version: the same code on a tiny LM, few steps, one k.
@@ -56,6 +56,9 @@ def main(argv=None):
     ap.add_argument("--fast", action="store_true", help="tiny LM, few steps, one k (the ctest run)")
     ap.add_argument("--stage", choices=["lm", "all"], default="all", help="stop after training the LM")
     ap.add_argument("--threads", type=int, default=1, help="threads of torch and of mxd (default 1)")
+    ap.add_argument("--backend", choices=["torch", "mxd_torch"], default="torch",
+                    help="how the trained layers run in the LM: plain torch from the paper's "
+                         "equations, or mxd_torch (mxd's C++); they agree to float rounding")
     args = ap.parse_args(argv)
     c = FAST if args.fast else FULL
     out = Path(args.out)

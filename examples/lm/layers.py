@@ -64,7 +64,28 @@ class TranscoderLayer(nn.Module):
         return y + p["b_dec_out"]
 
 
-def load_layer(path):
+class MxdTorchLayer(nn.Module):
+    """The same layers through mxd_torch: mxd's C++ forward on the tensors' own memory."""
+
+    def __init__(self, path):
+        super().__init__()
+        import mxd_torch
+        transcoder = "transcoder" in Path(path).name
+        self.m = (mxd_torch.TopKTranscoder if transcoder else mxd_torch.MxD).from_file(path)
+        self.k = self.m.config.k
+        self.units = self.m.config.n_latents if transcoder else self.m.config.n_experts
+        self.n_params = sum(p.numel() for p in self.m.parameters())
+
+    def forward(self, x):  # x: [..., d_in] -> y: [..., d_out]; last selection in self.idx
+        y = self.m(x.contiguous())
+        self.idx, self.val = self.m.topk()
+        return y
+
+
+def load_layer(path, backend="torch"):
+    """A trained layer from mxd's checkpoint at `path`: in plain torch, or with mxd_torch."""
+    if backend == "mxd_torch":
+        return MxdTorchLayer(path)
     return TranscoderLayer(path) if "transcoder" in Path(path).name else MxDLayer(path)
 
 
@@ -179,8 +200,8 @@ def train_tool(mxd, data, out_dir, c, k, baseline, steps, threads, log, resume=N
     return json.loads(metrics.read_text())["models"]
 
 
-def evaluate(model, c, path, data, starts, ce_orig, ce_abl):
-    layer = load_layer(path)
+def evaluate(model, c, path, data, starts, ce_orig, ce_abl, backend):
+    layer = load_layer(path, backend)
     ce, probe = spliced_ce(model, c["layer"], layer, data, starts)
     return {"params": layer.n_params, "ce": ce, "delta_ce": ce - ce_orig,
             "fraction_recovered": (ce_abl - ce) / (ce_abl - ce_orig),
@@ -218,7 +239,7 @@ def run_all(args, c, out, model, train, held, log):
                 prev = d
                 names = ["mxd", f"{baseline}_transcoder"] if baseline == "topk" else [f"{baseline}_transcoder"]
                 for name in names:
-                    r = evaluate(model, c, d / f"{name}.safetensors", held, starts, ce_orig, ce_abl)
+                    r = evaluate(model, c, d / f"{name}.safetensors", held, starts, ce_orig, ce_abl, args.backend)
                     t = next(m for m in tool if m["name"] == name)
                     r.update(method=name, k=k, steps=s, tokens=s * c["batch"], tool_fvu=t["fvu"])
                     rows.append(r)
@@ -277,7 +298,9 @@ def line_plot(title, xlabel, ylabel, series, xticks, log_x=True):
     hi += 0.05 * (hi - lo or 1)
     fx = (lambda v: math.log2(v)) if log_x else (lambda v: v)
     x0, x1 = fx(min(xticks)), fx(max(xticks))
-    px = lambda v: L + (fx(v) - x0) / ((x1 - x0) or 1) * (W - L - R)
+    pad = 0.06 * (x1 - x0) or 0.5  # markers clear of the axes
+    x0, x1 = x0 - pad, x1 + pad
+    px = lambda v: L + (fx(v) - x0) / (x1 - x0) * (W - L - R)
     py = lambda v: H - B - (v - lo) / (hi - lo) * (H - T - B)
     s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
          f'<rect width="{W}" height="{H}" fill="white"/>',

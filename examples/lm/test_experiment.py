@@ -5,9 +5,11 @@ directory, then checks of what it produced:
   - the torch layers that are spliced into the LM compute what mxd computes: their FVU on the
     tool's held-out rows equals the FVU `mxd train` reported, and the MxD's outputs equal
     `mxd eval`'s on the same rows;
-  - the tool is deterministic: the MxD of the skip-baseline run equals the TopK run's bit for bit.
+  - the tool is deterministic: the MxD of the skip-baseline run equals the TopK run's bit for bit;
+  - with --mxd-torch: the same layers loaded by mxd_torch's from_file give the same outputs and,
+    spliced into the LM, the same CE.
 
-    test_experiment.py path/to/mxd
+    test_experiment.py path/to/mxd [--mxd-torch]
 """
 import json
 import math
@@ -40,7 +42,7 @@ def held_rows(acts):
 
 
 def main():
-    mxd = sys.argv[1]
+    mxd, with_mxd_torch = sys.argv[1], "--mxd-torch" in sys.argv[2:]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         experiment.main(["--mxd", mxd, "--out", str(out), "--fast"])
@@ -81,6 +83,22 @@ def main():
         a = lm.load_file(mxd_path)[0]
         b = lm.load_file(out / f"train_skip_k{k}_s{steps}" / "mxd.safetensors")[0]
         check(all(torch.equal(a[n], b[n]) for n in a), "the MxD of both tool runs is identical bit for bit")
+
+        if with_mxd_torch:
+            model = lm.load_lm(out / "lm.pt")
+            _, entries = lm.corpus()
+            held = lm.split(entries)[1]
+            starts = lm.eval_starts(held, model.config["ctx"], experiment.FAST["eval_windows"])
+            for r in res["rows"]:
+                base = "topk" if r["method"] != "skip_transcoder" else "skip"
+                path = out / f"train_{base}_k{k}_s{steps}" / f"{r['method']}.safetensors"
+                layer = layers.load_layer(path, "mxd_torch")
+                with torch.no_grad():
+                    y_ext, y_ref = layer(x), layers.load_layer(path)(x)
+                err = float((y_ext - y_ref).abs().max() / y_ref.abs().max())
+                check(err < 1e-5, f"{r['method']}: mxd_torch from_file = torch layer (max relative error {err:.1e})")
+                ce, _ = layers.spliced_ce(model, experiment.FAST["layer"], layer, held, starts)
+                check(abs(ce - r["ce"]) < 1e-5 * r["ce"], f"{r['method']}: spliced CE with mxd_torch {ce:.6f} = {r['ce']:.6f}")
     print("1 passed, 0 failed")
 
 
