@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layers  # noqa: E402
 import lm  # noqa: E402
 
-CONFIG = dict(layer=3, max_length=64, train_sentences=800, eval_sentences=300, ks=[8, 32],
+CONFIG = dict(layer=3, max_length=64, train_sentences=800, eval_sentences=300, ks=[8, 16, 32, 64],
               hidden=1536, expansion=8, steps=150, batch=512, lr=4e-4, warmup=15)
 
 
