@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 import lm
 
-METHODS = ["mxd", "topk_transcoder", "skip_transcoder"]
+METHODS = ["mxd", "topk_transcoder", "skip_transcoder", "mxd_skip"]
+# The paper's three methods, and MxD with the skip transcoder's linear skip path (its expert
+# count lowered to keep the parameter count): `mxd train` runs as (tag, --baseline, extra
+# flags, {checkpoint file: method}). A skip-baseline run retrains the same MxD; it is not used.
+RUNS = [("topk", "topk", [], {"mxd": "mxd", "topk_transcoder": "topk_transcoder"}),
+        ("skip", "skip", [], {"skip_transcoder": "skip_transcoder"}),
+        ("mxdskip", "none", ["--skip"], {"mxd": "mxd_skip"})]
 
 
 # --- the trained layers, read from mxd's safetensors files, computed in plain torch ----------
@@ -181,7 +187,7 @@ def dump(model, index, data, starts, path, dtype="F16", batch=32):
 
 # --- training through the mxd tool -----------------------------------------------------------
 
-def train_tool(mxd, data, out_dir, c, k, baseline, steps, threads, log, resume=None):
+def train_tool(mxd, data, out_dir, c, k, baseline, steps, threads, log, resume=None, flags=()):
     """`mxd train --data` at one k for an MxD and a baseline; returns the metrics rows."""
     metrics = Path(out_dir) / "metrics.json"
     if metrics.exists():
@@ -190,7 +196,7 @@ def train_tool(mxd, data, out_dir, c, k, baseline, steps, threads, log, resume=N
            "--d-hidden", str(c["hidden"]), "--expansion", str(c["expansion"]),
            "--batch", str(c["batch"]), "--steps", str(steps), "--lr", str(c["lr"]),
            "--warmup", str(c["warmup"]), "--threads", str(threads), "--seed", "0",
-           "--log-every", "25", "--out", str(out_dir)]
+           "--log-every", "25", "--out", str(out_dir), *flags]
     if resume:
         cmd += ["--resume", str(resume)]
     log(" ".join(cmd))
@@ -228,22 +234,21 @@ def run_all(args, c, out, model, train, held, log):
 
     rows = []
     for k in c["ks"]:
-        chain = k == c["scaling_k"] and c["scaling_steps"]
-        stops = c["scaling_steps"] if chain else [c["steps"]]
-        for baseline in ("topk", "skip"):
+        for tag, baseline, flags, files in RUNS:
+            chain = k == c["scaling_k"] and tag != "mxdskip" and c["scaling_steps"]
             prev = None
-            for s in stops:
-                d = out / f"train_{baseline}_k{k}_s{s}"
+            for s in c["scaling_steps"] if chain else [c["steps"]]:
+                d = out / f"train_{tag}_k{k}_s{s}"
                 tool = train_tool(args.mxd, acts, d, c, k, baseline, s, args.threads, log,
-                                  resume=prev and prev / "mxd.safetensors")
+                                  resume=prev and prev / "mxd.safetensors", flags=flags)
                 prev = d
-                names = ["mxd", f"{baseline}_transcoder"] if baseline == "topk" else [f"{baseline}_transcoder"]
-                for name in names:
-                    r = evaluate(model, c, d / f"{name}.safetensors", held, starts, ce_orig, ce_abl, args.backend)
-                    t = next(m for m in tool if m["name"] == name)
-                    r.update(method=name, k=k, steps=s, tokens=s * c["batch"], tool_fvu=t["fvu"])
+                for file, method in files.items():
+                    r = evaluate(model, c, d / f"{file}.safetensors", held, starts, ce_orig, ce_abl, args.backend)
+                    t = next(m for m in tool if m["name"] == file)
+                    r.update(method=method, k=k, steps=s, tokens=s * c["batch"], tool_fvu=t["fvu"],
+                             checkpoint=str((d / f"{file}.safetensors").relative_to(out)))
                     rows.append(r)
-                    log(f"  {name:16s} k={k:3d} steps={s:5d} CE {r['ce']:.4f} (+{r['delta_ce']:.4f}) "
+                    log(f"  {method:16s} k={k:3d} steps={s:5d} CE {r['ce']:.4f} (+{r['delta_ce']:.4f}) "
                         f"recovered {r['fraction_recovered']:.3f} nmse {r['nmse']:.4f}")
     result = {"config": c, "ce_original": ce_orig, "ce_mean_ablated": ce_abl,
               "eval_tokens": len(starts) * ctx, "train_rows": len(train_starts) * ctx, "rows": rows}
@@ -279,29 +284,32 @@ def table(result):
     sc = [r for r in result["rows"] if r["k"] == result["config"]["scaling_k"]]
     if len({r["steps"] for r in sc}) > 1:
         lines += ["", f"Training length at k = {result['config']['scaling_k']} (delta CE):", "",
-                  "| tokens | " + " | ".join(METHODS) + " |", "|---:|" + "---:|" * len(METHODS)]
+                  "| tokens | " + " | ".join(CHAINED) + " |", "|---:|" + "---:|" * len(CHAINED)]
         for s in sorted({r["steps"] for r in sc}):
             by = {r["method"]: r for r in sc if r["steps"] == s}
-            lines.append(f"| {by['mxd']['tokens']} | " + " | ".join(f"{by[m]['delta_ce']:+.4f}" for m in METHODS) + " |")
+            lines.append(f"| {by['mxd']['tokens']} | " + " | ".join(f"{by[m]['delta_ce']:+.4f}" for m in CHAINED) + " |")
     return "\n".join(lines) + "\n"
 
 
-COLORS = {"mxd": "#d62728", "topk_transcoder": "#1f77b4", "skip_transcoder": "#2ca02c"}
-MARKS = {"mxd": "circle", "topk_transcoder": "square", "skip_transcoder": "diamond"}
+CHAINED = METHODS[:3]  # the methods the training-length study follows
+COLORS = {"mxd": "#d62728", "topk_transcoder": "#1f77b4", "skip_transcoder": "#2ca02c", "mxd_skip": "#9467bd"}
+MARKS = {"mxd": "circle", "topk_transcoder": "square", "skip_transcoder": "diamond", "mxd_skip": "triangle"}
 
 
-def line_plot(title, xlabel, ylabel, series, xticks, log_x=True):
+def line_plot(title, xlabel, ylabel, series, xticks, log_x=True, log_y=False):
     """A small SVG line chart: series {name: [(x, y), ...]}, ticks at `xticks`, markers."""
     W, H, L, R, T, B = 640, 420, 80, 190, 40, 60
-    ys = [y for pts in series.values() for _, y in pts]
-    lo, hi = min(ys + [0.0]), max(ys)
-    hi += 0.05 * (hi - lo or 1)
+    gy = math.log10 if log_y else (lambda v: v)
+    ys = [gy(y) for pts in series.values() for _, y in pts]
+    lo, hi = min(ys) if log_y else min(ys + [0.0]), max(ys)
+    span = hi - lo or 1
+    hi, lo = hi + 0.05 * span, lo - (0.05 * span if log_y else 0)
     fx = (lambda v: math.log2(v)) if log_x else (lambda v: v)
     x0, x1 = fx(min(xticks)), fx(max(xticks))
     pad = 0.06 * (x1 - x0) or 0.5  # markers clear of the axes
     x0, x1 = x0 - pad, x1 + pad
     px = lambda v: L + (fx(v) - x0) / (x1 - x0) * (W - L - R)
-    py = lambda v: H - B - (v - lo) / (hi - lo) * (H - T - B)
+    py = lambda v: H - B - (gy(v) - lo) / (hi - lo) * (H - T - B)
     s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
          f'<rect width="{W}" height="{H}" fill="white"/>',
          f'<text x="{W / 2 - R / 2 + L / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
@@ -314,8 +322,9 @@ def line_plot(title, xlabel, ylabel, series, xticks, log_x=True):
         s.append(f'<text x="{px(v):.1f}" y="{H - B + 18}" text-anchor="middle">{v}</text>')
     for i in range(6):
         v = lo + (hi - lo) * i / 5
+        v = 10 ** v if log_y else v
         s.append(f'<line x1="{L - 5}" y1="{py(v):.1f}" x2="{W - R}" y2="{py(v):.1f}" stroke="#ddd"/>')
-        s.append(f'<text x="{L - 8}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3f}</text>')
+        s.append(f'<text x="{L - 8}" y="{py(v) + 4:.1f}" text-anchor="end">{format(v, ".2g" if log_y else ".3f")}</text>')
     for j, (name, pts) in enumerate(series.items()):
         col = COLORS[name]
         s.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="'
@@ -334,6 +343,8 @@ def marker(kind, x, y, col):
         return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{col}"/>'
     if kind == "square":
         return f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="{col}"/>'
+    if kind == "triangle":
+        return f'<polygon points="{x:.1f},{y - 5.5:.1f} {x + 5.5:.1f},{y + 4.5:.1f} {x - 5.5:.1f},{y + 4.5:.1f}" fill="{col}"/>'
     return f'<polygon points="{x:.1f},{y - 5.5:.1f} {x + 5.5:.1f},{y:.1f} {x:.1f},{y + 5.5:.1f} {x - 5.5:.1f},{y:.1f}" fill="{col}"/>'
 
 
@@ -348,6 +359,8 @@ def scaling_svg(result):
     c = result["config"]
     rows = [r for r in result["rows"] if r["k"] == c["scaling_k"]]
     tokens = sorted({r["tokens"] for r in rows})
-    series = {m: sorted((r["tokens"], r["delta_ce"]) for r in rows if r["method"] == m) for m in METHODS}
+    series = {m: sorted((r["tokens"], r["delta_ce"]) for r in rows if r["method"] == m) for m in CHAINED}
+    positive = all(y > 0 for pts in series.values() for _, y in pts)
     return line_plot(f"delta CE against training tokens, k = {c['scaling_k']}", "training tokens",
-                     "delta CE (nats/byte)", series, tokens)
+                     "delta CE (nats/byte)" + (", log scale" if positive else ""), series, tokens,
+                     log_y=positive)

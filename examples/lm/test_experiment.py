@@ -57,8 +57,7 @@ def main():
         x, y = held_rows(out / "acts_train.safetensors")
         y = y.double()
         for r in res["rows"]:
-            base = "topk" if r["method"] != "skip_transcoder" else "skip"
-            path = out / f"train_{base}_k{k}_s{steps}" / f"{r['method']}.safetensors"
+            path = out / r["checkpoint"]
             with torch.no_grad():
                 pred = layers.load_layer(path)(x).double()
             fvu = float(((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
@@ -90,8 +89,7 @@ def main():
             held = lm.split(entries)[1]
             starts = lm.eval_starts(held, model.config["ctx"], experiment.FAST["eval_windows"])
             for r in res["rows"]:
-                base = "topk" if r["method"] != "skip_transcoder" else "skip"
-                path = out / f"train_{base}_k{k}_s{steps}" / f"{r['method']}.safetensors"
+                path = out / r["checkpoint"]
                 layer = layers.load_layer(path, "mxd_torch")
                 with torch.no_grad():
                     y_ext, y_ref = layer(x), layers.load_layer(path)(x)
