@@ -9,15 +9,10 @@ Every stage is cached in --out (lm.pt, acts_*.safetensors, train_*/) and reused 
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm  # noqa: E402
@@ -35,6 +30,19 @@ FAST = dict(FULL, d=32, layers=2, heads=2, hidden=128, ctx=32, lm_steps=30, lm_b
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def check_cache(out, c):
+    """The caches in `out` belong to the config in out/config.json: refuse to mix configs."""
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(c) if old.get(k) != c.get(k))
+        if diff:
+            raise SystemExit(f"{out} caches a run with other settings ({', '.join(f'{k}: {old.get(k)} -> {c.get(k)}' for k in diff)}); "
+                             "use another --out or empty it")
+    else:
+        layers.write_text(path, json.dumps(c, indent=1) + "\n")
 
 
 def get_lm(out, c, train):
@@ -63,6 +71,7 @@ def main(argv=None):
     c = FAST if args.fast else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_cache(out, c)
     lm.deterministic(0, args.threads)
     files, entries = lm.corpus()
     train, held = lm.split(entries)

@@ -120,7 +120,7 @@ class Probe(nn.Module):
     def forward(self, x):  # x: [B, L, d]
         t, y = self.mlp(x).double(), self.layer(x)
         self.err += float(((y.double() - t) ** 2).sum())
-        self.sq += float((t ** 2).sum(0).sum(0).sum())
+        self.sq += float((t ** 2).sum())
         self.t_sum = self.t_sum + t.sum((0, 1))
         self.n += t.shape[0] * t.shape[1]
         if hasattr(self.layer, "idx"):

@@ -182,10 +182,10 @@ class StreamWriter:
 
 
 def save_file(tensors, path, metadata=None):
-    """Writes {name: array} as float32 (or their own integer dtype) safetensors."""
+    """Writes {name: array of rank >= 1} as a float32 safetensors file."""
     w = StreamWriter(path, {k: np.shape(v) for k, v in tensors.items()}, "F32", metadata)
     for k, v in tensors.items():
-        w.write(k, 0, np.reshape(np.asarray(v, np.float32), np.shape(v)) if np.ndim(v) else v)
+        w.write(k, 0, np.asarray(v, np.float32))
     w.close()
 
 
