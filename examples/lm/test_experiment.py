@@ -41,6 +41,9 @@ def held_rows(acts):
 
 
 def main():
+    if not any(lm.FORTUNES.glob("*.dat")):
+        print(f"SKIP: no fortunes in {lm.FORTUNES} (apt-get install fortunes)")
+        sys.exit(77)
     mxd, with_mxd_torch = sys.argv[1], "--mxd-torch" in sys.argv[2:]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

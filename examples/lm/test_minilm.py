@@ -31,6 +31,9 @@ def check(cond, what):
 
 
 def main():
+    if not any(lm.FORTUNES.glob("*.dat")):
+        print(f"SKIP: no fortunes in {lm.FORTUNES} (apt-get install fortunes)")
+        sys.exit(77)
     lm.deterministic(0, 1)
     model, tok = minilm.load_minilm()
     sentences = [e for e in lm.corpus()[1] if len(e) < 300][:12]

@@ -54,6 +54,9 @@ def byte_tokenizer(directory):
 
 
 def main():
+    if not any(lm.FORTUNES.glob("*.dat")):
+        print(f"SKIP: no fortunes in {lm.FORTUNES} (apt-get install fortunes)")
+        sys.exit(77)
     readme, mxd = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None
     code = snippet(readme)
     _, entries = lm.corpus()
