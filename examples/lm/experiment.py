@@ -1,0 +1,87 @@
+# SPDX-License-Identifier: MIT
+"""The paper's experiment in miniature: replace one MLP of a small byte-level LM trained on
+the fortunes with an MxD, a TopK transcoder and a skip transcoder (parameter-matched, same k,
+trained by `mxd train --data`), splice each back in and measure held-out next-token CE.
+
+    /usr/bin/python3 examples/lm/experiment.py --mxd build/examples/mxd --out examples/lm/results
+
+Every stage is cached in --out (lm.pt, acts_*.safetensors, train_*/) and reused by later runs.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm  # noqa: E402
+import layers  # noqa: E402
+
+FULL = dict(d=64, layers=4, heads=4, hidden=256, ctx=128, lm_steps=600, lm_batch=32, lm_lr=3e-3,
+            layer=1, dump_windows=4096, eval_windows=256, ks=[8, 16, 32, 64], expansion=32,
+            steps=1000, batch=1024, lr=4e-4, warmup=100, scaling_k=32,
+            scaling_steps=[125, 250, 500, 1000])
+# The ctest version: the same code on a tiny LM, few steps, one k.
+FAST = dict(FULL, d=32, layers=2, heads=2, hidden=128, ctx=32, lm_steps=30, lm_batch=16, layer=1,
+            dump_windows=64, eval_windows=16, ks=[8], expansion=8, steps=20, batch=256, warmup=5,
+            scaling_steps=[])
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def check_cache(out, c):
+    """The caches in `out` belong to the config in out/config.json: refuse to mix configs."""
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(c) if old.get(k) != c.get(k))
+        if diff:
+            raise SystemExit(f"{out} caches a run with other settings ({', '.join(f'{k}: {old.get(k)} -> {c.get(k)}' for k in diff)}); "
+                             "use another --out or empty it")
+    else:
+        layers.write_text(path, json.dumps(c, indent=1) + "\n")
+
+
+def get_lm(out, c, train):
+    path = out / "lm.pt"
+    if path.exists():
+        return lm.load_lm(path)
+    t0 = time.time()
+    cfg = {k: c[k] for k in ("d", "layers", "heads", "hidden", "ctx")}
+    model = lm.train_lm(train, cfg, c["lm_steps"], c["lm_batch"], c["lm_lr"], seed=0, log=log)
+    lm.save_lm(model, path)
+    log(f"trained the LM in {time.time() - t0:.0f} s -> {path}")
+    return model
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mxd", required=True, help="path of the mxd tool (build/examples/mxd)")
+    ap.add_argument("--out", required=True, help="output and cache directory")
+    ap.add_argument("--fast", action="store_true", help="tiny LM, few steps, one k (the ctest run)")
+    ap.add_argument("--stage", choices=["lm", "all"], default="all", help="stop after training the LM")
+    ap.add_argument("--threads", type=int, default=1, help="threads of torch and of mxd (default 1)")
+    ap.add_argument("--backend", choices=["torch", "mxd_torch"], default="torch",
+                    help="how the trained layers run in the LM: plain torch from the paper's "
+                         "equations, or mxd_torch (mxd's C++); they agree to float rounding")
+    args = ap.parse_args(argv)
+    c = FAST if args.fast else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_cache(out, c)
+    lm.deterministic(0, args.threads)
+    files, entries = lm.corpus()
+    train, held = lm.split(entries)
+    log(f"{len(files)} fortune files, {len(entries)} fortunes: {len(train)} training bytes, "
+        f"{len(held)} held-out bytes")
+    model = get_lm(out, c, train)
+    if args.stage == "lm":
+        return 0
+    return layers.run_all(args, c, out, model, train, held, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

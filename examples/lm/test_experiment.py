@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: MIT
+"""The fast version of the whole LM experiment (tiny LM, few steps, one k) in a fresh
+directory, then checks of what it produced:
+  - the LM learned (held-out CE below the uniform ln 256) and the table has every method;
+  - the torch layers that are spliced into the LM compute what mxd computes: their FVU on the
+    tool's held-out rows equals the FVU `mxd train` reported, and the MxD's outputs equal
+    `mxd eval`'s on the same rows;
+  - the tool is deterministic: the MxD of the skip-baseline run equals the TopK run's bit for bit;
+  - with --mxd-torch: the same layers loaded by mxd_torch's from_file give the same outputs and,
+    spliced into the LM, the same CE.
+
+    test_experiment.py path/to/mxd [--mxd-torch]
+"""
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import experiment  # noqa: E402
+import layers  # noqa: E402
+import lm  # noqa: E402
+
+
+def check(cond, what):
+    if not cond:
+        raise SystemExit(f"FAILED: {what}")
+    print(f"ok: {what}")
+
+
+def held_rows(acts):
+    """The rows `mxd train` holds out: the last 5% of the file (train/data.hpp)."""
+    t, _ = lm.load_file(acts)
+    n = t["x"].shape[0]
+    held = max(1, int(n * 0.05))
+    return t["x"][n - held:], t["y"][n - held:]
+
+
+def main():
+    if not any(lm.FORTUNES.glob("*.dat")):
+        print(f"SKIP: no fortunes in {lm.FORTUNES} (apt-get install fortunes)")
+        sys.exit(77)
+    mxd, with_mxd_torch = sys.argv[1], "--mxd-torch" in sys.argv[2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        experiment.main(["--mxd", mxd, "--out", str(out), "--fast"])
+        res = json.loads((out / "results.json").read_text())
+        check(res["ce_original"] < math.log(256), f"the LM learned: held-out CE {res['ce_original']:.4f} < ln 256")
+        check(sorted(r["method"] for r in res["rows"]) == sorted(layers.METHODS), "one row per method")
+        for f in ("results.md", "frontier.svg"):
+            check((out / f).stat().st_size > 0, f"{f} written")
+
+        k = experiment.FAST["ks"][0]
+        steps = experiment.FAST["steps"]
+        x, y = held_rows(out / "acts_train.safetensors")
+        y = y.double()
+        for r in res["rows"]:
+            path = out / r["checkpoint"]
+            with torch.no_grad():
+                pred = layers.load_layer(path)(x).double()
+            fvu = float(((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+            # float32 layers on both sides, sums in float64: agreement to ~1e-6; 1e-4 allows
+            # for top-k ties broken differently by a rounding difference.
+            check(abs(fvu - r["tool_fvu"]) <= 1e-4 * r["tool_fvu"],
+                  f"{r['method']}: torch FVU {fvu:.6g} = tool's {r['tool_fvu']:.6g}")
+
+        mxd_path = out / f"train_topk_k{k}_s{steps}" / "mxd.safetensors"
+        tensors, meta = lm.load_file(mxd_path)
+        params = {n: v.numpy() for n, v in tensors.items() if not n.startswith("optim.")}
+        lm.save_file(dict(params, x=x.numpy()), out / "eval_in.safetensors",
+                     {m: meta[m] for m in ("activation", "k", "glu", "skip")})
+        subprocess.run([mxd, "eval", str(out / "eval_in.safetensors"), str(out / "eval_out.safetensors"),
+                        "--dtype", "f32", "--threads", "1"], check=True, stdout=subprocess.DEVNULL)
+        ref = lm.load_file(out / "eval_out.safetensors")[0]["y"]
+        with torch.no_grad():
+            got = layers.load_layer(mxd_path)(x)
+        err = float((got - ref).abs().max() / ref.abs().max())
+        check(err < 1e-5, f"torch MxD = mxd eval on {x.shape[0]} rows (max relative error {err:.1e}, float32)")
+
+        a = lm.load_file(mxd_path)[0]
+        b = lm.load_file(out / f"train_skip_k{k}_s{steps}" / "mxd.safetensors")[0]
+        check(all(torch.equal(a[n], b[n]) for n in a), "the MxD of both tool runs is identical bit for bit")
+
+        if with_mxd_torch:
+            model = lm.load_lm(out / "lm.pt")
+            _, entries = lm.corpus()
+            held = lm.split(entries)[1]
+            starts = lm.eval_starts(held, model.config["ctx"], experiment.FAST["eval_windows"])
+            for r in res["rows"]:
+                path = out / r["checkpoint"]
+                layer = layers.load_layer(path, "mxd_torch")
+                with torch.no_grad():
+                    y_ext, y_ref = layer(x), layers.load_layer(path)(x)
+                err = float((y_ext - y_ref).abs().max() / y_ref.abs().max())
+                check(err < 1e-5, f"{r['method']}: mxd_torch from_file = torch layer (max relative error {err:.1e})")
+                ce, _ = layers.spliced_ce(model, experiment.FAST["layer"], layer, held, starts)
+                check(abs(ce - r["ce"]) < 1e-5 * r["ce"], f"{r['method']}: spliced CE with mxd_torch {ce:.6f} = {r['ce']:.6f}")
+    print("1 passed, 0 failed")
+
+
+if __name__ == "__main__":
+    main()

