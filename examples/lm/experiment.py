@@ -57,6 +57,14 @@ def get_lm(out, c, train):
     return model
 
 
+def default_backend():
+    try:
+        import mxd_torch  # noqa: F401
+        return "mxd_torch"
+    except ImportError:
+        return "torch"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mxd", required=True, help="path of the mxd tool (build/examples/mxd)")
@@ -64,9 +72,10 @@ def main(argv=None):
     ap.add_argument("--fast", action="store_true", help="tiny LM, few steps, one k (the ctest run)")
     ap.add_argument("--stage", choices=["lm", "all"], default="all", help="stop after training the LM")
     ap.add_argument("--threads", type=int, default=1, help="threads of torch and of mxd (default 1)")
-    ap.add_argument("--backend", choices=["torch", "mxd_torch"], default="torch",
-                    help="how the trained layers run in the LM: plain torch from the paper's "
-                         "equations, or mxd_torch (mxd's C++); they agree to float rounding")
+    ap.add_argument("--backend", choices=["torch", "mxd_torch"], default=default_backend(),
+                    help="how the trained layers run in the LM: mxd_torch (mxd's C++; the default "
+                         "where it imports), or plain torch from the paper's equations, the "
+                         "independent check; they agree to float rounding")
     args = ap.parse_args(argv)
     c = FAST if args.fast else FULL
     out = Path(args.out)
