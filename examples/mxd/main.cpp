@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <filesystem>
+#include <new>
 #include <string>
 
 #include <mxd/error.hpp>
@@ -36,6 +38,9 @@ void usage(std::FILE* out) {
   for (const Command& c : commands) std::fprintf(out, "  %-8s %s\n", c.name, c.summary);
 }
 
+// Every error is exactly one line: whatever a message echoes cannot start a second one.
+std::string one_line(const char* what) { return mxd::detail::printable(what, 4000); }
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -52,10 +57,16 @@ int main(int argc, char** argv) {
     usage(stderr);
     return 2;
   } catch (const mxd::Error& e) {
-    std::fprintf(stderr, "mxd: error: %s\n", e.what());
+    std::fprintf(stderr, "mxd: error: %s\n", one_line(e.what()).c_str());
+    return 1;
+  } catch (const std::bad_alloc&) {  // a size the machine cannot hold: the user's to change
+    std::fprintf(stderr, "mxd: error: out of memory\n");
+    return 1;
+  } catch (const std::filesystem::filesystem_error& e) {  // a path the user gave: unusable
+    std::fprintf(stderr, "mxd: error: %s\n", one_line(e.what()).c_str());
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "mxd: internal error: %s\n", e.what());
+    std::fprintf(stderr, "mxd: internal error: %s\n", one_line(e.what()).c_str());
     return 3;
   }
 }

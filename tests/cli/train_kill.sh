@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# kill -9 during `mxd train`: a run killed at several points (mid-step, mid-checkpoint, early)
+# and resumed each time from what it left must end with the same bytes as an uninterrupted
+# run; --resume must always find a consistent MxD + baseline pair.
+#
+#   train_kill.sh MXD WORK_DIR
+set -u
+mxd=$1 work=$2
+rm -rf "$work" && mkdir -p "$work" || exit 2
+tiny=(--d-in 8 --d-hidden 32 --d-out 8 --teacher-hidden 32 --k 4 --batch 32 --eval-rows 64
+      --warmup 5 --lr 3e-3 --log-every 5 --checkpoint-every 7 --threads 1 --steps 300)
+now_ms() { date +%s%3N; }
+t0=$(now_ms)
+"$mxd" train "${tiny[@]}" --out "$work/straight" >/dev/null || { echo "uninterrupted run failed"; exit 1; }
+run_ms=$(( $(now_ms) - t0 ))
+echo "uninterrupted run: ${run_ms} ms"
+kills=0
+# Kill points as fractions (per mille) of a whole run's time, each counted from a (re)start.
+for permille in 150 300 80 450 20 250; do
+  resume=()
+  if [ -f "$work/killed/checkpoint.json" ]; then
+    # Both spellings of --resume: the directory, and its mxd.safetensors.
+    if (( kills % 2 )); then resume=(--resume "$work/killed"); else resume=(--resume "$work/killed/mxd.safetensors"); fi
+  fi
+  "$mxd" train "${tiny[@]}" --out "$work/killed" "${resume[@]}" >/dev/null 2>"$work/err.txt" &
+  pid=$!
+  sleep "$(awk -v ms="$run_ms" -v p="$permille" 'BEGIN { printf "%.3f", ms * p / 1e6 }')"
+  kill -9 "$pid" 2>/dev/null && kills=$((kills + 1))
+  wait "$pid"
+  rc=$?
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 137 ]; then
+    echo "run $kills failed with status $rc:"; cat "$work/err.txt"; exit 1
+  fi
+  step=$(grep -o '"step": *[0-9]*' "$work/killed/checkpoint.json" 2>/dev/null | grep -o '[0-9]*$')
+  echo "kill at ${permille}/1000 of a run (status $rc): last committed step ${step:-none}"
+done
+resume=()
+[ -f "$work/killed/checkpoint.json" ] && resume=(--resume "$work/killed")
+"$mxd" train "${tiny[@]}" --out "$work/killed" "${resume[@]}" >/dev/null || { echo "final resume failed"; exit 1; }
+for f in mxd.safetensors topk_transcoder.safetensors; do
+  cmp -s "$work/straight/$f" "$work/killed/$f" || { echo "$f after $kills kills differs from the uninterrupted run's"; exit 1; }
+done
+echo "$kills kills, each resumed: final checkpoints identical to the uninterrupted run's"
+[ "$kills" -ge 3 ] || { echo "only $kills runs were killed before finishing: the run is too fast to test"; exit 1; }
