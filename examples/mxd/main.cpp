@@ -38,8 +38,22 @@ void usage(std::FILE* out) {
   for (const Command& c : commands) std::fprintf(out, "  %-8s %s\n", c.name, c.summary);
 }
 
-// Every error is exactly one line: whatever a message echoes cannot start a second one.
-std::string one_line(const char* what) { return mxd::detail::printable(what, 4000); }
+// Every error is exactly one line: whatever a message echoes (the library escapes what it
+// takes from files; paths come from the command line) cannot start a second one.
+std::string one_line(const char* what) {
+  std::string out;
+  for (const char* p = what; *p && out.size() < 4000; ++p) {
+    const unsigned char ch = static_cast<unsigned char>(*p);
+    if (ch >= 0x20 && ch != 0x7f) {
+      out += *p;
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", ch);
+      out += buf;
+    }
+  }
+  return out;
+}
 
 }  // namespace
 

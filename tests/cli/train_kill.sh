@@ -27,7 +27,7 @@ for permille in 150 300 80 450 20 250; do
   pid=$!
   sleep "$(awk -v ms="$run_ms" -v p="$permille" 'BEGIN { printf "%.3f", ms * p / 1e6 }')"
   kill -9 "$pid" 2>/dev/null && kills=$((kills + 1))
-  wait "$pid"
+  { wait "$pid"; } 2>/dev/null  # no "Killed" notice from the shell
   rc=$?
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 137 ]; then
     echo "run $kills failed with status $rc:"; cat "$work/err.txt"; exit 1

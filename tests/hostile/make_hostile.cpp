@@ -91,8 +91,8 @@ void acts_file(const std::string& file, std::int64_t rows, std::int64_t I, std::
   w.write(path(file));
 }
 
-const float nan = std::numeric_limits<float>::quiet_NaN();
-const float inf = std::numeric_limits<float>::infinity();
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+const float kInf = std::numeric_limits<float>::infinity();
 
 }  // namespace
 
@@ -106,20 +106,20 @@ int main(int argc, char** argv) {
   const std::string out = "@/out.safetensors";
 
   // 1. NaN and Inf reaching top-k: in the batch, the gate, its bias, the weights.
-  layer_file("nan_x.safetensors", [](auto&, auto& x, auto&) { x[9] = nan; });
+  layer_file("nan_x.safetensors", [](auto&, auto& x, auto&) { x[9] = kNaN; });
   add_case("eval_nan_x", "tensor 'x'", {"eval", "@/nan_x.safetensors", out});
   add_case("inspect_nan_x", "x: non-finite value at row 2", {"inspect", "@/nan_x.safetensors", "--data", "@/nan_x.safetensors"});
   add_case("steer_nan_x", "x: non-finite value at row 2", {"steer", "@/nan_x.safetensors", "--data", "@/nan_x.safetensors", "--expert", "1", "--add", "5", "--out", out});
-  layer_file("inf_gate.safetensors", [](auto& p, auto&, auto&) { p.G(3, 1) = inf; });
+  layer_file("inf_gate.safetensors", [](auto& p, auto&, auto&) { p.G(3, 1) = kInf; });
   add_case("eval_inf_gate", "tensor 'gate'", {"eval", "@/inf_gate.safetensors", out});
   add_case("inspect_inf_gate", "tensor 'gate'", {"inspect", "@/inf_gate.safetensors", "--data", "@/inf_gate.safetensors"});
-  layer_file("nan_gate_bias.safetensors", [](auto& p, auto&, auto&) { p.b_gate[5] = nan; });
+  layer_file("nan_gate_bias.safetensors", [](auto& p, auto&, auto&) { p.b_gate[5] = kNaN; });
   add_case("eval_nan_gate_bias", "tensor 'gate_bias'", {"eval", "@/nan_gate_bias.safetensors", out});
-  layer_file("inf_enc.safetensors", [](auto& p, auto&, auto&) { p.E[3] = -inf; });
+  layer_file("inf_enc.safetensors", [](auto& p, auto&, auto&) { p.E[3] = -kInf; });
   add_case("eval_inf_w_enc", "tensor 'W_enc'", {"eval", "@/inf_enc.safetensors", out});
-  acts_file("nan_acts.safetensors", 40, 4, 4, nan, 4 * 7 + 2);
+  acts_file("nan_acts.safetensors", 40, 4, 4, kNaN, 4 * 7 + 2);
   add_case("train_nan_data", "non-finite value at row 7", {"train", "--data", "@/nan_acts.safetensors", "--d-hidden", "8", "--experts", "16", "--k", "2", "--steps", "20", "--batch", "8", "--out", "@/train_nan"});
-  acts_file("inf_acts.safetensors", 40, 4, 4, inf, 4 * 39);
+  acts_file("inf_acts.safetensors", 40, 4, 4, kInf, 4 * 39);
   add_case("train_inf_heldout", "non-finite value at row 39", {"train", "--data", "@/inf_acts.safetensors", "--d-hidden", "8", "--experts", "16", "--k", "2", "--steps", "2", "--batch", "8", "--out", "@/train_inf"});
   add_case("train_huge_lr", "training stopped at step", {"train", "--d-in", "4", "--d-hidden", "8", "--d-out", "4", "--teacher-hidden", "8", "--experts", "16", "--k", "2", "--steps", "20", "--batch", "8", "--eval-rows", "16", "--lr", "1e300", "--out", "@/train_lr"});
   {  // a checkpoint whose optimizer state holds a NaN, resumed
@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
     const auto& info = f.info("optim.m.W_dec");
     std::fstream io(path("nan_optim.safetensors"), std::ios::in | std::ios::out | std::ios::binary);
     io.seekp(static_cast<std::streamoff>(info.begin + 4));
-    io.write(reinterpret_cast<const char*>(&nan), 4);
+    io.write(reinterpret_cast<const char*>(&kNaN), 4);
   }
   add_case("train_resume_nan_optim", "optim.m.W_dec", {"train", "--d-in", "4", "--d-hidden", "8", "--d-out", "4", "--baseline", "none", "--k", "2", "--steps", "10", "--resume", "@/nan_optim.safetensors", "--out", "@/train_resume"});
 
@@ -161,8 +161,8 @@ int main(int argc, char** argv) {
                   R"(,"data_offsets":[0,0]}})");
     add_case("inspect_deep_" + std::to_string(depth), "nests deeper", {"inspect", "@/" + name});
   }
-  raw("deep_offsets.safetensors", R"({"W_enc":{"dtype":"F32","shape":[1],"data_offsets":[)" +
-                                       std::string(50000, '{') + "]}}");
+  raw("deep_offsets.safetensors", R"({"W_enc":{"dtype":"F32","shape":[1],"data_offsets":)" +
+                                       std::string(50000, '[') + std::string(50000, ']') + "}}");
   add_case("eval_deep_offsets", "nests deeper", {"eval", "@/deep_offsets.safetensors", out});
   raw("spoof_name.safetensors", "{\"W\\nmxd: error: spoofed\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,8]}}",
       std::string(8, '\0'));

@@ -12,6 +12,7 @@
 /// b_dec is accepted and ignored. Metadata: activation, k, glu, skip (strings).
 #pragma once
 
+#include <algorithm>
 #include <cctype>
 #include <string>
 #include <type_traits>
@@ -137,7 +138,7 @@ inline Config read_config(const SafetensorsReader& f) {
   c.d_hidden = enc[1];
   c.d_out = dec[1];
   c.n_experts = gate[0];
-  MXD_CHECK(c.d_in > 0 && c.d_hidden > 0 && c.d_out > 0 && c.n_experts > 0, f.path(),
+  MXD_CHECK(std::min({enc[0], enc[1], dec[0], dec[1], gate[0], gate[1]}) > 0, f.path(),
             ": W_enc ", detail::shape_str(enc), ", W_dec ", detail::shape_str(dec), " and gate ",
             detail::shape_str(gate), " must have no zero dimension");
   auto required = [&](const char* key) -> const std::string& {
