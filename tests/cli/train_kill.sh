@@ -10,14 +10,16 @@ mxd=$1 work=$2
 rm -rf "$work" && mkdir -p "$work" || exit 2
 tiny=(--d-in 8 --d-hidden 32 --d-out 8 --teacher-hidden 32 --k 4 --batch 32 --eval-rows 64
       --warmup 5 --lr 3e-3 --log-every 5 --checkpoint-every 7 --threads 1 --steps 300)
-now_ms() { date +%s%3N; }
-t0=$(now_ms)
 "$mxd" train "${tiny[@]}" --out "$work/straight" >/dev/null || { echo "uninterrupted run failed"; exit 1; }
-run_ms=$(( $(now_ms) - t0 ))
-echo "uninterrupted run: ${run_ms} ms"
+committed() {  # the step checkpoint.json names, or -1
+  local s
+  s=$(grep -o '"step": *[0-9]*' "$work/killed/checkpoint.json" 2>/dev/null | grep -o '[0-9]*$')
+  echo "${s:--1}"
+}
 kills=0
-# Kill points as fractions (per mille) of a whole run's time, each counted from a (re)start.
-for permille in 150 300 80 450 20 250; do
+# Each run is killed once the committed step reaches a target (polled every 2 ms, so the kill
+# lands anywhere in the steps or the commit after it); -1: at once, while starting or loading.
+for target in -1 20 21 100 180 250; do
   resume=()
   if [ -f "$work/killed/checkpoint.json" ]; then
     # Both spellings of --resume: the directory, and its mxd.safetensors.
@@ -25,15 +27,14 @@ for permille in 150 300 80 450 20 250; do
   fi
   "$mxd" train "${tiny[@]}" --out "$work/killed" "${resume[@]}" >/dev/null 2>"$work/err.txt" &
   pid=$!
-  sleep "$(awk -v ms="$run_ms" -v p="$permille" 'BEGIN { printf "%.3f", ms * p / 1e6 }')"
+  while kill -0 "$pid" 2>/dev/null && [ "$(committed)" -lt "$target" ]; do sleep 0.002; done
   kill -9 "$pid" 2>/dev/null && kills=$((kills + 1))
   { wait "$pid"; } 2>/dev/null  # no "Killed" notice from the shell
   rc=$?
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 137 ]; then
     echo "run $kills failed with status $rc:"; cat "$work/err.txt"; exit 1
   fi
-  step=$(grep -o '"step": *[0-9]*' "$work/killed/checkpoint.json" 2>/dev/null | grep -o '[0-9]*$')
-  echo "kill at ${permille}/1000 of a run (status $rc): last committed step ${step:-none}"
+  echo "killed once step $target was committed (status $rc): checkpoint.json names step $(committed)"
 done
 resume=()
 [ -f "$work/killed/checkpoint.json" ] && resume=(--resume "$work/killed")
