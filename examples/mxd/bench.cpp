@@ -128,11 +128,10 @@ int run_bench(int argc, char** argv) {
   defaults.activation = Activation::gelu;
   const Config cfg = layer_config(args, defaults);
   const long long B = args.get_int("batch", 1024), iters = args.get_int("iters", 10);
-  const long long warmup = args.get_int("warmup", 2), threads = args.get_int("threads", 0);
+  const long long warmup = args.get_int("warmup", 2), threads = threads_arg(args);
   MXD_CHECK(B > 0, "--batch = ", B, " must be > 0");
   MXD_CHECK(iters > 0, "--iters = ", iters, " must be > 0");
   MXD_CHECK(warmup >= 0, "--warmup = ", warmup, " must be >= 0");
-  MXD_CHECK(threads >= 0, "--threads = ", threads, " must be >= 0 (0 = all)");
   // f32 / f64 as in `mxd train` and `mxd eval`; float / double accepted as synonyms.
   std::string dtype = args.get("dtype", "f32");
   if (dtype == "float") dtype = "f32";

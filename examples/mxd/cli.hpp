@@ -140,6 +140,13 @@ inline Config layer_config(const Args& args, Config c, bool read_k = true) {
   return c;
 }
 
+/// --threads N as an int: the range is checked on the parsed 64-bit value, before any cast.
+inline int threads_arg(const Args& args) {
+  const long long n = args.get_int("threads", 0);
+  MXD_CHECK(n >= 0 && n <= 1024, "--threads = ", n, " is out of range [0, 1024] (0 = all cores)");
+  return static_cast<int>(n);
+}
+
 /// Median of timings (mean of the middle two for an even count); v must not be empty.
 inline double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());

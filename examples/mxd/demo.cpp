@@ -37,7 +37,7 @@ int run_demo(int argc, char** argv) {
   for (index_t i = 0; i < x.size(); ++i) x[i] = normal(rng);
   for (index_t i = 0; i < dy.size(); ++i) dy[i] = normal(rng);
   Workspace<float> ws;
-  ws.ctx.threads = static_cast<int>(args.get_int("threads", 0));
+  ws.ctx.threads = threads_arg(args);
   Grads<float> g(cfg);
 
   using clock = std::chrono::steady_clock;

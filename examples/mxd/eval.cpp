@@ -96,16 +96,15 @@ int run_eval(int argc, char** argv) {
   MXD_CHECK(args.positional().size() == 2, "mxd eval takes IN.safetensors and OUT.safetensors, got ",
             args.positional().size(), " paths (see mxd eval --help)");
   const std::string dtype = args.get("dtype", "f64");
-  const long long threads = args.get_int("threads", 0);
-  MXD_CHECK(threads >= 0 && threads <= 1024, "--threads = ", threads, " is out of range [0, 1024]");
+  const int threads = threads_arg(args);
   io::SafetensorsReader layer(args.positional()[0]);
   std::unique_ptr<io::SafetensorsReader> batch;
   if (args.has("batch")) batch = std::make_unique<io::SafetensorsReader>(args.get("batch", ""));
   io::SafetensorsReader& in = batch ? *batch : layer;
   if (dtype == "f64")
-    eval<double>(layer, in, args.positional()[1], static_cast<int>(threads));
+    eval<double>(layer, in, args.positional()[1], threads);
   else if (dtype == "f32")
-    eval<float>(layer, in, args.positional()[1], static_cast<int>(threads));
+    eval<float>(layer, in, args.positional()[1], threads);
   else
     throw Error("--dtype = '" + dtype + "' is not f64 or f32");
   return 0;

@@ -56,6 +56,7 @@ Loaded load(const std::string& path) {
 // Rows [0, rows) of x from `path`, in chunks of `chunk`, handed to fn(first_row, x).
 template <class F>
 index_t for_each_chunk(const std::string& path, index_t d_in, index_t rows, F&& fn) {
+  MXD_CHECK(rows >= 0, "--rows = ", rows, " must be >= 0 (0 = all)");
   io::SafetensorsReader f(path);
   const auto& shape = f.info("x").shape;
   MXD_CHECK(shape.size() == 2 && shape[1] == d_in, path, ": x has shape ",
@@ -67,6 +68,10 @@ index_t for_each_chunk(const std::string& path, index_t d_in, index_t rows, F&& 
     const index_t n = std::min(chunk, T - first);
     x.resize(n, d_in, false);
     f.read("x", x.data(), first * d_in, n * d_in);
+    for (index_t r = 0; r < n; ++r) {  // the NaN/Inf policy, named by the file's own row
+      const index_t c = first_non_finite(x.data() + r * d_in, d_in);
+      MXD_CHECK(c < 0, path, ": x: non-finite value at row ", first + r, " (column ", c, ")");
+    }
     fn(first, x);
   }
   return T;
@@ -108,7 +113,9 @@ int run_inspect(int argc, char** argv) {
     const int bins = 12;
     const double lo = -std::max(1.0, std::ceil(std::log10(double(rows)))), hi = 0;
     const auto hist = usage.log10_histogram(bins, lo, hi);
-    const auto top = usage.most_used(args.get_int("top", 10));
+    const long long n_top = args.get_int("top", 10);
+    MXD_CHECK(n_top >= 0, "--top = ", n_top, " must be >= 0");
+    const auto top = usage.most_used(n_top);
     j["rows"] = rows;
     j["dead_fraction"] = usage.dead_fraction();
     j["entropy"] = usage.entropy();

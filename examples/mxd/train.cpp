@@ -1,9 +1,13 @@
 // SPDX-License-Identifier: MIT
 // mxd train: trains an MxD and a parameter-matched TopK (or skip) transcoder on the same
 // stream of (x, y) pairs, then evaluates both on held-out pairs.
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <sstream>
@@ -63,10 +67,13 @@ const char* const train_help =
     "  --log-every N     steps per log.csv row (default 10)\n"
     "  --progress-every S  when stderr is not a terminal, a progress line (step, loss, tokens/s,\n"
     "                    ETA) every S seconds (default 10; 0: every step)\n"
+    "  --checkpoint-every N  commit a checkpoint pair every N steps (default 500; 0: at the end only)\n"
     "  --out DIR         output directory (default mxd_out)\n"
-    "  --resume CKPT     continue from DIR/mxd.safetensors (the baseline from the same DIR)\n\n"
+    "  --resume CKPT     continue from DIR/mxd.safetensors or DIR: the last checkpoint pair that\n"
+    "                    DIR/checkpoint.json names (MxD and baseline at the same step)\n\n"
     "writes to DIR: mxd.safetensors, topk_transcoder.safetensors (checkpoints with optimizer\n"
-    "state), log.csv, metrics.json, loss.svg, and with a k sweep frontier.svg;\n"
+    "state; the pair is committed atomically, see checkpoint.json), log.csv, metrics.json,\n"
+    "loss.svg, and with a k sweep frontier.svg;\n"
     "prints a table of parameters, k, NMSE (reference loss), FVU, dead fraction and tokens/s.\n";
 
 struct Options {
@@ -76,6 +83,7 @@ struct Options {
   std::string baseline = "topk";
   bool norm_dec = true;
   index_t batch = 512, steps = 2000, warmup = 100, log_every = 10, eval_rows = 8192;
+  index_t checkpoint_every = 500;
   index_t teacher_hidden = 256;
   double lr = 1e-3, eval_fraction = 0.05, progress_every = 10;
   std::uint64_t seed = 0;
@@ -151,7 +159,8 @@ struct Model {
   // Moves training to the GPU from the current parameters and optimizer state.
   void to_gpu(const std::string& math) { gpu = make_cuda_model<T, Set>(p, opt, norm_dec, math); }
 
-  // One step on (x, target); returns the reference loss before the update.
+  // One step on (x, target); returns the reference loss before the update. On the host a
+  // non-finite loss stops here, before backward and the update (the NaN/Inf policy).
   template <class Layer>
   double train_step(Layer& layer, const Tensor<T>& x, const Tensor<T>& target) {
     if (gpu) return gpu->train_step(x, target);
@@ -159,6 +168,7 @@ struct Model {
     dy.resize(x.rows(), target.cols(), false);
     layer.forward(x, pred);
     const double l = loss<T>(Loss::nmse_ref, pred.view(), target.view(), dy.view());
+    MXD_CHECK(std::isfinite(l), "the loss became ", l, " (no weight was updated)");
     layer.backward(x, dy);
     return l;
   }
@@ -254,6 +264,40 @@ std::unique_ptr<train::DataSource<T>> make_source(const Options& o) {
                                              o.seed, o.eval_rows);
 }
 
+// The MxD and baseline files to resume from (baseline "" when there is none). From a
+// directory, or a file in one, that holds a checkpoint manifest: the pair it names, which is
+// always complete and at one step. A lone file (no manifest): it and the baseline beside it.
+std::pair<std::string, std::string> resume_files(const std::string& resume,
+                                                 const std::string& tc_file) {
+  namespace fs = std::filesystem;
+  const bool is_dir = fs::is_directory(resume);
+  const std::string dir = is_dir ? resume : io::parent_dir(resume);
+  const io::CheckpointDir::Set set = io::CheckpointDir(dir).latest();
+  if (set.step >= 0) {
+    const std::string m = set.file("mxd.safetensors");
+    MXD_CHECK(!m.empty(), io::CheckpointDir(dir).manifest(), " names no mxd.safetensors");
+    return {m, set.file(tc_file)};
+  }
+  MXD_CHECK(!is_dir, "--resume ", resume, ": the directory has no checkpoint.json");
+  const std::string b = (fs::path(dir) / tc_file).string();
+  return {resume, fs::exists(b) ? b : ""};
+}
+
+// Creates --out and checks that files can be written there, before any training.
+void prepare_out_dir(const std::string& out) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  MXD_CHECK(!ec, "--out = '", out, "': cannot create the directory: ", ec.message());
+  MXD_CHECK(fs::is_directory(out), "--out = '", out, "' is not a directory");
+  const std::string probe = (fs::path(out) / ".mxd_write_test").string();
+  errno = 0;
+  std::FILE* f = std::fopen(probe.c_str(), "wb");
+  MXD_CHECK(f, "--out = '", out, "' is not writable: ", errno ? std::strerror(errno) : "unknown reason");
+  std::fclose(f);
+  fs::remove(probe, ec);
+}
+
 // Trains both models at one k; returns their rows and appends their loss curves.
 template <class T>
 std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src, bool sweep,
@@ -271,21 +315,23 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   const bool skip_tc = o.baseline == "skip";
   TranscoderConfig tcc{cfg.d_in, cfg.d_out, o.expansion * cfg.d_in, k, skip_tc};
 
+  const std::string tc_file = std::string(skip_tc ? "skip" : "topk") + "_transcoder.safetensors";
+  io::CheckpointDir ckpt_dir(o.out, suffix);
   if (!o.resume.empty()) {
-    io::SafetensorsReader f(o.resume);
+    const auto [mpath, bpath] = resume_files(o.resume, tc_file);
+    io::SafetensorsReader f(mpath);
     const Config rc = io::read_config(f);
     mxd = std::make_unique<MxdModel<T>>(io::load_params<T>(f, rc), oc, o.norm_dec, o.threads);
     io::load_optimizer(f, mxd->opt);
     start = mxd->opt.t;
     if (o.baseline != "none") {
-      const std::string bpath = (std::filesystem::path(o.resume).parent_path() /
-                                 (std::string(skip_tc ? "skip" : "topk") + "_transcoder.safetensors"))
-                                    .string();
+      MXD_CHECK(!bpath.empty(), o.resume, ": the checkpoint has no ", tc_file,
+                " (use the --baseline it was trained with)");
       io::SafetensorsReader b(bpath);
       tc = std::make_unique<TranscoderModel<T>>(io::load_transcoder<T>(b, io::read_transcoder_config(b)),
                                                 oc, o.norm_dec, o.threads);
       io::load_optimizer(b, tc->opt);
-      MXD_CHECK(tc->opt.t == start, bpath, " is at step ", tc->opt.t, " but ", o.resume, " at ", start);
+      MXD_CHECK(tc->opt.t == start, bpath, " is at step ", tc->opt.t, " but ", mpath, " at ", start);
     }
     MXD_CHECK(mxd->p.config.d_in == src.d_in() && mxd->p.config.d_out == src.d_out(), o.resume,
               " expects d_in = ", mxd->p.config.d_in, ", d_out = ", mxd->p.config.d_out,
@@ -300,7 +346,8 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
       tc = std::make_unique<TranscoderModel<T>>(std::move(tp), oc, o.norm_dec, o.threads);
     }
   }
-  MXD_CHECK(start < o.steps, "--steps = ", o.steps, " but the checkpoint is already at step ", start);
+  // start == steps: a run killed after its last checkpoint; it only evaluates and reports.
+  MXD_CHECK(start <= o.steps, "--steps = ", o.steps, " but the checkpoint is already at step ", start);
 
   if (o.cuda) {
     mxd->to_gpu(o.math);
@@ -316,21 +363,53 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   std::vector<double> col_step, col_mxd, col_tc;
   Progress progress(o.steps, start, o.progress_every, sweep ? "k " + std::to_string(k) + ": " : "");
   using clock = std::chrono::steady_clock;
+  // Commits both models after `steps_done` steps as one pair (CheckpointDir).
+  index_t committed = start;
+  auto commit = [&](index_t steps_done) {
+    ckpt_dir.commit(steps_done, [&](const std::string& folder) {
+      mxd->save(folder + "/mxd.safetensors");
+      if (tc) tc->save(folder + "/" + tc->name + ".safetensors");
+    });
+    committed = steps_done;
+  };
+  // A training error names the step and where the last good pair is.
+  auto stopped = [&](index_t step, const std::string& what, const char* hint) {
+    const std::string last =
+        committed > start ? "; the last good checkpoint (step " + std::to_string(committed) +
+                                ") is the one " + ckpt_dir.manifest() + " names"
+        : o.resume.empty() ? std::string("; no checkpoint was written")
+                           : "; the checkpoint resumed from (step " + std::to_string(start) +
+                                 ") is unchanged";
+    return Error(detail::concat("training stopped at step ", step, ": ", what, hint, last));
+  };
+  const char* lr_hint = " (try a smaller --lr)";
   for (index_t step = start; step < o.steps; ++step) {
-    src.train_batch(static_cast<std::uint64_t>(step), B, x, y);
-    auto t0 = clock::now();
-    const double l_mxd = mxd->train_step(x, y);
-    auto t1 = clock::now();
-    time_mxd += std::chrono::duration<double>(t1 - t0).count();
-    sum_mxd += l_mxd;
-    double l_tc = 0;
-    if (tc) {
-      l_tc = tc->train_step(x, y);
-      time_tc += std::chrono::duration<double>(clock::now() - t1).count();
-      sum_tc += l_tc;
+    try {
+      src.train_batch(static_cast<std::uint64_t>(step), B, x, y);
+    } catch (const Error& e) {
+      throw stopped(step, e.what(), "");
     }
-    MXD_CHECK(std::isfinite(l_mxd), "the MxD loss became ", l_mxd, " at step ", step,
-              " (try a smaller --lr)");
+    auto t0 = clock::now();
+    double l_mxd = 0, l_tc = 0;
+    const char* model = "the MxD";
+    try {
+      l_mxd = mxd->train_step(x, y);
+      auto t1 = clock::now();
+      time_mxd += std::chrono::duration<double>(t1 - t0).count();
+      if (tc) {
+        model = "the baseline";
+        l_tc = tc->train_step(x, y);
+        time_tc += std::chrono::duration<double>(clock::now() - t1).count();
+      }
+    } catch (const Error& e) {
+      throw stopped(step, std::string(model) + ": " + e.what(), lr_hint);
+    }
+    sum_mxd += l_mxd;
+    sum_tc += l_tc;
+    // The GPU path reports its loss only after the update: checked here.
+    if (!std::isfinite(l_mxd) || !std::isfinite(l_tc))
+      throw stopped(step, detail::concat("the loss became ", std::isfinite(l_mxd) ? l_tc : l_mxd),
+                    lr_hint);
     if (++in_window == o.log_every || step + 1 == o.steps) {
       col_step.push_back(double(step + 1));
       col_mxd.push_back(sum_mxd / double(in_window));
@@ -347,20 +426,26 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     std::vector<ModelProgress> now{{"mxd", l_mxd, time_mxd}};
     if (tc) now.push_back({tc->name, l_tc, time_tc});
     progress.update(step, B, now);
+    if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.steps) {
+      try {
+        commit(step + 1);
+      } catch (const Error& e) {
+        throw stopped(step, e.what(), lr_hint);
+      }
+    }
   }
 
-  std::filesystem::create_directories(o.out);
+  commit(o.steps);
   const double tokens = double(o.steps - start) * double(B);
+  auto rate = [&](double seconds) { return seconds > 0 ? tokens / seconds : 0.0; };
   std::vector<Row> rows;
-  mxd->save((std::filesystem::path(o.out) / ("mxd" + suffix + ".safetensors")).string());
-  rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B), tokens / time_mxd});
+  rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B), rate(time_mxd)});
   if (log_cols.empty()) log_cols.push_back(col_step);
   log_cols.push_back(col_mxd);
   log_names.push_back("mxd" + suffix);
   curves.push_back(c_mxd);
   if (tc) {
-    tc->save((std::filesystem::path(o.out) / (tc->name + suffix + ".safetensors")).string());
-    rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B), tokens / time_tc});
+    rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B), rate(time_tc)});
     log_cols.push_back(col_tc);
     log_names.push_back(tc->name + suffix);
     curves.push_back(c_tc);
@@ -477,7 +562,7 @@ int run_train(int argc, char** argv) {
   std::set<std::string> flags = layer_flags();
   for (const char* f : {"data", "teacher-hidden", "eval-rows", "eval-fraction", "expansion",
                         "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
-                        "device", "log-every", "progress-every", "out", "resume"})
+                        "device", "log-every", "progress-every", "checkpoint-every", "out", "resume"})
     flags.insert(f);
   std::set<std::string> switches = layer_switches();
   switches.insert({"no-norm-dec", "tf32"});
@@ -504,6 +589,8 @@ int run_train(int argc, char** argv) {
     io::SafetensorsReader f(o.data.front());
     MXD_CHECK(f.info("x").shape.size() == 2 && f.info("y").shape.size() == 2, o.data.front(),
               ": x and y must be 2-D");
+    MXD_CHECK(f.info("x").shape[1] > 0 && f.info("y").shape[1] > 0, o.data.front(),
+              ": x and y must have positive widths d_in and d_out");
     defaults.d_in = f.info("x").shape[1];
     defaults.d_out = f.info("y").shape[1];
     defaults.d_hidden = 4 * defaults.d_in;
@@ -514,8 +601,10 @@ int run_train(int argc, char** argv) {
   sized.d_hidden = args.get_int("d-hidden", defaults.d_hidden);
   sized.d_out = args.get_int("d-out", defaults.d_out);
   MXD_CHECK(sized.d_in > 0 && sized.d_hidden > 0 && sized.d_out > 0, "--d-in, --d-hidden and --d-out must be positive");
-  defaults.n_experts = matched_experts(sized.d_in, sized.d_hidden, sized.d_out, o.expansion,
-                                       args.flag("glu"), args.flag("skip"));
+  // The matched count is only the default: an explicit --experts needs no match to exist.
+  if (!args.has("experts"))
+    defaults.n_experts = matched_experts(sized.d_in, sized.d_hidden, sized.d_out, o.expansion,
+                                         args.flag("glu"), args.flag("skip"));
   defaults.k = *std::min_element(o.ks.begin(), o.ks.end());
   o.layer = layer_config(args, defaults, /*read_k=*/false);
   for (index_t k : o.ks) {
@@ -533,22 +622,24 @@ int run_train(int argc, char** argv) {
   o.steps = args.get_int("steps", o.steps);
   o.warmup = args.get_int("warmup", o.warmup);
   o.log_every = args.get_int("log-every", o.log_every);
+  o.checkpoint_every = args.get_int("checkpoint-every", o.checkpoint_every);
   o.eval_rows = args.get_int("eval-rows", o.eval_rows);
   o.eval_fraction = args.get_double("eval-fraction", o.eval_fraction);
   o.lr = args.get_double("lr", o.lr);
   o.progress_every = args.get_double("progress-every", o.progress_every);
   MXD_CHECK(o.progress_every >= 0, "--progress-every = ", o.progress_every, " must be >= 0");
   o.seed = static_cast<std::uint64_t>(args.get_int("seed", 0));
-  o.threads = static_cast<int>(args.get_int("threads", 0));
+  o.threads = threads_arg(args);
   o.out = args.get("out", o.out);
   o.resume = args.get("resume", "");
   MXD_CHECK(o.batch > 0, "--batch = ", o.batch, " must be positive");
   MXD_CHECK(o.steps > 0, "--steps = ", o.steps, " must be positive");
   MXD_CHECK(o.warmup >= 0, "--warmup = ", o.warmup, " must be >= 0");
   MXD_CHECK(o.log_every > 0, "--log-every = ", o.log_every, " must be positive");
+  MXD_CHECK(o.checkpoint_every >= 0, "--checkpoint-every = ", o.checkpoint_every,
+            " must be >= 0 (0: at the end only)");
   MXD_CHECK(o.eval_rows > 0, "--eval-rows = ", o.eval_rows, " must be positive");
   MXD_CHECK(o.teacher_hidden > 0, "--teacher-hidden = ", o.teacher_hidden, " must be positive");
-  MXD_CHECK(o.threads >= 0 && o.threads <= 1024, "--threads = ", o.threads, " is out of range");
   MXD_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr = ", o.lr, " must be positive");
   MXD_CHECK(!o.out.empty(), "--out must not be empty");
   const std::string device = args.get("device", "cpu");
@@ -559,6 +650,7 @@ int run_train(int argc, char** argv) {
   MXD_CHECK(dtype != "bf16" || o.cuda, "--dtype bf16 needs --device cuda");
   o.math = dtype == "bf16" ? "bf16" : args.flag("tf32") ? "tf32" : "fp32";
   if (o.cuda) require_cuda();
+  prepare_out_dir(o.out);
   if (dtype == "bf16") return run<float>(o);
   if (dtype == "f32") return run<float>(o);
   if (dtype == "f64") return run<double>(o);

@@ -37,7 +37,7 @@ inline Activation parse_activation(const std::string& name) {
   if (name == "gelu_tanh" || name == "gelu_pytorch_tanh") return Activation::gelu_tanh;
   if (name == "sigmoid") return Activation::sigmoid;
   if (name == "silu") return Activation::silu;
-  throw Error("activation: unknown name '" + name +
+  throw Error("activation: unknown name '" + detail::printable(name) +
               "' (expected relu, gelu, gelu_tanh, gelu_pytorch_tanh, sigmoid or silu)");
 }
 

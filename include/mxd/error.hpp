@@ -6,6 +6,8 @@
 /// message that names the offending value; library code never exits or prints.
 #pragma once
 
+#include <cstddef>
+#include <cstdio>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -26,6 +28,24 @@ std::string concat(Args&&... args) {
   std::ostringstream os;
   (os << ... << std::forward<Args>(args));
   return os.str();
+}
+
+/// `s` made safe to echo in a message: control and non-ASCII bytes as \xNN (so a name holding
+/// a newline cannot print a second, spoofed error line), cut to `max` bytes with its length noted.
+inline std::string printable(const std::string& s, std::size_t max = 80) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size() && i < max; ++i) {
+    const unsigned char ch = static_cast<unsigned char>(s[i]);
+    if (ch >= 0x20 && ch < 0x7f && ch != '\\') {
+      out += static_cast<char>(ch);
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", ch);
+      out += buf;
+    }
+  }
+  if (s.size() > max) out += "... (" + std::to_string(s.size()) + " bytes)";
+  return out;
 }
 
 }  // namespace detail

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -136,9 +137,11 @@ public:
   /// Sets the shape; new contents are zero whenever storage is (re)allocated or `zero` is set.
   void resize(index_t rows, index_t cols, bool zero = true) {
     MXD_CHECK(rows >= 0 && cols >= 0, "Tensor::resize: negative shape [", rows, ", ", cols, "]");
+    // Checked before multiplying: rows * cols * sizeof(T) bytes must fit a ptrdiff_t.
+    constexpr index_t max_elements = PTRDIFF_MAX / static_cast<index_t>(sizeof(T));
+    MXD_CHECK(rows == 0 || cols <= max_elements / rows, "Tensor::resize: shape [", rows, ", ",
+              cols, "] overflows");
     const index_t n = rows * cols;
-    MXD_CHECK(rows == 0 || n / rows == cols, "Tensor::resize: shape [", rows, ", ", cols,
-              "] overflows");
     if (n > capacity_) {
       MXD_CHECK(owned_, "Tensor::resize: a borrowed tensor of ", capacity_,
                 " values cannot grow to [", rows, ", ", cols, "]");

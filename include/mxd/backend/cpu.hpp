@@ -17,7 +17,10 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -29,6 +32,7 @@ extern "C" void openblas_set_num_threads(int);
 #endif
 
 #include "../activation.hpp"
+#include "../finite.hpp"
 #include "../layer.hpp"
 #include "../optim.hpp"
 #include "../tensor.hpp"
@@ -210,6 +214,10 @@ struct backend<cpu> {
   /// score >= t each), so only blocks with maximum >= t can hold a winner, and of those only
   /// the scores >= t. A partial selection over these few candidates under the strict total
   /// order gives the same result as a full sort.
+  ///
+  /// A NaN or Inf score (from x, G or b_gate) would break that bound, so the pass that adds
+  /// the bias also checks every score; the first bad one (lowest row, then expert) throws
+  /// "gate scores: non-finite value at row R (expert N)" before anything is selected from it.
   template <class T>
   static void gate_topk(Ctx& ctx, View<T, cpu> scores, cview<T> b_gate, index_t k,
                         View<std::int32_t, cpu> idx, View<T, cpu> val) {
@@ -217,6 +225,9 @@ struct backend<cpu> {
     const index_t L = std::clamp<index_t>(N / (2 * k), 8, topk_block), nblocks = (N + L - 1) / L;
     using Cand = detail::Candidate<T>;
     using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
+    // Flat position r N + n of the first non-finite score; threads cannot throw, so they record.
+    constexpr index_t none = std::numeric_limits<index_t>::max();
+    std::atomic<index_t> bad(none);
     detail::parallel_chunks(ctx.resolved_threads(), scores.rows, 8, [&](index_t r0, index_t r1) {
       // Per-thread scratch that only grows: a training loop allocates it once.
       thread_local std::vector<T> block_max, maxima;
@@ -228,7 +239,15 @@ struct backend<cpu> {
         for (index_t q = 0; q < nblocks; ++q) {
           const index_t n0 = q * L, len = std::min(L, N - n0);
           Eigen::Map<Arr> blk(s + n0, len);
-          blk = (blk + Eigen::Map<const Arr>(b_gate.data + n0, len)).cwiseMax(T(0));
+          blk += Eigen::Map<const Arr>(b_gate.data + n0, len);
+          if ((blk * T(0)).sum() != T(0)) {  // x * 0 is NaN exactly for NaN and +-Inf
+            index_t n = n0;
+            while (std::isfinite(s[n])) ++n;
+            index_t seen = bad.load();
+            while (r * N + n < seen && !bad.compare_exchange_weak(seen, r * N + n)) {}
+            return;  // later rows of this chunk can only be reported after this one
+          }
+          blk = blk.cwiseMax(T(0));
           block_max[q] = blk.maxCoeff();
         }
         T t(0);
@@ -252,6 +271,8 @@ struct backend<cpu> {
         }
       }
     });
+    const index_t b = bad.load();
+    MXD_CHECK(b == none, "gate scores: non-finite value at row ", b / N, " (expert ", b % N, ")");
   }
 
   /// v[b] = sum_j val[b,j] C[idx[b,j]];  y = (accumulate ? y : 0) + u * v + b_out.
@@ -420,6 +441,21 @@ struct backend<cpu> {
       }
     });
   }
+  /// Flat position of the first non-finite value of v, or -1. v: [rows, cols], contiguous.
+  /// Chunks are checked in parallel; the lowest bad position is reported whatever the threads.
+  template <class T>
+  static index_t find_non_finite(Ctx& ctx, cview<T> v) {
+    constexpr index_t grain = 1 << 14, none = std::numeric_limits<index_t>::max();
+    std::atomic<index_t> bad(none);
+    detail::parallel_chunks(ctx.resolved_threads(), v.size(), grain, [&](index_t i0, index_t i1) {
+      const index_t i = first_non_finite(v.data + i0, i1 - i0);
+      if (i < 0) return;
+      index_t seen = bad.load();
+      while (i0 + i < seen && !bad.compare_exchange_weak(seen, i0 + i)) {}
+    });
+    return bad.load() == none ? -1 : bad.load();
+  }
+
   /// One torch.optim.AdamW update of a parameter tensor, in torch's order of operations:
   /// p *= 1 - lr wd;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;
   /// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). p, g, m, v: same shape.

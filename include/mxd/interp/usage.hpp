@@ -86,8 +86,9 @@ public:
     }
     return h;
   }
-  /// Experts by descending count (ties by index), at most `n`.
+  /// Experts by descending count (ties by index), at most `n` (n >= 0).
   std::vector<index_t> most_used(index_t n) const {
+    MXD_CHECK(n >= 0, "Usage::most_used: n = ", n, " must be >= 0");
     std::vector<index_t> order(count_.size());
     for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<index_t>(i);
     const index_t m = std::min<index_t>(n, static_cast<index_t>(order.size()));

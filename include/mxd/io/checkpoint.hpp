@@ -14,9 +14,15 @@
 /// topk_transcoder), the config, and the AdamW hyper-parameters.
 #pragma once
 
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "../baselines/transcoder.hpp"
 #include "../optim.hpp"
@@ -57,13 +63,33 @@ void add_optimizer(SafetensorsWriter& w, const AdamW<T, cpu, Set>& opt) {
   w.set_metadata("optim.warmup_steps", std::to_string(c.warmup_steps));
 }
 
+// The NaN/Inf policy: a checkpoint never holds a non-finite value, so the last one written
+// is always good to resume from.
+template <class Set>
+void check_set_finite(const Set& p, const std::string& prefix) {
+  p.for_each([&](const char* name, const auto& t) {
+    check_finite(t.view(), "checkpoint: " + prefix + name);
+  });
+}
+
+template <class T, class Set>
+void check_finite_state(const Set& p, const AdamW<T, cpu, Set>* opt) {
+  check_set_finite(p, "");
+  if (opt) {
+    check_set_finite(opt->m, "optim.m.");
+    check_set_finite(opt->v, "optim.v.");
+  }
+}
+
 }  // namespace detail
 
-/// Saves an MxD (and, when given, its optimizer state) to `path`, atomically. Parameters are
-/// stored in T's dtype so a resumed run continues with the same bits.
+/// Saves an MxD (and, when given, its optimizer state) to `path`, atomically and durably
+/// (fsync). Parameters are stored in T's dtype so a resumed run continues with the same bits.
+/// A non-finite value anywhere is an error and nothing is written.
 template <class T>
 void save_checkpoint(const std::string& path, const Params<T>& p,
                      const AdamW<T, cpu, Params<T>>* opt = nullptr) {
+  detail::check_finite_state(p, opt);
   SafetensorsWriter w;
   w.set_metadata("model", "mxd");
   add_config_metadata(w, p.config);
@@ -76,6 +102,7 @@ void save_checkpoint(const std::string& path, const Params<T>& p,
 template <class T>
 void save_checkpoint(const std::string& path, const TranscoderParams<T>& p,
                      const AdamW<T, cpu, TranscoderParams<T>>* opt = nullptr) {
+  detail::check_finite_state(p, opt);
   SafetensorsWriter w;
   detail::add_transcoder_metadata(w, p.config);
   add_params(w, p);
@@ -89,7 +116,7 @@ inline TranscoderConfig read_transcoder_config(SafetensorsReader& f) {
   auto it = meta.find("model");
   MXD_CHECK(it != meta.end() && it->second == "topk_transcoder", f.path(),
             ": not a transcoder checkpoint (metadata 'model' = '",
-            it == meta.end() ? std::string("<missing>") : it->second, "')");
+            it == meta.end() ? std::string("<missing>") : mxd::detail::printable(it->second), "')");
   TranscoderConfig c;
   const auto& enc = f.info("W_enc").shape;
   const auto& dec = f.info("W_dec").shape;
@@ -102,6 +129,12 @@ inline TranscoderConfig read_transcoder_config(SafetensorsReader& f) {
   c.k = parse_index("k", k->second);
   c.skip = f.contains("W_skip.weight");
   c.validate();
+  // Every shape against the others before anything is allocated (see read_config).
+  const std::int64_t I = c.d_in, M = c.n_latents, O = c.d_out;
+  detail::expect_shape(f, "b_enc", {M});
+  detail::expect_shape(f, "W_dec", {M, O});
+  detail::expect_shape(f, "b_dec_out", {O});
+  if (c.skip) detail::expect_shape(f, "W_skip.weight", {O, I});
   return c;
 }
 
@@ -125,10 +158,163 @@ void load_optimizer(SafetensorsReader& f, AdamW<T, cpu, Set>& opt) {
   });
   opt.v.for_each([&](const char* name, Tensor<T>& t) {
     read_file_layout<Set>(f, std::string("optim.v.") + name, name, t);
+    for (index_t i = 0; i < t.size(); ++i)  // second moments are squares: negative ones give NaN
+      MXD_CHECK(t[i] >= T(0), f.path(), ": optim.v.", name, " holds the negative value ",
+                double(t[i]), " at element ", i);
   });
   const auto step = f.read_all<std::int64_t>("optim.step", {1});
   MXD_CHECK(step[0] >= 0, f.path(), ": optim.step = ", step[0], " is negative");
   opt.t = step[0];
 }
+
+/// A directory of checkpoint sets, each committed atomically: a run killed at any moment
+/// leaves the previous complete set (say an MxD and its baseline at the same step) to resume
+/// from, never a mix of two steps.
+///
+///     mxd::io::CheckpointDir dir("mxd_out");
+///     dir.commit(step, [&](const std::string& folder) {        // write the set into folder
+///       mxd::io::save_checkpoint(folder + "/mxd.safetensors", p, &opt);
+///       mxd::io::save_checkpoint(folder + "/topk_transcoder.safetensors", tp, &topt);
+///     });
+///     auto last = dir.latest();     // step and file paths of the last committed set, if any
+///
+/// Layout: each commit writes DIR/set_G<tag>.tmp/ (G one more than the committed set's), syncs
+/// every file and renames it to DIR/set_G<tag>/; DIR/checkpoint<tag>.json, naming that
+/// directory and the step, is then replaced atomically (the commit point); then every file is hard-linked (copied where links are impossible) to
+/// DIR/<file name with the tag before its extension> for readers that want one stable path,
+/// and older sets are removed.
+class CheckpointDir {
+public:
+  struct Set {
+    long long step = -1;
+    std::vector<std::string> files;  // paths, in the order written
+    /// The path of the file named `name` (e.g. "mxd.safetensors") in the set, or "".
+    std::string file(const std::string& name) const {
+      for (const auto& f : files)
+        if (std::filesystem::path(f).filename() == name) return f;
+      return "";
+    }
+  };
+
+  explicit CheckpointDir(std::string dir, std::string tag = "")
+      : dir_(std::move(dir)), tag_(std::move(tag)) {}
+
+  /// The manifest's path: DIR/checkpoint<tag>.json.
+  std::string manifest() const { return (std::filesystem::path(dir_) / ("checkpoint" + tag_ + ".json")).string(); }
+
+  /// Writes the set of `step` through write(folder) and commits it (see the class comment).
+  template <class Write>
+  void commit(long long step, Write&& write) {
+    // A fresh name per commit, so the committed set is never touched until the next one is.
+    const std::string name = "set_" + std::to_string(current_generation() + 1) + tag_;
+    const std::filesystem::path dir(dir_), tmp = dir / (name + ".tmp"), final_dir = dir / name;
+    std::filesystem::remove_all(tmp);
+    std::filesystem::create_directories(tmp);
+    write(tmp.string());
+    std::vector<std::string> files;
+    for (const auto& e : std::filesystem::directory_iterator(tmp)) files.push_back(e.path().filename().string());
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) sync_file((tmp / f).string());
+    sync_dir(tmp.string());
+    std::filesystem::remove_all(final_dir);  // left by an earlier, killed run: never committed
+    std::filesystem::rename(tmp, final_dir);
+    sync_dir(dir_);
+    nlohmann::json m = {{"step", step}, {"dir", name}, {"files", files}};
+    write_file_durable(manifest(), m.dump(2) + "\n");  // the commit point
+    for (const auto& f : files) link_over(final_dir / f, dir / stable_name(f));
+    sync_dir(dir_);
+    remove_other_sets(name);
+  }
+
+  /// The last committed set; step -1 and no files when there is none. A manifest that does
+  /// not name a complete set in this directory is an error.
+  Set latest() const {
+    Set out;
+    if (!std::filesystem::exists(manifest())) return out;
+    std::ifstream in(manifest(), std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), {});
+    nlohmann::json m;
+    try {
+      m = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception&) {
+      throw Error(manifest() + ": not a valid checkpoint manifest (JSON)");
+    }
+    MXD_CHECK(m.is_object() && m.contains("step") && m["step"].is_number_integer() &&
+                  m.contains("dir") && m["dir"].is_string() && m.contains("files") &&
+                  m["files"].is_array(),
+              manifest(), ": a checkpoint manifest needs step, dir and files");
+    const std::string name = m["dir"].get<std::string>();
+    MXD_CHECK(is_plain_name(name), manifest(), ": dir '", mxd::detail::printable(name),
+              "' is not a directory name");
+    out.step = m["step"].get<long long>();
+    MXD_CHECK(out.step >= 0, manifest(), ": step ", out.step, " is negative");
+    for (const auto& f : m["files"]) {
+      MXD_CHECK(f.is_string() && is_plain_name(f.get<std::string>()), manifest(),
+                ": files must be plain file names");
+      const std::filesystem::path p = std::filesystem::path(dir_) / name / f.get<std::string>();
+      MXD_CHECK(std::filesystem::exists(p), manifest(), " names ", p.string(), ", which does not exist");
+      out.files.push_back(p.string());
+    }
+    return out;
+  }
+
+private:
+  using json = nlohmann::json;
+
+  static bool is_plain_name(const std::string& s) {
+    return !s.empty() && s != "." && s != ".." && s.find('/') == std::string::npos &&
+           s.find('\\') == std::string::npos && s.find('\0') == std::string::npos;
+  }
+
+  // "mxd.safetensors" -> "mxd<tag>.safetensors".
+  std::string stable_name(const std::string& file) const {
+    const std::filesystem::path p(file);
+    return p.stem().string() + tag_ + p.extension().string();
+  }
+
+  // Replaces dst by a hard link to src (a copy where the file system has no links), atomically.
+  static void link_over(const std::filesystem::path& src, const std::filesystem::path& dst) {
+    const std::filesystem::path tmp = dst.string() + ".tmp";
+    std::error_code ec;
+    std::filesystem::remove(tmp, ec);
+    std::filesystem::create_hard_link(src, tmp, ec);
+    if (ec) std::filesystem::copy_file(src, tmp, std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::rename(tmp, dst);
+  }
+
+  // The generation G of a set directory named "set_G<tag>" (or "set_G<tag>.tmp"), else -1.
+  long long generation(std::string n) const {
+    if (n.size() > 4 && n.compare(n.size() - 4, 4, ".tmp") == 0) n.resize(n.size() - 4);
+    if (n.rfind("set_", 0) != 0 || n.size() < 4 + tag_.size() ||
+        n.compare(n.size() - tag_.size(), tag_.size(), tag_) != 0)
+      return -1;
+    const std::string digits = n.substr(4, n.size() - 4 - tag_.size());
+    if (digits.empty() || digits.size() > 15 || digits.find_first_not_of("0123456789") != std::string::npos)
+      return -1;
+    return std::stoll(digits);
+  }
+
+  // The generation of the set the manifest names (-1 when there is no usable manifest: a
+  // fresh run may overwrite a directory whose manifest is broken).
+  long long current_generation() const {
+    try {
+      const Set s = latest();
+      return s.step < 0 ? -1 : generation(std::filesystem::path(s.files.empty() ? "" : s.files[0])
+                                              .parent_path().filename().string());
+    } catch (const Error&) {
+      return -1;
+    }
+  }
+
+  // Removes every set directory of this tag (and unfinished .tmp one) but `keep`.
+  void remove_other_sets(const std::string& keep) const {
+    for (const auto& e : std::filesystem::directory_iterator(dir_)) {
+      const std::string n = e.path().filename().string();
+      if (n != keep && e.is_directory() && generation(n) >= 0) std::filesystem::remove_all(e.path());
+    }
+  }
+
+  std::string dir_, tag_;
+};
 
 }  // namespace mxd::io

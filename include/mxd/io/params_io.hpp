@@ -12,11 +12,14 @@
 /// b_dec is accepted and ignored. Metadata: activation, k, glu, skip (strings).
 #pragma once
 
+#include <algorithm>
 #include <cctype>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../config.hpp"
+#include "../finite.hpp"
 #include "../params.hpp"
 #include "safetensors.hpp"
 
@@ -24,11 +27,12 @@ namespace mxd::io {
 
 /// Parses a non-negative decimal integer stored under metadata `key`; names both on failure.
 inline index_t parse_index(const std::string& key, const std::string& value) {
-  MXD_CHECK(!value.empty() && value.size() <= 18, "metadata '", key, "' = '", value,
-            "' is not a non-negative integer");
+  MXD_CHECK(!value.empty() && value.size() <= 18, "metadata '", mxd::detail::printable(key),
+            "' = '", mxd::detail::printable(value), "' is not a non-negative integer");
   index_t v = 0;
   for (char ch : value) {
-    MXD_CHECK(std::isdigit(static_cast<unsigned char>(ch)), "metadata '", key, "' = '", value,
+    MXD_CHECK(std::isdigit(static_cast<unsigned char>(ch)), "metadata '",
+              mxd::detail::printable(key), "' = '", mxd::detail::printable(value),
               "' is not a non-negative integer");
     v = v * 10 + (ch - '0');
   }
@@ -39,7 +43,8 @@ inline index_t parse_index(const std::string& key, const std::string& value) {
 inline bool parse_flag(const std::string& key, const std::string& value) {
   if (value == "1" || value == "true" || value == "True") return true;
   if (value == "0" || value == "false" || value == "False") return false;
-  throw Error("metadata '" + key + "' = '" + value + "' is not a flag (0 or 1)");
+  throw Error("metadata '" + mxd::detail::printable(key) + "' = '" +
+              mxd::detail::printable(value) + "' is not a flag (0 or 1)");
 }
 
 namespace detail {
@@ -50,6 +55,29 @@ inline std::vector<std::int64_t> shape_of(const SafetensorsReader& f, const std:
   MXD_CHECK(t.shape.size() == rank, "tensor '", name, "' in ", f.path(), " has rank ",
             t.shape.size(), ", expected ", rank);
   return t.shape;
+}
+
+// Throws unless tensor `name` has exactly `shape`: every size read from one tensor is checked
+// against all the others before anything is allocated (a zero or huge dimension in one tensor
+// cannot size the buffers of the rest).
+inline void expect_shape(const SafetensorsReader& f, const std::string& name,
+                         const std::vector<std::int64_t>& shape) {
+  const TensorInfo& t = f.info(name);
+  MXD_CHECK(t.shape == shape, "tensor '", name, "' in ", f.path(), " has shape ",
+            shape_str(t.shape), ", expected ", shape_str(shape));
+}
+
+// Throws "tensor 'key' in PATH: non-finite value at row r (column c)" unless every value is
+// finite (the NaN/Inf policy: nothing non-finite is loaded). v holds `shape` row-major.
+template <class T>
+void check_loaded(const SafetensorsReader& f, const std::string& key, const std::vector<T>& v,
+                  const std::vector<std::int64_t>& shape) {
+  if constexpr (std::is_floating_point_v<T>) {
+    const index_t cols = shape.empty() ? 1 : shape.back();
+    const index_t rows = cols ? static_cast<index_t>(v.size()) / cols : 0;
+    check_finite<T>(View<const T, cpu>(v.data(), rows, cols),
+                    "tensor '" + key + "' in " + f.path());
+  }
 }
 
 }  // namespace detail
@@ -79,6 +107,7 @@ void read_file_layout(SafetensorsReader& f, const std::string& key, const std::s
   std::vector<std::int64_t> shape;
   file_layout<Set>(name, t, shape);
   const std::vector<T> v = f.read_all<T>(key, shape);
+  detail::check_loaded(f, key, v, shape);
   if (Set::transposed_in_file(name)) {
     for (index_t r = 0; r < t.rows(); ++r)
       for (index_t c = 0; c < t.cols(); ++c) t(r, c) = v[c * t.rows() + r];
@@ -100,8 +129,8 @@ std::vector<T> reference_layout(const std::string& name, const Tensor<T>& t,
 inline Config read_config(const SafetensorsReader& f) {
   const auto& meta = f.metadata();
   auto model = meta.find("model");
-  MXD_CHECK(model == meta.end() || model->second == "mxd", f.path(), " holds a '", model->second,
-            "' model, not an MxD");
+  MXD_CHECK(model == meta.end() || model->second == "mxd", f.path(), " holds a '",
+            mxd::detail::printable(model->second), "' model, not an MxD");
   Config c;
   const auto enc = detail::shape_of(f, "W_enc", 2), gate = detail::shape_of(f, "gate", 2);
   const auto dec = detail::shape_of(f, "W_dec", 2);
@@ -109,6 +138,9 @@ inline Config read_config(const SafetensorsReader& f) {
   c.d_hidden = enc[1];
   c.d_out = dec[1];
   c.n_experts = gate[0];
+  MXD_CHECK(std::min({enc[0], enc[1], dec[0], dec[1], gate[0], gate[1]}) > 0, f.path(),
+            ": W_enc ", detail::shape_str(enc), ", W_dec ", detail::shape_str(dec), " and gate ",
+            detail::shape_str(gate), " must have no zero dimension");
   auto required = [&](const char* key) -> const std::string& {
     auto it = meta.find(key);
     MXD_CHECK(it != meta.end(), f.path(), ": __metadata__ has no '", key, "'");
@@ -121,13 +153,26 @@ inline Config read_config(const SafetensorsReader& f) {
     const bool present = f.contains(tensor);
     if (it == meta.end()) return present;
     const bool on = parse_flag(key, it->second);
-    MXD_CHECK(on == present, f.path(), ": metadata '", key, "' = ", it->second, " but tensor '",
+    MXD_CHECK(on == present, f.path(), ": metadata '", key, "' = ", it->second,
+              " but tensor '",
               tensor, "' is ", present ? "present" : "missing");
     return on;
   };
   c.glu = flag("glu", "W_glu.weight");
   c.skip = flag("skip", "W_skip.weight");
   c.validate();
+  const std::int64_t I = c.d_in, H = c.d_hidden, O = c.d_out, N = c.n_experts;
+  detail::expect_shape(f, "b_enc", {H});
+  detail::expect_shape(f, "W_dec", {H, O});
+  detail::expect_shape(f, "gate", {N, I});
+  detail::expect_shape(f, "gate_bias", {N});
+  detail::expect_shape(f, "W_cond", {O, N});
+  detail::expect_shape(f, "b_dec_out", {O});
+  if (c.glu) {
+    detail::expect_shape(f, "W_glu.weight", {H, I});
+    detail::expect_shape(f, "W_glu.bias", {H});
+  }
+  if (c.skip) detail::expect_shape(f, "W_skip.weight", {O, I});
   return c;
 }
 
@@ -138,6 +183,7 @@ void read_tensor(SafetensorsReader& f, const std::string& name, index_t rows, in
   const std::vector<std::int64_t> shape =
       rows < 0 ? std::vector<std::int64_t>{cols} : std::vector<std::int64_t>{rows, cols};
   std::vector<T> data = f.template read_all<T>(name, shape);
+  detail::check_loaded(f, name, data, shape);
   out.resize(rows < 0 ? 1 : rows, cols, false);
   std::copy(data.begin(), data.end(), out.data());
 }

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -35,6 +36,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../error.hpp"
+#include "durable.hpp"
 
 namespace mxd::io {
 
@@ -76,7 +78,7 @@ inline DType parse_dtype(const std::string& name) {
                   DType::U32, DType::I64, DType::U64, DType::F16, DType::BF16, DType::F32,
                   DType::F64})
     if (name == dtype_name(t)) return t;
-  throw Error("safetensors: unknown dtype '" + name + "'");
+  throw Error("safetensors: unknown dtype '" + mxd::detail::printable(name) + "'");
 }
 
 template <class T>
@@ -95,9 +97,15 @@ struct TensorInfo {
   std::vector<std::int64_t> shape;
   std::uint64_t begin = 0, end = 0;  // absolute byte offsets in the file
 
+  /// Product of the dimensions; an mxd::Error when a dimension is negative or it overflows.
   std::int64_t numel() const {
     std::int64_t n = 1;
-    for (auto d : shape) n *= d;
+    for (auto d : shape) {
+      MXD_CHECK(d >= 0 && (d == 0 || n <= std::numeric_limits<std::int64_t>::max() / d),
+                "tensor '", mxd::detail::printable(name), "': shape has ", shape.size(),
+                " dimensions whose product is negative or overflows");
+      n *= d;
+    }
     return n;
   }
 };
@@ -221,8 +229,10 @@ public:
 
   explicit SafetensorsReader(std::string path) : path_(std::move(path)) {
     MXD_CHECK(detail::little_endian(), "safetensors: a little-endian host is required");
+    errno = 0;
     file_.open(path_, std::ios::binary);
-    MXD_CHECK(file_.good(), "safetensors: cannot open '", path_, "'");
+    MXD_CHECK(file_.good(), "safetensors: cannot open '", path_, "': ",
+              errno ? std::strerror(errno) : "unknown reason");
     std::error_code ec;
     const auto size = std::filesystem::file_size(path_, ec);
     MXD_CHECK(!ec, "safetensors: cannot stat '", path_, "': ", ec.message());
@@ -249,7 +259,8 @@ public:
 
   const TensorInfo& info(const std::string& name) const {
     auto it = tensors_.find(name);
-    MXD_CHECK(it != tensors_.end(), "tensor '", name, "' not found in ", path_);
+    MXD_CHECK(it != tensors_.end(), "tensor '", mxd::detail::printable(name), "' not found in ",
+              path_);
     return it->second;
   }
 
@@ -304,12 +315,22 @@ private:
               ": could not read ", n, " bytes at offset ", offset, " (file truncated?)");
   }
 
+  // A JSON value for an error message: scalars dumped (capped and escaped), containers by
+  // type only, so a hostile value can neither flood the message nor recurse deeply.
+  static std::string shown(const nlohmann::json& v) {
+    if (v.is_structured()) return std::string("a JSON ") + v.type_name();
+    return mxd::detail::printable(v.dump(-1, ' ', true), 40);
+  }
+
   static std::uint64_t as_u64(const nlohmann::json& v, const std::string& what,
                               const std::string& path) {
     MXD_CHECK(v.is_number_unsigned() || (v.is_number_integer() && v.get<std::int64_t>() >= 0),
-              path, ": ", what, " = ", v.dump(), " is not a non-negative integer");
+              path, ": ", what, " = ", shown(v), " is not a non-negative integer");
     return v.get<std::uint64_t>();
   }
+
+  /// Deepest nesting a header may have: a valid one has 3 levels (header, entry, shape).
+  static constexpr int max_json_depth = 8;
 
   void parse_header(const std::string& header) {
     MXD_CHECK(header[0] == '{', path_, ": header does not start with '{'");
@@ -317,9 +338,13 @@ private:
     std::vector<std::set<std::string>> open;
     bool duplicate = false;
     std::string dup_key;
-    nlohmann::json::parser_callback_t cb = [&](int, nlohmann::json::parse_event_t ev,
+    nlohmann::json::parser_callback_t cb = [&](int depth, nlohmann::json::parse_event_t ev,
                                                nlohmann::json& parsed) {
       using E = nlohmann::json::parse_event_t;
+      // Refused while parsing, before a deep value exists: no recursion over it ever starts.
+      if ((ev == E::object_start || ev == E::array_start) && depth >= max_json_depth)
+        throw Error(mxd::detail::concat(path_, ": header nests deeper than ", max_json_depth,
+                                        " levels"));
       if (ev == E::object_start) open.emplace_back();
       else if (ev == E::object_end && !open.empty()) open.pop_back();
       else if (ev == E::key && !open.empty() && !open.back().insert(parsed.get<std::string>()).second) {
@@ -332,58 +357,59 @@ private:
     try {
       j = nlohmann::json::parse(header, cb);
     } catch (const nlohmann::json::exception& e) {
-      throw Error(path_ + ": header is not valid JSON (" + e.what() + ")");
+      throw Error(path_ + ": header is not valid JSON (" + mxd::detail::printable(e.what(), 200) + ")");
     }
-    MXD_CHECK(!duplicate, path_, ": duplicate key '", dup_key, "' in header");
+    MXD_CHECK(!duplicate, path_, ": duplicate key '", mxd::detail::printable(dup_key), "' in header");
     MXD_CHECK(j.is_object(), path_, ": header is not a JSON object");
 
     const std::uint64_t buffer = file_size_ - data_start_;
     std::vector<const TensorInfo*> by_offset;
     for (auto it = j.begin(); it != j.end(); ++it) {
       const std::string& key = it.key();
+      const std::string shown_key = mxd::detail::printable(key);  // what messages echo
       const nlohmann::json& v = it.value();
       if (key == "__metadata__") {
         MXD_CHECK(v.is_object(), path_, ": __metadata__ is not an object");
         for (auto m = v.begin(); m != v.end(); ++m) {
-          MXD_CHECK(m.value().is_string(), path_, ": __metadata__ value of '", m.key(),
-                    "' is not a string");
+          MXD_CHECK(m.value().is_string(), path_, ": __metadata__ value of '",
+                    mxd::detail::printable(m.key()), "' is not a string");
           metadata_[m.key()] = m.value().get<std::string>();
         }
         continue;
       }
       MXD_CHECK(v.is_object() && v.size() == 3 && v.contains("dtype") && v.contains("shape") &&
                     v.contains("data_offsets"),
-                path_, ": entry '", key, "' must hold exactly dtype, shape and data_offsets");
-      MXD_CHECK(v["dtype"].is_string(), path_, ": dtype of '", key, "' is not a string");
+                path_, ": entry '", shown_key, "' must hold exactly dtype, shape and data_offsets");
+      MXD_CHECK(v["dtype"].is_string(), path_, ": dtype of '", shown_key, "' is not a string");
       TensorInfo t;
       t.name = key;
       try {
         t.dtype = parse_dtype(v["dtype"].get<std::string>());
       } catch (const Error& e) {
-        throw Error(path_ + ": tensor '" + key + "': " + e.what());
+        throw Error(path_ + ": tensor '" + shown_key + "': " + e.what());
       }
-      MXD_CHECK(v["shape"].is_array(), path_, ": shape of '", key, "' is not an array");
+      MXD_CHECK(v["shape"].is_array(), path_, ": shape of '", shown_key, "' is not an array");
       std::uint64_t numel = 1;
       bool overflow = false;
       for (const auto& d : v["shape"]) {
-        const std::uint64_t dim = as_u64(d, "a dimension of '" + key + "'", path_);
+        const std::uint64_t dim = as_u64(d, "a dimension of '" + shown_key + "'", path_);
         MXD_CHECK(dim <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
-                  path_, ": dimension ", dim, " of '", key, "' is too large");
+                  path_, ": dimension ", dim, " of '", shown_key, "' is too large");
         if (dim != 0 && numel > std::numeric_limits<std::uint64_t>::max() / dim) overflow = true;
         numel *= dim;
         t.shape.push_back(static_cast<std::int64_t>(dim));
       }
       const auto& off = v["data_offsets"];
-      MXD_CHECK(off.is_array() && off.size() == 2, path_, ": data_offsets of '", key,
+      MXD_CHECK(off.is_array() && off.size() == 2, path_, ": data_offsets of '", shown_key,
                 "' is not a pair");
-      const std::uint64_t b = as_u64(off[0], "data_offsets[0] of '" + key + "'", path_);
-      const std::uint64_t e = as_u64(off[1], "data_offsets[1] of '" + key + "'", path_);
-      MXD_CHECK(b <= e && e <= buffer, path_, ": data_offsets [", b, ", ", e, "] of '", key,
+      const std::uint64_t b = as_u64(off[0], "data_offsets[0] of '" + shown_key + "'", path_);
+      const std::uint64_t e = as_u64(off[1], "data_offsets[1] of '" + shown_key + "'", path_);
+      MXD_CHECK(b <= e && e <= buffer, path_, ": data_offsets [", b, ", ", e, "] of '", shown_key,
                 "' lie outside the ", buffer, "-byte data buffer");
       const std::uint64_t es = dtype_size(t.dtype);
       MXD_CHECK(!overflow && numel <= std::numeric_limits<std::uint64_t>::max() / es &&
                     numel * es == e - b,
-                path_, ": tensor '", key, "' of shape ", detail::shape_str(t.shape), " and dtype ",
+                path_, ": tensor '", shown_key, "' of shape ", detail::shape_str(t.shape), " and dtype ",
                 dtype_name(t.dtype), " does not fill its ", e - b, "-byte range");
       t.begin = data_start_ + b;
       t.end = data_start_ + e;
@@ -395,7 +421,8 @@ private:
     });
     std::uint64_t cursor = data_start_;
     for (const TensorInfo* t : by_offset) {
-      MXD_CHECK(t->begin == cursor, path_, ": tensor '", t->name, "' starts at byte ",
+      MXD_CHECK(t->begin == cursor, path_, ": tensor '", mxd::detail::printable(t->name),
+                "' starts at byte ",
                 t->begin - data_start_, " of the data buffer, expected ", cursor - data_start_,
                 t->begin < cursor ? " (ranges overlap)" : " (hole between tensors)");
       cursor = t->end;
@@ -441,8 +468,8 @@ public:
     add(name, std::move(shape), data, dtype_of<T>());
   }
 
-  /// Writes to `path + ".tmp"`, then renames it over `path`: a failed write leaves any
-  /// existing file intact.
+  /// Writes to `path + ".tmp"`, syncs it, renames it over `path` and syncs the directory: a
+  /// failed write, a kill or a crash leaves either the old file or the complete new one.
   void write(const std::string& path) const {
     std::vector<std::pair<std::string, const Entry*>> order;
     for (const auto& kv : tensors_) order.emplace_back(kv.first, &kv.second);
@@ -462,8 +489,10 @@ public:
     h.append((8 - h.size() % 8) % 8, ' ');
     const std::string tmp = path + ".tmp";
     {
+      errno = 0;
       std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      MXD_CHECK(out.good(), "safetensors: cannot open '", tmp, "' for writing");
+      MXD_CHECK(out.good(), "safetensors: cannot open '", tmp, "' for writing: ",
+                errno ? std::strerror(errno) : "unknown reason");
       unsigned char len[8];
       std::uint64_t n = h.size();
       for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
@@ -479,12 +508,19 @@ public:
         throw Error("safetensors: writing '" + tmp + "' failed");
       }
     }
+    try {
+      sync_file(tmp);  // the data is on disk before the new name can point at it
+    } catch (const Error&) {
+      std::remove(tmp.c_str());
+      throw;
+    }
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     if (ec) {
       std::remove(tmp.c_str());
       throw Error("safetensors: cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
     }
+    sync_dir(parent_dir(path));
   }
 
 private:

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../activation.hpp"
+#include "../finite.hpp"
 #include "../io/safetensors.hpp"
 #include "../tensor.hpp"
 
@@ -141,6 +142,10 @@ public:
       MXD_CHECK(xs.size() == 2 && ys.size() == 2 && xs[0] == ys[0], p, ": x ",
                 io::detail::shape_str(xs), " and y ", io::detail::shape_str(ys),
                 " must be [T, d_in] and [T, d_out] with the same T");
+      // Widths first: a zero-width file holds any number of rows in no bytes, and the row
+      // index below must stay bounded by the file's size.
+      MXD_CHECK(xs[1] > 0 && ys[1] > 0, p, ": x ", io::detail::shape_str(xs), " and y ",
+                io::detail::shape_str(ys), " must have positive widths d_in and d_out");
       if (files_.empty()) {
         I_ = xs[1];
         O_ = ys[1];
@@ -194,10 +199,17 @@ private:
     epoch_ = epoch;
   }
 
+  // Reads one (x, y) row; a NaN or Inf in it is an error naming the file and row (the NaN/Inf
+  // policy), found while the row is in cache.
   void read_row(const Row& src, index_t r, Tensor<T>& x, Tensor<T>& y) {
     io::SafetensorsReader& f = *files_[src.file];
-    f.read("x", x.data() + r * I_, src.row * I_, I_);
-    f.read("y", y.data() + r * O_, src.row * O_, O_);
+    T* xr = x.data() + r * I_;
+    T* yr = y.data() + r * O_;
+    f.read("x", xr, src.row * I_, I_);
+    f.read("y", yr, src.row * O_, O_);
+    const index_t bx = first_non_finite(xr, I_), by = bx < 0 ? first_non_finite(yr, O_) : -1;
+    MXD_CHECK(bx < 0 && by < 0, f.path(), ": ", bx >= 0 ? "x" : "y",
+              ": non-finite value at row ", src.row, " (column ", bx >= 0 ? bx : by, ")");
   }
 
   std::vector<std::unique_ptr<io::SafetensorsReader>> files_;
