@@ -80,6 +80,21 @@ void layer_file(const std::string& file) {
   layer_file(file, [](auto&, auto&, auto&) {});
 }
 
+// A valid layer whose metadata says `activation` and `k` (the checks on metadata values).
+void layer_file_with_metadata(const std::string& file, const std::string& activation,
+                              const std::string& k) {
+  layer_file(file);
+  mxd::io::SafetensorsReader f(path(file));
+  mxd::io::SafetensorsWriter w;
+  for (const auto& n : f.names()) {
+    const auto v = f.read_all<float>(n);
+    w.add(n, f.info(n).shape, v.data());
+  }
+  w.set_metadata("activation", activation);
+  w.set_metadata("k", k);
+  w.write(path(file));
+}
+
 // Activation pairs x [rows, I], y [rows, O] of zero width or with a planted value.
 void acts_file(const std::string& file, std::int64_t rows, std::int64_t I, std::int64_t O,
                float planted = 0, std::int64_t at = -1) {
@@ -173,18 +188,8 @@ int main(int argc, char** argv) {
   raw("long_offset.safetensors", R"({"W_enc":{"dtype":"F32","shape":[1],"data_offsets":[")" + std::string(100000, '7') + R"(",4]}})",
       std::string(4, '\0'));
   add_case("eval_long_offset", "is not a non-negative integer", {"eval", "@/long_offset.safetensors", out});
-  layer_file("spoof_meta.safetensors", [](auto&, auto&, auto&) {});
-  {  // metadata value with a newline and an escape sequence
-    mxd::io::SafetensorsReader f(path("spoof_meta.safetensors"));
-    mxd::io::SafetensorsWriter w;
-    for (const auto& n : f.names()) {
-      const auto v = f.read_all<float>(n);
-      w.add(n, f.info(n).shape, v.data());
-    }
-    w.set_metadata("activation", "relu\nmxd: error: \x1b[31mspoofed");
-    w.set_metadata("k", "2");
-    w.write(path("spoof_meta.safetensors"));
-  }
+  // A metadata value with a newline and an escape sequence.
+  layer_file_with_metadata("spoof_meta.safetensors", "relu\nmxd: error: \x1b[31mspoofed", "2");
   add_case("eval_spoof_metadata", "unknown name 'relu\\x0amxd: error: \\x1b[31mspoofed'", {"eval", "@/spoof_meta.safetensors", out});
 
   // 5. Activation files with zero-width x or y.
@@ -237,18 +242,7 @@ int main(int argc, char** argv) {
   add_case("eval_float_dim", "not a non-negative integer", {"eval", "@/float_dim.safetensors", out});
   raw("array_header.safetensors", "[1, 2, 3]");
   add_case("eval_array_header", "does not start with", {"eval", "@/array_header.safetensors", out});
-  layer_file("k_too_big.safetensors");
-  {
-    mxd::io::SafetensorsReader f(path("k_too_big.safetensors"));
-    mxd::io::SafetensorsWriter w;
-    for (const auto& n : f.names()) {
-      const auto v = f.read_all<float>(n);
-      w.add(n, f.info(n).shape, v.data());
-    }
-    w.set_metadata("activation", "relu");
-    w.set_metadata("k", "17");
-    w.write(path("k_too_big.safetensors"));
-  }
+  layer_file_with_metadata("k_too_big.safetensors", "relu", "17");
   add_case("eval_k_above_experts", "exceeds Config.n_experts", {"eval", "@/k_too_big.safetensors", out});
   raw("int_x.safetensors", R"({"x":{"dtype":"I32","shape":[2,2],"data_offsets":[0,16]},"y":{"dtype":"F32","shape":[2,2],"data_offsets":[16,32]}})",
       std::string(32, '\0'));
