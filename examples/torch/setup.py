@@ -22,9 +22,9 @@ OPENBLAS_LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread"
 if not os.path.isfile(os.path.join(MXD_INCLUDE, "mxd", "mxd.hpp")):
     raise SystemExit(f"mxd headers not found in {MXD_INCLUDE}: set MXD_INCLUDE_DIR")
 
-# -O3 and OpenMP as the mxd tool is built (torch would otherwise pass -std=c++14; -g0 halves
-# the compile time Python's default -g costs).
-cflags = ["-std=c++17", "-O3", "-g0", "-fopenmp", "-DEIGEN_DONT_PARALLELIZE", "-Wno-deprecated-declarations"]
+# -O3 as the mxd tool is built, -pthread for mxd's worker threads (torch would otherwise pass
+# -std=c++14; -g0 halves the compile time Python's default -g costs).
+cflags = ["-std=c++17", "-O3", "-g0", "-pthread", "-DEIGEN_DONT_PARALLELIZE", "-Wno-deprecated-declarations"]
 if os.environ.get("MXD_TORCH_NATIVE", "1") != "0":
     cflags.append("-march=native")
 include_dirs = [MXD_INCLUDE, EIGEN_INCLUDE]
@@ -51,7 +51,7 @@ setup(
             libraries=libraries,
             library_dirs=library_dirs,
             extra_compile_args=cflags,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-pthread"],
         )
     ],
     cmdclass={"build_ext": BuildExtension},

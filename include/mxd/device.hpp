@@ -11,7 +11,7 @@
 
 namespace mxd {
 
-/// Host memory, Eigen kernels, OpenMP threads.
+/// Host memory, Eigen kernels, mxd's worker threads (backend/thread_pool.hpp).
 struct cpu {};
 /// Device memory, cuBLAS and CUDA kernels (include <mxd/cuda.cuh>).
 struct cuda {};
