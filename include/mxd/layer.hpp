@@ -52,6 +52,48 @@ void check_forward_args(const Params<T, Device>& p, InView<T, Device> x, InView<
   check_shape<const T>(p.D.view(), c.d_hidden, c.d_out, "D (W_dec)");
 }
 
+
+/// The dense path for rows x: hpre = x E + b_enc; z = act(hpre) (* (x W_glu^T + b_glu));
+/// u = z D. x: [R, I]; hpre, g (GLU only, else empty), z: [R, H]; u: [R, O].
+template <class T, class Device>
+void dense_forward(Context<Device>& ctx, const Params<T, Device>& p, InView<T, Device> x,
+                   View<T, Device> hpre, View<T, Device> g, View<T, Device> z,
+                   View<T, Device> u) {
+  using be = backend<Device>;
+  be::gemm(ctx, false, false, T(1), x, p.E.view(), T(0), hpre);
+  if (p.config.glu) be::gemm(ctx, false, true, T(1), x, p.W_glu.view(), T(0), g);
+  be::bias_activation(ctx, p.config.activation, hpre, p.b_enc.view(), g, p.b_glu.view(), z);
+  be::gemm(ctx, false, false, T(1), ConstView<T, Device>(z), p.D.view(), T(0), u);
+}
+
+/// Backward of dense_forward given du in ws (decoder and encoder gradients, written as
+/// beta grads + this batch's), and dx = dhpre E^T (+ dg W_glu) when dx is not empty.
+/// x: [B, I], dx: [B, I] or empty; ws holds the forward's hpre, g, z and backward's du.
+template <class T, class Device>
+void dense_backward(Context<Device>& ctx, const Params<T, Device>& p, InView<T, Device> x,
+                    Workspace<T, Device>& ws, Grads<T, Device>& grads, T beta,
+                    View<T, Device> dx) {
+  using be = backend<Device>;
+  using CV = ConstView<T, Device>;
+  const Config& c = p.config;
+  // Decoder: dD = z^T du; dz = du D^T.
+  be::gemm(ctx, true, false, T(1), CV(ws.z.view()), CV(ws.du.view()), beta, grads.D.view());
+  be::gemm(ctx, false, true, T(1), CV(ws.du.view()), p.D.view(), T(0), ws.dz.view());
+
+  // Encoder: dhpre = dz * act'(hpre) (* g); GLU: dg = dz * act(hpre).
+  be::activation_backward(ctx, c.activation, CV(ws.hpre.view()), CV(ws.g.view()),
+                          CV(ws.dz.view()), ws.dhpre.view(), ws.dg.view());
+  be::gemm(ctx, true, false, T(1), x, CV(ws.dhpre.view()), beta, grads.E.view());  // x^T dhpre
+  be::col_sum(ctx, CV(ws.dhpre.view()), beta, grads.b_enc.view());
+  if (c.glu) {
+    be::gemm(ctx, true, false, T(1), CV(ws.dg.view()), x, beta, grads.W_glu.view());  // dg^T x
+    be::col_sum(ctx, CV(ws.dg.view()), beta, grads.b_glu.view());
+  }
+  if (dx.empty()) return;
+  be::gemm(ctx, false, true, T(1), CV(ws.dhpre.view()), p.E.view(), T(0), dx);
+  if (c.glu) be::gemm(ctx, false, false, T(1), CV(ws.dg.view()), p.W_glu.view(), T(1), dx);
+}
+
 }  // namespace detail
 
 /// y = MxD(x). Fills the workspace's cache for backward. With `steering`, its edits are
@@ -68,13 +110,7 @@ void forward(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
   ws.prepare_forward(c, x.rows, edits);
   auto& ctx = ws.ctx;
 
-  // Dense path: hpre = x E + b_enc; z = act(hpre) (* (x W_glu^T + b_glu)); u = z D.
-  be::gemm(ctx, false, false, T(1), x, p.E.view(), T(0), ws.hpre.view());       // [B, H]
-  if (c.glu) be::gemm(ctx, false, true, T(1), x, p.W_glu.view(), T(0), ws.g.view());  // [B, H]
-  be::bias_activation(ctx, c.activation, ws.hpre.view(), p.b_enc.view(), ws.g.view(),
-                      p.b_glu.view(), ws.z.view());
-  be::gemm(ctx, false, false, T(1), ConstView<T, Device>(ws.z.view()), p.D.view(), T(0),
-           ws.u.view());                                                         // [B, O]
+  detail::dense_forward(ctx, p, x, ws.hpre.view(), ws.g.view(), ws.z.view(), ws.u.view());
 
   // Gating: s = relu(x G^T + b_gate), then the k best (index, value) pairs per row.
   be::gemm(ctx, false, true, T(1), x, p.G.view(), T(0), ws.scores.view());      // [B, N]
@@ -138,24 +174,10 @@ void backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device>
                           ws.order.view(), ws.offsets.view(), CV(ws.dv.view()), xv,
                           grads.C.view(), grads.G.view(), grads.b_gate.view(), acc);
 
-  // Decoder: dD = z^T du; dz = du D^T.
-  be::gemm(ctx, true, false, T(1), CV(ws.z.view()), CV(ws.du.view()), beta, grads.D.view());
-  be::gemm(ctx, false, true, T(1), CV(ws.du.view()), p.D.view(), T(0), ws.dz.view());
+  detail::dense_backward(ctx, p, xv, ws, grads, beta, dx);
 
-  // Encoder: dhpre = dz * act'(hpre) (* g); GLU: dg = dz * act(hpre).
-  be::activation_backward(ctx, c.activation, CV(ws.hpre.view()), CV(ws.g.view()),
-                          CV(ws.dz.view()), ws.dhpre.view(), ws.dg.view());
-  be::gemm(ctx, true, false, T(1), xv, CV(ws.dhpre.view()), beta, grads.E.view());  // x^T dhpre
-  be::col_sum(ctx, CV(ws.dhpre.view()), beta, grads.b_enc.view());
-  if (c.glu) {
-    be::gemm(ctx, true, false, T(1), CV(ws.dg.view()), xv, beta, grads.W_glu.view());  // dg^T x
-    be::col_sum(ctx, CV(ws.dg.view()), beta, grads.b_glu.view());
-  }
-
-  // Input: dx = dhpre E^T (+ dg W_glu) (+ dy W_skip) + sum_j ds[b,j] g_{idx[b,j]}.
+  // Input: dx += (dy W_skip) + sum_j ds[b,j] g_{idx[b,j]}.
   if (dx.empty()) return;
-  be::gemm(ctx, false, true, T(1), CV(ws.dhpre.view()), p.E.view(), T(0), dx);
-  if (c.glu) be::gemm(ctx, false, false, T(1), CV(ws.dg.view()), p.W_glu.view(), T(1), dx);
   if (c.skip) be::gemm(ctx, false, false, T(1), dy, p.W_skip.view(), T(1), dx);
   be::gather_rows_add(ctx, ws.topk_idx.view(), CV(ws.ds.view()), p.G.view(), dx);
 }
