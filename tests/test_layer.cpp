@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -187,6 +188,91 @@ TEST_CASE("forward and backward give identical bits for 1, 2 and 4 threads and o
   for (std::size_t i = 0; i < ga.size(); ++i) {
     CHECK(same(*ga[i], *gb[i]));
     CHECK(same(*ga[i], *gd[i]));
+  }
+}
+
+namespace {
+
+bool same_bits(const Tensor<float>& u, const Tensor<float>& v) {
+  return u.rows() == v.rows() && u.cols() == v.cols() &&
+         std::memcmp(u.data(), v.data(), u.bytes()) == 0;
+}
+
+// A batch of 700 rows: six tiles of 128 and a ragged one, or one tile of 700.
+Config tiled_config() {
+  Config c;
+  c.d_in = 40; c.d_hidden = 300; c.d_out = 40; c.n_experts = 1100; c.k = 12;
+  c.activation = Activation::gelu; c.glu = true; c.skip = true;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("gate-score tiles of any height (and the automatic one) give identical bits") {
+  const Config c = tiled_config();
+  auto run = [&](index_t tile_rows, int threads) {
+    Run<float> r(random_params<float>(c, 21), random_matrix<float>(700, c.d_in, 22),
+                 random_matrix<float>(700, c.d_out, 23), threads);
+    r.ws.tile_rows = tile_rows;
+    r.forward();
+    r.backward();
+    return r;
+  };
+  Run<float> whole = run(0, 2);  // 700 x 1100 floats fit the automatic tile: one tile
+  CHECK(whole.ws.scores.rows() == 700);
+  for (index_t tile : {1, 128, 300, 640}) {
+    CAPTURE(tile);
+    Run<float> t = run(tile, tile == 300 ? 1 : 2);
+    CHECK(t.ws.scores.rows() == std::max<index_t>(128, (tile + 127) / 128 * 128));
+    CHECK(same_bits(t.y, whole.y));
+    CHECK(same_bits(t.dx, whole.dx));
+    std::vector<const Tensor<float>*> gw, gt;
+    whole.g.for_each([&](const char*, const Tensor<float>& x) { gw.push_back(&x); });
+    t.g.for_each([&](const char*, const Tensor<float>& x) { gt.push_back(&x); });
+    for (std::size_t i = 0; i < gw.size(); ++i) CHECK(same_bits(*gt[i], *gw[i]));
+    for (index_t i = 0; i < t.ws.topk_idx.size(); ++i)
+      REQUIRE(t.ws.topk_idx[i] == whole.ws.topk_idx[i]);
+  }
+}
+
+TEST_CASE("infer gives forward's output bit for bit, steered or not, holding one tile") {
+  const Config c = tiled_config();
+  const Params<float> p = random_params<float>(c, 31);
+  const Tensor<float> x = random_matrix<float>(700, c.d_in, 32);
+  Steering steer;
+  steer.add(5, 3.0).zero(7).clamp(900, -1.5);
+  const Steering* const cases[] = {nullptr, &steer};
+  for (const Steering* s : cases) {
+    Workspace<float> trained, served;
+    served.tile_rows = 200;  // rounds up to 256: tiles of 256, 256 and 188 rows
+    Tensor<float> y(700, c.d_out), yi(700, c.d_out);
+    forward(p, x.view(), y.view(), trained, s);
+    infer(p, x.view(), yi.view(), served, s);
+    CHECK(same_bits(yi, y));
+    CHECK(served.hpre.rows() == 256);
+    CHECK(served.scores.rows() == 256);
+    CHECK(served.bytes() < trained.bytes());
+    Tensor<float> dx(700, c.d_in);
+    Grads<float> g(c);
+    // infer leaves no cache for backward to misuse.
+    CHECK(error_of([&] { backward(p, x.view(), x.view(), served, g, dx.view()); })
+              .find("call forward on this batch first") != std::string::npos);
+  }
+}
+
+TEST_CASE("a non-finite gate score in a later tile is reported by its row in the batch") {
+  const Config c = tiled_config();
+  const Params<float> p = random_params<float>(c, 41);
+  Tensor<float> x = random_matrix<float>(700, c.d_in, 42), y(700, c.d_out);
+  x(650, 3) = std::numeric_limits<float>::quiet_NaN();
+  x(400, 0) = std::numeric_limits<float>::infinity();
+  for (index_t tile : {0, 128}) {
+    Workspace<float> ws;
+    ws.tile_rows = tile;
+    CHECK(error_of([&] { forward(p, x.view(), y.view(), ws); }) ==
+          "gate scores: non-finite value at row 400 (expert 0)");
+    CHECK(error_of([&] { infer(p, x.view(), y.view(), ws); }) ==
+          "gate scores: non-finite value at row 400 (expert 0)");
   }
 }
 

@@ -11,13 +11,16 @@
 ///
 /// Expert n is the full-rank map W_n = D diag(c_n), and y = sum_j a_j (z W_{idx_j}) + ...
 /// Only the k selected (index, value) pairs per row are kept, so everything touching the
-/// experts costs O(B k) in forward and backward; the gate scores [B, N] are the one exception.
+/// experts costs O(B k) in forward and backward. The gate scores, O(B N) work, are computed
+/// and reduced to their top-k one row tile at a time, so no buffer holds [B, N].
 ///
 ///     mxd::Params<float> p(cfg);  mxd::Workspace<float> ws;  mxd::Grads<float> g(cfg);
 ///     mxd::forward(p, x, y, ws);                       // x: [B, I] -> y: [B, O]
 ///     mxd::backward(p, x, dy, ws, g, dx);              // dy: [B, O] -> g, dx: [B, I]
+///     mxd::infer(p, x, y, ws);                         // forward's y, no backward cache
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "params.hpp"
@@ -94,6 +97,38 @@ void dense_backward(Context<Device>& ctx, const Params<T, Device>& p, InView<T, 
   if (c.glu) be::gemm(ctx, false, false, T(1), CV(ws.dg.view()), p.W_glu.view(), T(1), dx);
 }
 
+
+/// Gate scores s = relu(x G^T + b_gate) of one row tile and their top-k, into the first k
+/// columns of idx and val. row0 is x's first row in the batch (for error messages).
+/// x: [R, I], scores: [R, N] (scratch), idx, val: [R, >= k].
+template <class T, class Device>
+void select_experts(Context<Device>& ctx, const Params<T, Device>& p, InView<T, Device> x,
+                    View<T, Device> scores, View<std::int32_t, Device> idx, View<T, Device> val,
+                    index_t row0) {
+  using be = backend<Device>;
+  const index_t k = p.config.k;
+  be::gemm(ctx, false, true, T(1), x, p.G.view(), T(0), scores);
+  be::gate_topk(ctx, scores, p.b_gate.view(), k,
+                View<std::int32_t, Device>(idx.data, idx.rows, k, idx.ld),
+                View<T, Device>(val.data, val.rows, k, val.ld), row0);
+}
+
+/// Steering's edits (if any) on the selection, then y = u * (sum_j a_j c_{idx_j})
+/// (+ x W_skip^T) + b_out. x: [R, I], idx, val: [R, k + edits] (top-k in the first k columns),
+/// coef: [R, k + edits] with steering, else empty; u, v, y: [R, O].
+template <class T, class Device>
+void output(Context<Device>& ctx, const Params<T, Device>& p, InView<T, Device> x,
+            const Steering* steering, View<std::int32_t, Device> idx, View<T, Device> val,
+            View<T, Device> coef, View<T, Device> u, View<T, Device> v, View<T, Device> y) {
+  using be = backend<Device>;
+  const Config& c = p.config;
+  const bool steered = steering && !steering->edits.empty();
+  if (steered) steer_selection(ctx, *steering, c.k, idx, val, coef);
+  if (c.skip) be::gemm(ctx, false, true, T(1), x, p.W_skip.view(), T(0), y);  // [R, O]
+  be::mix_experts(ctx, ConstView<std::int32_t, Device>(idx), ConstView<T, Device>(steered ? coef : val),
+                  p.C.view(), ConstView<T, Device>(u), p.b_out.view(), v, y, c.skip);
+}
+
 }  // namespace detail
 
 /// y = MxD(x). Fills the workspace's cache for backward. With `steering`, its edits are
@@ -102,29 +137,48 @@ void dense_backward(Context<Device>& ctx, const Params<T, Device>& p, InView<T, 
 template <class T, class Device>
 void forward(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
              Workspace<T, Device>& ws, const Steering* steering = nullptr) {
-  using be = backend<Device>;
   const Config& c = p.config;
   detail::check_forward_args<T, Device>(p, x, y);
   const index_t edits = steering ? static_cast<index_t>(steering->edits.size()) : 0;
   if (steering) steering->validate(c.n_experts);
-  ws.prepare_forward(c, x.rows, edits);
+  const index_t tile = ws.prepare_forward(c, x.rows, edits);
   auto& ctx = ws.ctx;
-
   detail::dense_forward(ctx, p, x, ws.hpre.view(), ws.g.view(), ws.z.view(), ws.u.view());
+  for (index_t r0 = 0; r0 < x.rows; r0 += tile) {
+    const index_t rows = std::min(tile, x.rows - r0);
+    detail::select_experts(ctx, p, x.block_rows(r0, rows), ws.scores.view().block_rows(0, rows),
+                           ws.topk_idx.view().block_rows(r0, rows),
+                           ws.topk_val.view().block_rows(r0, rows), r0);
+  }
+  detail::output(ctx, p, x, steering, ws.topk_idx.view(), ws.topk_val.view(), ws.coef.view(),
+                 ws.u.view(), ws.v.view(), y);
+}
 
-  // Gating: s = relu(x G^T + b_gate), then the k best (index, value) pairs per row.
-  be::gemm(ctx, false, true, T(1), x, p.G.view(), T(0), ws.scores.view());      // [B, N]
-  auto idx = ws.topk_idx.view();                                                // [B, k + edits]
-  auto val = ws.topk_val.view();
-  be::gate_topk(ctx, ws.scores.view(), p.b_gate.view(), c.k,
-                View<std::int32_t, Device>(idx.data, idx.rows, c.k, idx.ld),
-                View<T, Device>(val.data, val.rows, c.k, val.ld));               // [B, k]
-  if (edits) steer_selection(ctx, *steering, c.k, idx, val, ws.coef.view());
-
-  // Output: y = u * (sum_j a_j c_{idx_j}) (+ x W_skip^T) + b_out.
-  if (c.skip) be::gemm(ctx, false, true, T(1), x, p.W_skip.view(), T(0), y);     // [B, O]
-  be::mix_experts(ctx, ws.topk_idx.view(), ws.coefficients(), p.C.view(), ws.u.view(),
-                  p.b_out.view(), ws.v.view(), y, c.skip);
+/// y = MxD(x) as forward() computes it, bit for bit, but tile by tile with no backward cache:
+/// the workspace holds one row tile of everything (eval, inspection, serving). Afterwards
+/// backward() refuses the workspace until the next forward().
+/// x: [B, I], y: [B, O] (overwritten).
+template <class T, class Device>
+void infer(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
+           Workspace<T, Device>& ws, const Steering* steering = nullptr) {
+  const Config& c = p.config;
+  detail::check_forward_args<T, Device>(p, x, y);
+  const index_t edits = steering ? static_cast<index_t>(steering->edits.size()) : 0;
+  if (steering) steering->validate(c.n_experts);
+  const index_t tile = ws.prepare_infer(c, x.rows, edits);
+  auto& ctx = ws.ctx;
+  for (index_t r0 = 0; r0 < x.rows; r0 += tile) {
+    const index_t rows = std::min(tile, x.rows - r0);
+    auto xr = x.block_rows(r0, rows);
+    auto u = ws.u.view().block_rows(0, rows);
+    auto idx = ws.topk_idx.view().block_rows(0, rows), val = ws.topk_val.view().block_rows(0, rows);
+    detail::dense_forward(ctx, p, xr, ws.hpre.view().block_rows(0, rows),
+                          ws.g.view().block_rows(0, ws.g.rows() ? rows : 0),
+                          ws.z.view().block_rows(0, rows), u);
+    detail::select_experts(ctx, p, xr, ws.scores.view().block_rows(0, rows), idx, val, r0);
+    detail::output(ctx, p, xr, steering, idx, val, ws.coef.view().block_rows(0, edits ? rows : 0),
+                   u, ws.v.view().block_rows(0, rows), y.block_rows(r0, rows));
+  }
 }
 
 /// Analytic backward of forward() for the batch cached in `ws`.

@@ -124,8 +124,11 @@ struct backend<cpu> {
   using cview = detail::cview<T>;
   using Ctx = Context<cpu>;
 
-  /// Output panels are this wide: the split depends on the shape only (see the file comment).
-  static constexpr index_t gemm_panel = 256;
+  /// C is computed in pieces of gemm_rows x gemm_cols at fixed positions, each one
+  /// single-threaded product. An element's bits then depend only on its piece, never on the
+  /// thread count, on how many rows the call has, or on whether its rows arrive in one call
+  /// or in row tiles starting at multiples of gemm_rows (the tiled gate scores, infer()).
+  static constexpr index_t gemm_rows = tile_row_multiple, gemm_cols = 256;
 
   /// C = alpha op(A) op(B) + beta C, row-major. op(A): [M, K], op(B): [K, N], C: [M, N].
   /// beta == 0 never reads C.
@@ -137,20 +140,20 @@ struct backend<cpu> {
     MXD_CHECK(K == Kb && C.rows == M && C.cols == N, "gemm: shapes [", M, ", ", K, "] x [", Kb,
               ", ", N, "] -> [", C.rows, ", ", C.cols, "] do not match");
     if (M == 0 || N == 0) return;
-    // Split the longer side of C into fixed panels; each is one single-threaded product.
-    const bool split_rows = M >= N;
-    const index_t extent = split_rows ? M : N;
 #if defined(MXD_USE_BLAS)
     constexpr bool use_blas = std::is_same_v<T, float> || std::is_same_v<T, double>;
     if constexpr (use_blas) detail::blas_single_thread();
 #endif
-    detail::parallel_chunks(ctx.resolved_threads(), extent, gemm_panel, [&](index_t b, index_t e) {
-      const index_t m0 = split_rows ? b : 0, m = split_rows ? e - b : M;
-      const index_t n0 = split_rows ? 0 : b, n = split_rows ? N : e - b;
+    const index_t row_pieces = (M + gemm_rows - 1) / gemm_rows;
+    const index_t col_pieces = (N + gemm_cols - 1) / gemm_cols;
+    detail::parallel_for(ctx.resolved_threads(), row_pieces * col_pieces, [&](index_t q) {
+      // Pieces along a row of C are adjacent, so a thread's next piece reuses op(A)'s rows.
+      const index_t m0 = (q / col_pieces) * gemm_rows, m = std::min(gemm_rows, M - m0);
+      const index_t n0 = (q % col_pieces) * gemm_cols, n = std::min(gemm_cols, N - n0);
 #if defined(MXD_USE_BLAS)
       if constexpr (use_blas) {
         if (K > 0) {
-          // The panel's rows of op(A) and columns of op(B), as offsets into the row-major data.
+          // The piece's rows of op(A) and columns of op(B), as offsets into the row-major data.
           const T* a = A.data + (trans_a ? m0 : m0 * A.ld);
           const T* bp = B.data + (trans_b ? n0 * B.ld : n0);
           detail::blas_gemm(trans_a, trans_b, m, n, K, alpha, a, A.ld, bp, B.ld, beta,
@@ -217,10 +220,11 @@ struct backend<cpu> {
   ///
   /// A NaN or Inf score (from x, G or b_gate) would break that bound, so the pass that adds
   /// the bias also checks every score; the first bad one (lowest row, then expert) throws
-  /// "gate scores: non-finite value at row R (expert N)" before anything is selected from it.
+  /// "gate scores: non-finite value at row R (expert N)" before anything is selected from it;
+  /// R counts from row0, the view's first row in the caller's batch (a tile of it).
   template <class T>
   static void gate_topk(Ctx& ctx, View<T, cpu> scores, cview<T> b_gate, index_t k,
-                        View<std::int32_t, cpu> idx, View<T, cpu> val) {
+                        View<std::int32_t, cpu> idx, View<T, cpu> val, index_t row0 = 0) {
     const index_t N = scores.cols;
     const index_t L = std::clamp<index_t>(N / (2 * k), 8, topk_block), nblocks = (N + L - 1) / L;
     using Cand = detail::Candidate<T>;
@@ -272,7 +276,8 @@ struct backend<cpu> {
       }
     });
     const index_t b = bad.load();
-    MXD_CHECK(b == none, "gate scores: non-finite value at row ", b / N, " (expert ", b % N, ")");
+    MXD_CHECK(b == none, "gate scores: non-finite value at row ", row0 + b / N, " (expert ",
+              b % N, ")");
   }
 
   /// v[b] = sum_j val[b,j] C[idx[b,j]];  y = (accumulate ? y : 0) + u * v + b_out.

@@ -49,12 +49,13 @@ constexpr index_t topk_rank_limit = 1024;
 /// scores: [B, N] (relu'd in place), b_gate: [1, N], cand_idx, cand_val: [B, k] scratch,
 /// idx, val: [B, k] (row-major with leading dimensions ld_i, ld_v). One block per row. With
 /// k > topk_rank_limit only the candidates are written (in index order), not idx and val.
-/// nonfinite: lowered by atomicMin to row << 32 | expert of each row's first non-finite score.
+/// nonfinite: lowered by atomicMin to row << 32 | expert of each row's first non-finite score,
+/// the row counted from row0 (the view's first row in the caller's batch).
 template <class T>
 __global__ void __launch_bounds__(topk_block)
     gate_topk_kernel(T* scores, index_t ld_s, const T* b_gate, index_t N, index_t k,
                      std::int32_t* cand_idx, T* cand_val, std::int32_t* idx, index_t ld_i, T* val,
-                     index_t ld_v, unsigned long long* nonfinite) {
+                     index_t ld_v, unsigned long long* nonfinite, index_t row0) {
   using U = typename ordered_bits<T>::type;
   using Scan = cub::BlockScan<int, topk_block>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -70,7 +71,8 @@ __global__ void __launch_bounds__(topk_block)
     const T v = s[i] + b_gate[i];
     if (!flagged && !isfinite(v)) {
       flagged = true;
-      atomicMin(nonfinite, static_cast<unsigned long long>(r) << 32 | static_cast<unsigned long long>(i));
+      atomicMin(nonfinite, static_cast<unsigned long long>(row0 + r) << 32 |
+                               static_cast<unsigned long long>(i));
     }
     s[i] = v > T(0) ? v : T(0);  // +0 for negatives and NaN: bit patterns stay ordered
   }
