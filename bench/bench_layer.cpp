@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
 // Google Benchmark suite of the CPU layer: forward, backward, training step (forward + backward
-// + AdamW), top-k and gate scores, for GPT-2 small and a small config at batch 1024 and 4096.
+// + AdamW), top-k and gate scores, for GPT-2 small and a small config at batch 1024 and 4096,
+// and the training step for 21504 to 262144 experts (BM_train_step_experts).
 // Counters: tokens/s, useful GFLOP/s (the FLOPs a sparse-aware layer needs), and the fraction of
 // the sgemm/dgemm rate measured in the same build (BM_gemm) that this represents.
 #include <chrono>
+#include <cstdint>
 #include <cmath>
 #include <map>
 #include <random>
@@ -116,31 +118,53 @@ void BM_train_step(benchmark::State& st) {
   st.counters["workspace_MiB"] = double(f.ws.bytes()) / (1 << 20);
 }
 
-// Gate scores x G^T, the largest GEMM of the layer.
+// Gate scores x G^T, the largest GEMM of the layer, for the whole batch at once.
 template <class T>
 void BM_gate_scores(benchmark::State& st) {
   Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
-  f.ws.prepare_forward(f.cfg, f.B);
+  mxd::Tensor<T> s(f.B, f.cfg.n_experts);
   for (auto _ : st)
     mxd::backend<mxd::cpu>::gemm<T>(f.ws.ctx, false, true, T(1), f.x.view(), f.p.G.view(), T(0),
-                                    f.ws.scores.view());
+                                    s.view());
   report<T>(st, 2.0 * f.cfg.d_in * f.cfg.n_experts, f.B);
 }
 
-// relu(scores + b_gate) and the per-row top-k of the gate scores.
+// relu(scores + b_gate) and the per-row top-k of the gate scores, for the whole batch at once.
 template <class T>
 void BM_topk(benchmark::State& st) {
   Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
-  f.forward();
-  mxd::Tensor<T> s(f.ws.scores.rows(), f.ws.scores.cols());
+  mxd::Tensor<T> scores(f.B, f.cfg.n_experts), s(f.B, f.cfg.n_experts);
+  mxd::Tensor<std::int32_t> idx(f.B, f.cfg.k);
+  mxd::Tensor<T> val(f.B, f.cfg.k);
+  mxd::backend<mxd::cpu>::gemm<T>(f.ws.ctx, false, true, T(1), f.x.view(), f.p.G.view(), T(0),
+                                  scores.view());
   for (auto _ : st) {
     st.PauseTiming();
-    for (index_t i = 0; i < s.size(); ++i) s[i] = f.ws.scores[i];
+    for (index_t i = 0; i < s.size(); ++i) s[i] = scores[i];
     st.ResumeTiming();
     mxd::backend<mxd::cpu>::gate_topk<T>(f.ws.ctx, s.view(), f.p.b_gate.view(), f.cfg.k,
-                                         f.ws.topk_idx.view(), f.ws.topk_val.view());
+                                         idx.view(), val.view());
   }
   st.counters["rows/s"] = benchmark::Counter(double(f.B), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// A training step at GPT-2 widths as the number of experts grows: time should grow no faster
+// than N, and the workspace (gate scores in row tiles) should not grow with B x N.
+template <class T>
+void BM_train_step_experts(benchmark::State& st) {
+  mxd::Config c = layer_config(0);
+  c.n_experts = st.range(0);
+  Fixture<T> f(c, st.range(1), 0);
+  auto step = [&] {
+    f.forward();
+    f.backward();
+    f.opt.step(f.p, f.g, f.ws.ctx);
+  };
+  step();  // warm-up
+  for (auto _ : st) step();
+  report<T>(st, forward_flops(f.cfg) + backward_flops(f.cfg), f.B);
+  st.counters["workspace_MiB"] = double(f.ws.bytes()) / (1 << 20);
+  st.counters["params_MiB"] = double(c.n_params() * index_t(sizeof(T))) / (1 << 20);
 }
 
 template <class T>
@@ -173,5 +197,11 @@ BENCHMARK_TEMPLATE(BM_backward, float)->Apply(layer_args);
 BENCHMARK_TEMPLATE(BM_backward, double)->Args({1, 1024})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_TEMPLATE(BM_train_step, float)->Apply(layer_args);
 BENCHMARK_TEMPLATE(BM_train_step, double)->Args({1, 1024})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(BM_train_step_experts, float)
+    ->ArgNames({"experts", "batch"})
+    ->ArgsProduct({{21504, 65536, 262144}, {1024, 4096}})
+    ->Iterations(2)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 BENCHMARK_MAIN();

@@ -27,6 +27,7 @@ namespace {
 struct Timings {
   double forward_ms, backward_ms, step_ms;
   std::size_t workspace_bytes;
+  index_t tile_rows;  // rows of gate scores held at once
 };
 
 // The benchmarked layer and batch: the authors' initialisation, except D (zero after init),
@@ -45,7 +46,8 @@ BenchInputs<T> bench_inputs(const Config& cfg, index_t B) {
 }
 
 template <class T>
-Timings run_cpu(BenchInputs<T> in, int iters, int warmup, int threads, bool verbose) {
+Timings run_cpu(BenchInputs<T> in, int iters, int warmup, int threads, index_t tile_rows,
+                bool verbose) {
   const Config& cfg = in.p.config;
   Params<T>& p = in.p;
   Tensor<T>& x = in.x;
@@ -53,6 +55,7 @@ Timings run_cpu(BenchInputs<T> in, int iters, int warmup, int threads, bool verb
   Tensor<T> y(x.rows(), cfg.d_out), dx(x.rows(), cfg.d_in);
   Workspace<T> ws;
   ws.ctx.threads = threads;
+  ws.tile_rows = tile_rows;
   Grads<T> g(cfg);
   AdamWConfig oc;
   oc.warmup_steps = 0;
@@ -79,7 +82,7 @@ Timings run_cpu(BenchInputs<T> in, int iters, int warmup, int threads, bool verb
     b.push_back(ms(t1, t2));
     s.push_back(ms(t0, t3));
   }
-  return {median(f), median(b), median(s), ws.bytes()};
+  return {median(f), median(b), median(s), ws.bytes(), ws.scores.rows()};
 }
 
 // Peak resident set of this process in KiB: VmHWM, which unlike getrusage's ru_maxrss does not
@@ -96,14 +99,14 @@ double peak_rss_kib() {
 
 int run_bench(int argc, char** argv) {
   std::set<std::string> flags = layer_flags();
-  flags.insert({"batch", "iters", "warmup", "threads", "dtype", "device"});
+  flags.insert({"batch", "iters", "warmup", "threads", "dtype", "device", "tile-rows"});
   std::set<std::string> switches = layer_switches();
   switches.insert({"json", "verbose", "tf32"});
   Args args(argc, argv, 2, flags, switches);
   if (args.help()) {
     std::printf("usage: mxd bench [layer flags] [--batch B] [--iters N] [--warmup W] [--threads T]\n"
                 "                 [--dtype f32|f64|bf16] [--device cpu|cuda] [--tf32] [--json]\n"
-                "                 [--verbose]\n\n"
+                "                 [--tile-rows R] [--verbose]\n\n"
                 "Times forward, backward and a training step (forward + backward + AdamW) of a\n"
                 "randomly initialised layer on a random batch; prints medians over --iters after\n"
                 "--warmup iterations. Defaults: GPT-2 small (768 -> 3072 -> 768, 21504 experts,\n"
@@ -113,7 +116,11 @@ int run_bench(int argc, char** argv) {
                 "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
                 "  --dtype bf16      with --device cuda: float tensors, GEMMs on bf16 copies of\n"
                 "                    their inputs with float accumulation\n"
-                "  --json            print one JSON object on stdout (progress on stderr)\n",
+                "  --tile-rows R     rows of gate scores computed at once (rounded up to a\n"
+                "                    multiple of 128; default 0: as many as fit 64 MiB)\n"
+                "  --json            print one JSON object on stdout (progress on stderr); its\n"
+                "                    state_bytes = parameters, gradients and AdamW moments +\n"
+                "                    x, y, dy, dx + workspace: what peak_rss_mib is held against\n",
                 layer_flags_help().c_str());
     return 0;
   }
@@ -129,6 +136,8 @@ int run_bench(int argc, char** argv) {
   const Config cfg = layer_config(args, defaults);
   const long long B = args.get_int("batch", 1024), iters = args.get_int("iters", 10);
   const long long warmup = args.get_int("warmup", 2), threads = threads_arg(args);
+  const long long tile_rows = args.get_int("tile-rows", 0);
+  MXD_CHECK(tile_rows >= 0, "--tile-rows = ", tile_rows, " must be >= 0");
   MXD_CHECK(B > 0, "--batch = ", B, " must be > 0");
   MXD_CHECK(iters > 0, "--iters = ", iters, " must be > 0");
   MXD_CHECK(warmup >= 0, "--warmup = ", warmup, " must be >= 0");
@@ -158,15 +167,20 @@ int run_bench(int argc, char** argv) {
     };
     const CudaTimings c =
         dtype == "f64" ? run(bench_inputs<double>(cfg, B)) : run(bench_inputs<float>(cfg, B));
-    t = {c.forward_ms, c.backward_ms, c.step_ms, c.workspace_bytes};
+    t = {c.forward_ms, c.backward_ms, c.step_ms, c.workspace_bytes, c.tile_rows};
     gpu_name = c.device_name;
   } else {
     auto run = [&](auto in) {
-      return run_cpu(std::move(in), int(iters), int(warmup), int(threads), verbose);
+      return run_cpu(std::move(in), int(iters), int(warmup), int(threads), index_t(tile_rows),
+                     verbose);
     };
     t = dtype == "f32" ? run(bench_inputs<float>(cfg, B)) : run(bench_inputs<double>(cfg, B));
   }
   const double peak_rss_mib = peak_rss_kib() / 1024.0;
+  const std::size_t scalar = dtype == "f64" ? 8 : 4;
+  const std::size_t params_bytes = std::size_t(cfg.n_params()) * scalar;
+  const std::size_t io_bytes = std::size_t(B) * std::size_t(2 * cfg.d_in + 2 * cfg.d_out) * scalar;
+  const std::size_t state_bytes = 4 * params_bytes + io_bytes + t.workspace_bytes;
 
   if (json) {
     nlohmann::json j;
@@ -189,6 +203,9 @@ int run_bench(int argc, char** argv) {
     j["n_experts"] = cfg.n_experts;
     j["k"] = cfg.k;
     j["workspace_bytes"] = t.workspace_bytes;
+    j["tile_rows"] = t.tile_rows;
+    j["params_bytes"] = params_bytes;
+    j["state_bytes"] = state_bytes;
     j["peak_rss_mib"] = peak_rss_mib;
     std::printf("%s\n", j.dump().c_str());
     return 0;
@@ -201,8 +218,10 @@ int run_bench(int argc, char** argv) {
   else std::printf("%d threads\n", probe.resolved_threads());
   std::printf("  forward   %9.2f ms\n  backward  %9.2f ms\n  step      %9.2f ms  (%.0f tokens/s)\n",
               t.forward_ms, t.backward_ms, t.step_ms, 1e3 * double(B) / t.step_ms);
-  std::printf("  workspace %9.1f MiB, peak RSS %.1f MiB\n", double(t.workspace_bytes) / (1 << 20),
-              peak_rss_mib);
+  std::printf("  workspace %9.1f MiB (gate scores in tiles of %lld rows), peak RSS %.1f MiB,\n"
+              "  %.2fx parameters + gradients + moments + activations + workspace\n",
+              double(t.workspace_bytes) / (1 << 20), (long long)t.tile_rows, peak_rss_mib,
+              peak_rss_mib * (1 << 20) / double(state_bytes));
   return 0;
 }
 

@@ -177,7 +177,7 @@ CudaTimings bench_cuda(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>
   int device = 0;
   MXD_CUDA_CHECK(cudaGetDevice(&device));
   MXD_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  return {median(f), median(b), median(st), ws.bytes(), prop.name};
+  return {median(f), median(b), median(st), ws.bytes(), ws.scores.rows(), prop.name};
 }
 
 MXD_CLI_CUDA_INSTANTIATIONS

@@ -56,6 +56,7 @@ struct BenchInputs {
 struct CudaTimings {
   double forward_ms, backward_ms, step_ms;
   std::size_t workspace_bytes;
+  index_t tile_rows;  // rows of gate scores held at once
   std::string device_name;
 };
 template <class T>

@@ -178,9 +178,9 @@ int run_steer(int argc, char** argv) {
                                       [&](index_t, const Tensor<float>& x) {
                                         y.resize(x.rows(), O, false);
                                         ys.resize(x.rows(), O, false);
-                                        forward(m.p, x.view(), y.view(), ws);
+                                        infer(m.p, x.view(), y.view(), ws);
                                         y_all.insert(y_all.end(), y.data(), y.data() + y.size());
-                                        forward(m.p, x.view(), ys.view(), ws, &s);
+                                        infer(m.p, x.view(), ys.view(), ws, &s);
                                         ys_all.insert(ys_all.end(), ys.data(), ys.data() + ys.size());
                                       });
   std::vector<float> diff(y_all.size());
