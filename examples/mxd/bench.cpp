@@ -117,7 +117,7 @@ int run_bench(int argc, char** argv) {
                 "  --dtype bf16      with --device cuda: float tensors, GEMMs on bf16 copies of\n"
                 "                    their inputs with float accumulation\n"
                 "  --tile-rows R     rows of gate scores computed at once (rounded up to a\n"
-                "                    multiple of 128; default 0: as many as fit 64 MiB)\n"
+                "                    multiple of 128; default 0: as many as fit 16 MiB)\n"
                 "  --json            print one JSON object on stdout (progress on stderr); its\n"
                 "                    state_bytes = parameters, gradients and AdamW moments +\n"
                 "                    x, y, dy, dx + workspace: what peak_rss_mib is held against\n",

@@ -29,9 +29,10 @@ struct Workspace {
   Context<Device> ctx;  // threads (cpu) or stream and handles (cuda)
 
   /// Rows per tile of gate scores (and of everything in infer()); 0 = as many as fit
-  /// auto_tile_bytes. Rounded up to a multiple of tile_row_multiple; results do not depend on it.
+  /// auto_tile_bytes (at least tile_row_multiple). Rounded up to a multiple of
+  /// tile_row_multiple; results do not depend on it.
   index_t tile_rows = 0;
-  static constexpr std::size_t auto_tile_bytes = std::size_t(64) << 20;
+  static constexpr std::size_t auto_tile_bytes = std::size_t(16) << 20;
 
   // Forward cache, filled by forward(), read by backward().
   index_t batch = 0;                       // B of the last forward
@@ -58,12 +59,14 @@ struct Workspace {
   Workspace() = default;
   explicit Workspace(Context<Device> c) : ctx(std::move(c)) {}
 
-  /// The tile height for a batch of B rows when each row of a tile needs `row_bytes`.
+  /// The tile height for a batch of B rows when each row of a tile needs `row_bytes`: the
+  /// automatic one stays within auto_tile_bytes (a tile of scores that stays in cache for the
+  /// top-k pass), except that no tile is shorter than tile_row_multiple rows.
   index_t tile_for(index_t B, std::size_t row_bytes) const {
     const index_t m = tile_row_multiple;
-    index_t t = tile_rows > 0 ? tile_rows
-                              : static_cast<index_t>(auto_tile_bytes / std::max<std::size_t>(row_bytes, 1));
-    t = std::max<index_t>((t + m - 1) / m, 1) * m;
+    const index_t t = tile_rows > 0 ? (tile_rows + m - 1) / m * m
+                                    : std::max<index_t>(static_cast<index_t>(
+                                          auto_tile_bytes / std::max<std::size_t>(row_bytes, 1) / m), 1) * m;
     return std::min(t, B);
   }
 
