@@ -171,7 +171,8 @@ void infer(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
     const index_t rows = std::min(tile, x.rows - r0);
     auto xr = x.block_rows(r0, rows);
     auto u = ws.u.view().block_rows(0, rows);
-    auto idx = ws.topk_idx.view().block_rows(0, rows), val = ws.topk_val.view().block_rows(0, rows);
+    auto idx = ws.topk_idx.view().block_rows(0, rows);
+    auto val = ws.topk_val.view().block_rows(0, rows);
     detail::dense_forward(ctx, p, xr, ws.hpre.view().block_rows(0, rows),
                           ws.g.view().block_rows(0, ws.g.rows() ? rows : 0),
                           ws.z.view().block_rows(0, rows), u);
