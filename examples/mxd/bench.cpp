@@ -117,7 +117,8 @@ int run_bench(int argc, char** argv) {
                 "  --dtype bf16      with --device cuda: float tensors, GEMMs on bf16 copies of\n"
                 "                    their inputs with float accumulation\n"
                 "  --tile-rows R     rows of gate scores computed at once (rounded up to a\n"
-                "                    multiple of 128; default 0: as many as fit 16 MiB)\n"
+                "                    multiple of 128; default 0: as many as fit 16 MiB,\n"
+                "                    or 512 MiB with --device cuda)\n"
                 "  --json            print one JSON object on stdout (progress on stderr); its\n"
                 "                    state_bytes = parameters, gradients and AdamW moments +\n"
                 "                    x, y, dy, dx + workspace: what peak_rss_mib is held against\n",
@@ -163,7 +164,8 @@ int run_bench(int argc, char** argv) {
   if (gpu) {
     require_cuda();
     auto run = [&](const auto& in) {
-      return bench_cuda(in.p, in.x, in.dy, int(iters), int(warmup), math, verbose);
+      return bench_cuda(in.p, in.x, in.dy, int(iters), int(warmup), math, index_t(tile_rows),
+                        verbose);
     };
     const CudaTimings c =
         dtype == "f64" ? run(bench_inputs<double>(cfg, B)) : run(bench_inputs<float>(cfg, B));

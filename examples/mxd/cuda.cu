@@ -133,7 +133,7 @@ std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
 
 template <class T>
 CudaTimings bench_cuda(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>& hdy, int iters,
-                       int warmup, const std::string& math, bool verbose) {
+                       int warmup, const std::string& math, index_t tile_rows, bool verbose) {
   require_cuda();
   const Config& cfg = hp.config;
   Params<T, mxd::cuda> p = to_device(hp);
@@ -142,6 +142,7 @@ CudaTimings bench_cuda(const Params<T>& hp, const Tensor<T>& hx, const Tensor<T>
       dx(hx.rows(), cfg.d_in);
   Workspace<T, mxd::cuda> ws;
   ws.ctx.math = math_mode(math);
+  ws.tile_rows = tile_rows;
   AdamWConfig oc;
   oc.warmup_steps = 0;
   AdamW<T, mxd::cuda> opt(p, oc);

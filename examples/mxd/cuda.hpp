@@ -61,7 +61,7 @@ struct CudaTimings {
 };
 template <class T>
 CudaTimings bench_cuda(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& dy, int iters,
-                       int warmup, const std::string& math, bool verbose);
+                       int warmup, const std::string& math, index_t tile_rows, bool verbose);
 
 // The explicit instantiations that cuda.cu and no_cuda.cpp both provide.
 #define MXD_CLI_CUDA_INSTANTIATIONS                                                                   \
@@ -80,8 +80,8 @@ CudaTimings bench_cuda(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& 
       const TranscoderParams<double, cpu>&,                                                           \
       const AdamW<double, cpu, TranscoderParams<double, cpu>>&, bool, const std::string&);            \
   template CudaTimings bench_cuda<float>(const Params<float>&, const Tensor<float>&,                  \
-                                         const Tensor<float>&, int, int, const std::string&, bool);   \
+                                         const Tensor<float>&, int, int, const std::string&, index_t, bool);   \
   template CudaTimings bench_cuda<double>(const Params<double>&, const Tensor<double>&,               \
-                                          const Tensor<double>&, int, int, const std::string&, bool);
+                                          const Tensor<double>&, int, int, const std::string&, index_t, bool);
 
 }  // namespace mxd::cli

@@ -22,7 +22,7 @@ std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>&,
 
 template <class T>
 CudaTimings bench_cuda(const Params<T>&, const Tensor<T>&, const Tensor<T>&, int, int,
-                       const std::string&, bool) {
+                       const std::string&, index_t, bool) {
   no_cuda();
 }
 
