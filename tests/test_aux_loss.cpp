@@ -42,7 +42,8 @@ bool same_bits(Set& a, Set& b) {
   auto ta = tensors(a), tb = tensors(b);
   bool ok = ta.size() == tb.size();
   for (std::size_t i = 0; ok && i < ta.size(); ++i)
-    ok = ta[i]->size() == tb[i]->size() && std::memcmp(ta[i]->data(), tb[i]->data(), ta[i]->bytes()) == 0;
+    ok = ta[i]->size() == tb[i]->size() &&
+         std::memcmp(ta[i]->data(), tb[i]->data(), ta[i]->bytes()) == 0;
   return ok;
 }
 
@@ -152,7 +153,7 @@ void check_gradients(Case& c, const std::vector<int>& dead_units, index_t k_aux)
 
 }  // namespace
 
-TEST_CASE("MxD: AuxK gradients match finite differences and reach only dead experts' G, b_gate, C") {
+TEST_CASE("MxD: AuxK gradients match finite differences, reach only dead experts' G, b_gate, C") {
   for (bool glu : {false, true}) {
     Config c;
     c.d_in = 5; c.d_hidden = 7; c.d_out = 4; c.n_experts = 13; c.k = 3; c.glu = glu;
@@ -175,7 +176,7 @@ TEST_CASE("TopK and skip transcoders: AuxK gradients match finite differences, d
   }
 }
 
-TEST_CASE("the loss is coef x the residual's variance left unexplained by the top k_aux dead units") {
+TEST_CASE("the loss is coef x the residual variance the top k_aux dead units leave unexplained") {
   Config c;
   c.d_in = 4; c.d_hidden = 6; c.d_out = 3; c.n_experts = 9; c.k = 2;
   c.activation = Activation::relu;
@@ -313,7 +314,8 @@ TEST_CASE("AuxK gives the same bits for any row tile and thread count") {
 
 TEST_CASE("AuxK and DeadUnits reject bad arguments naming the value") {
   CHECK(error_of([] { AuxK{-1}.validate(); }) == "AuxK.k = -1 must be >= 0 (0: off)");
-  CHECK(error_of([] { AuxK{4, std::nan("")}.validate(); }) == "AuxK.coef = nan must be finite and > 0");
+  CHECK(error_of([] { AuxK{4, std::nan("")}.validate(); }) ==
+        "AuxK.coef = nan must be finite and > 0");
   CHECK(error_of([] { AuxK{4, 0.0}.validate(); }) == "AuxK.coef = 0 must be finite and > 0");
   CHECK(error_of([] { AuxK{4, 0.1, 0}.validate(); }) == "AuxK.dead_window = 0 must be positive");
   CHECK(error_of([] { DeadUnits(0, 5); }) == "DeadUnits: n_units = 0 must be in [1, 2^31)");

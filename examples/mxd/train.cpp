@@ -74,7 +74,7 @@ const char* const train_help =
     "                    off, the authors' recipe): per row the K dead units with the largest\n"
     "                    gate scores model the residual (Gao et al. 2024 use about d_in / 2)\n"
     "  --aux-coef A      its weight (default 1/32, Gao et al.'s alpha; needs --aux-k)\n"
-    "  --dead-window W   a unit is dead when no training token selected it in the last W\n"
+    "  --dead-window W   a unit is dead when none of the last W training tokens selected it\n"
     "                    (default 8192, the held-out rows the dead fraction counts; needs --aux-k)\n"
     "  --out DIR         output directory (default mxd_out)\n"
     "  --resume CKPT     continue from DIR/mxd.safetensors or DIR: the last checkpoint pair that\n"
@@ -218,8 +218,9 @@ struct Model {
   void resume_aux(const std::string& path) {
     if (!aux.enabled()) return;
     if (std::filesystem::exists(dead_file(path))) io::load_dead_units(dead_file(path), dead);
-    else std::fprintf(stderr, "mxd: note: %s has no dead-unit state beside it; the dead window restarts\n",
-                      path.c_str());
+    else
+      std::fprintf(stderr, "mxd: note: %s has no dead-unit state beside it; the dead window "
+                           "restarts\n", path.c_str());
   }
 };
 

@@ -119,7 +119,8 @@ public:
     MXD_CHECK(static_cast<index_t>(since.size()) == units(), "DeadUnits::restore: ",
               since.size(), " counts for ", units(), " units");
     for (std::size_t n = 0; n < since.size(); ++n)
-      MXD_CHECK(since[n] >= 0, "DeadUnits::restore: unit ", n, " has the negative count ", since[n]);
+      MXD_CHECK(since[n] >= 0, "DeadUnits::restore: unit ", n, " has the negative count ",
+                since[n]);
     since_ = since;
   }
 
@@ -277,7 +278,8 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
   if (aw.loss == 0) return 0;  // no variance to explain (or e_hat == e): no gradient
 
   // The sparse expert backward of layer.hpp over the aux selection, u constant:
-  // dv = grad * u;  ds = relu' dv . dec[n];  d_dec[n] += a dv;  d_gate[n] += ds x;  d_bias[n] += ds.
+  //   dv = grad * u;  ds = relu' dv . dec[n];
+  //   d_dec[n] += a dv;  d_gate[n] += ds x;  d_bias[n] += ds.
   be::output_backward(ctx, CV(aw.grad.view()), u, CV(aw.v.view()), aw.du.view(), aw.dv.view());
   aw.ds.resize(B, k, false);
   aw.order.resize(1, B * k, false);
