@@ -299,7 +299,9 @@ TEST_CASE("AuxK gives the same bits for any row tile and thread count") {
   MxdCase ref(c, 33, 12);
   AuxKWorkspace<double> wr;
   const double l = ref.aux(d, AuxK{4, 0.5, 10}, wr);
-  for (index_t tile : {index_t(1), index_t(11 * 5), index_t(11 * 33)})
+  // 11 dead units of I = 6: row tiles of 1, 5, 6 and all 33 rows; gate rows gathered one at a
+  // time, in chunks of 9 (per row tile), and all at once.
+  for (index_t tile : {index_t(1), index_t(11 * 5), index_t(66), index_t(11 * 33)})
     for (int threads : {1, 2, 3}) {
       CAPTURE(tile);
       CAPTURE(threads);

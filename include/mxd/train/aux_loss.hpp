@@ -33,8 +33,9 @@
 ///     dead.record(ws.topk_idx.view(), ws.topk_val.view());   // then the optimizer step
 ///
 /// The dead units' gate scores are computed here, in row tiles of at most `tile_elements`
-/// scores, from a gathered copy of their gate rows: memory O(tile + n_dead (I + 1)), and the
-/// main forward's [B, N] buffer is never read.
+/// scores, from copies of their gate rows gathered in chunks of at most `tile_elements`
+/// values: memory O(tile_elements + n_dead + B (k_aux + O)), and the main forward's [B, N]
+/// buffer is never read.
 #pragma once
 
 #include <algorithm>
@@ -182,13 +183,14 @@ struct auxk_ops<cpu> {
 /// Scratch of auxk_backward; reused across steps (buffers only grow).
 template <class T, class Device = cpu>
 struct AuxKWorkspace {
-  /// Most gate scores of dead units held at once: row tiles of tile_elements / n_dead rows.
+  /// Most gate scores of dead units held at once (row tiles of tile_elements / n_dead rows),
+  /// and most values of their gathered gate rows (chunks of tile_elements / I units).
   index_t tile_elements = index_t(1) << 20;
 
   std::vector<std::int32_t> host_dead;        // the dead units, ascending
   Tensor<std::int32_t, Device> dead;          // [n_dead, 1] the same on the device
   Tensor<T, Device> ones;                     // [n_dead, 1]
-  Tensor<T, Device> gate_dead;                // [n_dead, I] their gate rows
+  Tensor<T, Device> gate_dead;                // [chunk, I] a chunk of their gate rows
   Tensor<T, Device> bias_dead;                // [1, n_dead] their gate biases
   Tensor<T, Device> scores;                   // [tile, n_dead]
   Tensor<std::int32_t, Device> idx;           // [B, k'] aux selection (unit numbers)
@@ -238,7 +240,7 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
   if (!cfg.enabled() || nd == 0) return 0;
   const index_t k = std::min(cfg.k, nd);
 
-  // The dead units' gate rows and biases, gathered: gate_dead[i] = 1 * gate[dead[i]].
+  // The dead units' numbers and gate biases on the device: bias_dead[i] = 1 * b[dead[i]].
   aw.dead.resize(nd, 1, false);
   memory<Device>::upload(aw.dead.data(), aw.host_dead.data(), aw.dead.bytes());
   if (aw.ones.rows() != nd) {
@@ -247,22 +249,34 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
     aw.ones.resize(nd, 1, false);
     memory<Device>::upload(aw.ones.data(), host.data(), host.bytes());
   }
-  aw.gate_dead.resize(nd, I);
   aw.bias_dead.resize(1, nd);
   CI dead_col = aw.dead.view();
-  be::gather_rows_add(ctx, dead_col, CV(aw.ones.view()), gate, aw.gate_dead.view());
   be::gather_rows_add(ctx, dead_col, CV(aw.ones.view()), CV(gate_bias.data, N, 1),
                       View<T, Device>(aw.bias_dead.data(), nd, 1));
 
-  // Per row tile: scores of the dead units, then their k best (positions among the dead).
+  // Per row tile: the dead units' scores, then their k best (positions among the dead). Their
+  // gate rows are gathered in chunks (gate_dead[i] = 1 * gate[dead[c0 + i]]), once when one
+  // chunk holds them all, so neither buffer grows beyond tile_elements.
   const index_t tile = std::clamp<index_t>(aw.tile_elements / nd, 1, B);
+  const index_t chunk = std::clamp<index_t>(aw.tile_elements / std::max<index_t>(I, 1), 1, nd);
   aw.scores.resize(tile, nd, false);
+  aw.gate_dead.resize(chunk, I, false);
   aw.idx.resize(B, k, false);
   aw.val.resize(B, k, false);
   for (index_t r0 = 0; r0 < B; r0 += tile) {
     const index_t rows = std::min(tile, B - r0);
     View<T, Device> s(aw.scores.data(), rows, nd);
-    be::gemm(ctx, false, true, T(1), x.block_rows(r0, rows), CV(aw.gate_dead.view()), T(0), s);
+    for (index_t c0 = 0; c0 < nd; c0 += chunk) {
+      const index_t len = std::min(chunk, nd - c0);
+      View<T, Device> g(aw.gate_dead.data(), len, I);
+      if (r0 == 0 || chunk < nd) {
+        memory<Device>::zero(g.data, static_cast<std::size_t>(g.size()) * sizeof(T));
+        be::gather_rows_add(ctx, CI(aw.dead.data() + c0, len, 1), CV(aw.ones.data(), len, 1),
+                            gate, g);
+      }
+      be::gemm(ctx, false, true, T(1), x.block_rows(r0, rows), CV(g),
+               T(0), View<T, Device>(s.data + c0, rows, len, nd));              // [rows, len]
+    }
     be::gate_topk(ctx, s, CV(aw.bias_dead.view()), k, aw.idx.view().block_rows(r0, rows),
                   aw.val.view().block_rows(r0, rows));
   }
