@@ -19,7 +19,9 @@
 #include <mxd/baselines/transcoder.hpp>
 #include <mxd/init.hpp>
 #include <mxd/io/checkpoint.hpp>
+#include <mxd/io/dead_units_io.hpp>
 #include <mxd/mxd.hpp>
+#include <mxd/train/aux_loss.hpp>
 #include <mxd/train/data.hpp>
 
 #include "cli.hpp"
@@ -68,6 +70,12 @@ const char* const train_help =
     "  --progress-every S  when stderr is not a terminal, a progress line (step, loss, tokens/s,\n"
     "                    ETA) every S seconds (default 10; 0: every step)\n"
     "  --checkpoint-every N  commit a checkpoint pair every N steps (default 500; 0: at the end only)\n"
+    "  --aux-k K         AuxK auxiliary loss for dead experts/latents (both models; default 0:\n"
+    "                    off, the authors' recipe): per row the K dead units with the largest\n"
+    "                    gate scores model the residual (Gao et al. 2024 use about d_in / 2)\n"
+    "  --aux-coef A      its weight (default 1/32, Gao et al.'s alpha; needs --aux-k)\n"
+    "  --dead-window W   a unit is dead when none of the last W training tokens selected it\n"
+    "                    (default 8192, the held-out rows the dead fraction counts; needs --aux-k)\n"
     "  --out DIR         output directory (default mxd_out)\n"
     "  --resume CKPT     continue from DIR/mxd.safetensors or DIR: the last checkpoint pair that\n"
     "                    DIR/checkpoint.json names (MxD and baseline at the same step)\n\n"
@@ -92,6 +100,7 @@ struct Options {
   std::string math = "fp32";  // --device cuda: how float GEMMs run (fp32, tf32, bf16)
   std::string out = "mxd_out", resume;
   std::vector<std::string> data;
+  train::AuxK aux;  // --aux-k, --aux-coef, --dead-window (off by default)
 };
 
 // Sums for NMSE (reference), FVU and expert usage over held-out rows.
@@ -138,6 +147,13 @@ struct Accumulator {
   }
 };
 
+// The dead-unit state saved beside a checkpoint with --aux-k: DIR/NAME.safetensors ->
+// DIR/NAME.dead.safetensors (in the same checkpoint set, so it is committed with the model).
+std::string dead_file(const std::string& checkpoint) {
+  const std::filesystem::path p(checkpoint);
+  return (p.parent_path() / (p.stem().string() + ".dead.safetensors")).string();
+}
+
 // One model in training: its parameters, gradients, workspace and optimizer on the host, or
 // with --device cuda a DeviceModel holding them on the GPU (p and opt are then refreshed from
 // it when the model is saved).
@@ -151,6 +167,9 @@ struct Model {
   Tensor<T> pred, dy;                        // host scratch of train_step
   Tensor<std::int32_t> gpu_idx;              // the GPU's last selection, copied back
   Tensor<T> gpu_val;
+  train::AuxK aux;                           // --aux-k: off unless enabled
+  train::DeadUnits dead;
+  train::AuxKWorkspace<T> aux_ws;
 
   Model(Set<T, cpu> params, const AdamWConfig& oc, bool nd, int threads)
       : p(std::move(params)), g(p.config), opt(p, oc), norm_dec(nd) {
@@ -169,8 +188,19 @@ struct Model {
     layer.forward(x, pred);
     const double l = loss<T>(Loss::nmse_ref, pred.view(), target.view(), dy.view());
     MXD_CHECK(std::isfinite(l), "the loss became ", l, " (no weight was updated)");
-    layer.backward(x, dy);
+    layer.backward(x, dy, target);
     return l;
+  }
+  // --aux-k: adds the AuxK gradient (dead units as of the previous step) to this step's, then
+  // records this step's selection. Between backward and the optimizer step.
+  void aux_step(const Tensor<T>& x, const Tensor<T>& target) {
+    if (!aux.enabled()) return;
+    train::auxk_backward(p, x.view(), pred.view(), target.view(), ws, dead, aux, aux_ws, g);
+    dead.record(ws.topk_idx.view(), ws.topk_val.view());
+  }
+  void enable_aux(const train::AuxK& a, index_t units) {
+    aux = a;
+    dead = train::DeadUnits(units, a.dead_window);
   }
   template <class Layer>
   void predict(Layer& layer, const Tensor<T>& x, Tensor<T>& y) {
@@ -182,6 +212,15 @@ struct Model {
   void save(const std::string& path) {
     if (gpu) gpu->download(p, opt);
     io::save_checkpoint(path, p, &opt);
+    if (aux.enabled()) io::save_dead_units(dead_file(path), dead);
+  }
+  // --aux-k on a resumed model: its dead-unit state from beside `path`, when it was saved.
+  void resume_aux(const std::string& path) {
+    if (!aux.enabled()) return;
+    if (std::filesystem::exists(dead_file(path))) io::load_dead_units(dead_file(path), dead);
+    else
+      std::fprintf(stderr, "mxd: note: %s has no dead-unit state beside it; the dead window "
+                           "restarts\n", path.c_str());
   }
 };
 
@@ -198,9 +237,10 @@ struct MxdModel : Model<T, Params, Workspace<T>> {
   void predict(const Tensor<T>& x, Tensor<T>& y) { Model<T, Params, Workspace<T>>::predict(*this, x, y); }
   // The host layer (used when gpu is not set).
   void forward(const Tensor<T>& x, Tensor<T>& y) { mxd::forward(this->p, x.view(), y.view(), this->ws); }
-  void backward(const Tensor<T>& x, const Tensor<T>& dy) {
+  void backward(const Tensor<T>& x, const Tensor<T>& dy, const Tensor<T>& target) {
     auto& m = *this;
     mxd::backward(m.p, x.view(), dy.view(), m.ws, m.g);
+    m.aux_step(x, target);
     if (m.norm_dec) project_expert_grads(m.p, m.g, m.ws.ctx);
     m.opt.step(m.p, m.g, m.ws.ctx);
     if (m.norm_dec) normalize_experts(m.p, m.ws.ctx);
@@ -226,9 +266,10 @@ struct TranscoderModel : Model<T, TranscoderParams, TranscoderWorkspace<T>> {
   void forward(const Tensor<T>& x, Tensor<T>& y) {
     transcoder_forward(this->p, x.view(), y.view(), this->ws);
   }
-  void backward(const Tensor<T>& x, const Tensor<T>& dy) {
+  void backward(const Tensor<T>& x, const Tensor<T>& dy, const Tensor<T>& target) {
     auto& m = *this;
     transcoder_backward(m.p, x.view(), dy.view(), m.ws, m.g);
+    m.aux_step(x, target);
     if (m.norm_dec) backend<cpu>::remove_parallel_rows(m.ws.ctx, m.p.W_dec.view(), m.g.W_dec.view());
     m.opt.step(m.p, m.g, m.ws.ctx);
     if (m.norm_dec) backend<cpu>::normalize_rows(m.ws.ctx, m.p.W_dec.view());
@@ -254,6 +295,7 @@ struct Row {
   index_t params, k;
   Eval eval;
   double tokens_per_s;
+  double train_dead = -1;  // --aux-k: fraction of units dead in training at the end
 };
 
 template <class T>
@@ -344,6 +386,15 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
       TranscoderParams<T> tp(tcc);
       init_transcoder(tp, o.seed + 1);
       tc = std::make_unique<TranscoderModel<T>>(std::move(tp), oc, o.norm_dec, o.threads);
+    }
+  }
+  if (o.aux.enabled()) {
+    mxd->enable_aux(o.aux, mxd->units());
+    if (tc) tc->enable_aux(o.aux, tc->units());
+    if (!o.resume.empty()) {
+      const auto files = resume_files(o.resume, tc_file);
+      mxd->resume_aux(files.first);
+      if (tc) tc->resume_aux(files.second);
     }
   }
   // start == steps: a run killed after its last checkpoint; it only evaluates and reports.
@@ -440,12 +491,15 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   auto rate = [&](double seconds) { return seconds > 0 ? tokens / seconds : 0.0; };
   std::vector<Row> rows;
   rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B), rate(time_mxd)});
+  auto train_dead = [](const auto& m) { return double(m.dead.count()) / double(m.units()); };
+  if (o.aux.enabled()) rows.back().train_dead = train_dead(*mxd);
   if (log_cols.empty()) log_cols.push_back(col_step);
   log_cols.push_back(col_mxd);
   log_names.push_back("mxd" + suffix);
   curves.push_back(c_mxd);
   if (tc) {
     rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B), rate(time_tc)});
+    if (o.aux.enabled()) rows.back().train_dead = train_dead(*tc);
     log_cols.push_back(col_tc);
     log_names.push_back(tc->name + suffix);
     curves.push_back(c_tc);
@@ -505,7 +559,14 @@ int run(const Options& o) {
     models.push_back({{"name", r.name}, {"params", r.params}, {"k", r.k}, {"nmse", r.eval.nmse},
                       {"fvu", r.eval.fvu}, {"dead_fraction", r.eval.dead_fraction},
                       {"tokens_per_s", r.tokens_per_s}});
+    if (o.aux.enabled())
+      models.back().update({{"aux_k", o.aux.k}, {"aux_coef", o.aux.coef},
+                            {"dead_window", o.aux.dead_window},
+                            {"train_dead_fraction", r.train_dead}});
   }
+  if (o.aux.enabled())
+    std::printf("AuxK loss on: k_aux %lld, coef %g, dead window %lld tokens\n", (long long)o.aux.k,
+                o.aux.coef, (long long)o.aux.dead_window);
   namespace fs = std::filesystem;
   const fs::path out(o.out);
   write_text_atomic((out / "metrics.json").string(), nlohmann::json{{"models", models}}.dump(2) + "\n");
@@ -562,7 +623,8 @@ int run_train(int argc, char** argv) {
   std::set<std::string> flags = layer_flags();
   for (const char* f : {"data", "teacher-hidden", "eval-rows", "eval-fraction", "expansion",
                         "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
-                        "device", "log-every", "progress-every", "checkpoint-every", "out", "resume"})
+                        "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
+                        "aux-k", "aux-coef", "dead-window"})
     flags.insert(f);
   std::set<std::string> switches = layer_switches();
   switches.insert({"no-norm-dec", "tf32"});
@@ -649,6 +711,15 @@ int run_train(int argc, char** argv) {
   MXD_CHECK(!args.flag("tf32") || (o.cuda && dtype == "f32"), "--tf32 needs --device cuda --dtype f32");
   MXD_CHECK(dtype != "bf16" || o.cuda, "--dtype bf16 needs --device cuda");
   o.math = dtype == "bf16" ? "bf16" : args.flag("tf32") ? "tf32" : "fp32";
+  o.aux.k = args.get_int("aux-k", 0);
+  o.aux.coef = args.get_double("aux-coef", o.aux.coef);
+  o.aux.dead_window = args.get_int("dead-window", o.aux.dead_window);
+  MXD_CHECK(o.aux.k >= 0, "--aux-k = ", o.aux.k, " must be >= 0 (0: off)");
+  MXD_CHECK(o.aux.coef > 0, "--aux-coef = ", o.aux.coef, " must be positive");
+  MXD_CHECK(o.aux.dead_window > 0, "--dead-window = ", o.aux.dead_window, " must be positive");
+  MXD_CHECK(o.aux.enabled() || (!args.has("aux-coef") && !args.has("dead-window")),
+            "--aux-coef and --dead-window need --aux-k K > 0 (the AuxK loss is off without it)");
+  MXD_CHECK(!o.aux.enabled() || !o.cuda, "--aux-k is not supported with --device cuda yet");
   if (o.cuda) require_cuda();
   prepare_out_dir(o.out);
   if (dtype == "bf16") return run<float>(o);

@@ -1,0 +1,359 @@
+// SPDX-License-Identifier: MIT
+/// @file train/aux_loss.hpp
+/// @brief Dead units and the AuxK auxiliary loss that gives them a gradient (Gao et al. 2024,
+/// "Scaling and evaluating sparse autoencoders", sec. A.2; EleutherAI's sparsify), for the
+/// MxD layer and the TopK / skip transcoders, written over backend<Device>.
+///
+/// A unit (an MxD expert, a transcoder latent) is *dead* when no training token selected it
+/// (with a positive coefficient) within the last `dead_window` tokens. For each row, the k_aux
+/// dead units with the largest gate scores s = relu(x G^T + b_gate) (taken before top-k) model
+/// the residual e = target - y of the main forward:
+///
+///     MxD:          e_hat = u * sum_j a_j c_{n_j}       (u = z D from the main forward)
+///     transcoder:   e_hat = sum_j a_j W_dec[n_j]
+///     L_aux = coef * sum_b |e_b - e_hat_b|^2 / sum_b |e_b - mean_b e|^2
+///
+/// The normalisation is the reference implementation's (openai/sparse_autoencoder's
+/// normalized_mse): the fraction of the residual's variance the dead units leave unexplained,
+/// so the loss does not fade as the main model improves. (sparsify divides by the target's
+/// variance and scales by min(dead / k_aux, 1) instead.) With one row, or residuals equal in
+/// every row, the denominator is 0: the loss is then 0 and no gradient is added.
+///
+/// e and u are constants (no gradient flows through them). For e this is the paper's rule.
+/// For u it keeps the aux loss on the dead experts alone: only their rows of G, b_gate and C
+/// receive its gradient. Were u free, the dense path (E, D, ...), which every live expert
+/// shares, would be pulled toward fitting the residual through experts the main forward does
+/// not mix, competing with the main loss.
+///
+///     mxd::train::AuxK aux{32};                              // k_aux = 32, coef 1/32
+///     mxd::train::DeadUnits dead(cfg.n_experts, aux.dead_window);
+///     mxd::train::AuxKWorkspace<float> aws;
+///     // per step, after forward(p, x, y, ws), the loss and backward(..., grads):
+///     double l_aux = mxd::train::auxk_backward(p, x, y, target, ws, dead, aux, aws, grads);
+///     dead.record(ws.topk_idx.view(), ws.topk_val.view());   // then the optimizer step
+///
+/// The dead units' gate scores are computed here, in row tiles of at most `tile_elements`
+/// scores, from copies of their gate rows gathered in chunks of at most `tile_elements`
+/// values: memory O(tile_elements + N + B (k_aux + O)), and the main forward's [B, N] buffer
+/// is never read.
+///
+/// Measured on `mxd train`'s default job (README, "Dead experts"): it revives the TopK
+/// transcoder's dead latents at k = 32 and 64, but MxD's dead experts mostly die for good (the
+/// residual is small beside an expert's contribution, so their gate scores are pushed below 0).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../baselines/transcoder.hpp"
+#include "../layer.hpp"
+#include "../params.hpp"
+#include "../tensor.hpp"
+#include "../workspace.hpp"
+
+namespace mxd::train {
+
+/// The auxiliary loss's settings. k = 0 turns it off.
+struct AuxK {
+  index_t k = 0;                     // dead units per row that model the residual (k_aux)
+  double coef = 1.0 / 32;            // weight of L_aux (Gao et al.'s alpha)
+  index_t dead_window = 8192;        // tokens without a selection after which a unit is dead
+
+  bool enabled() const { return k > 0; }
+  /// Throws mxd::Error naming the first invalid field.
+  void validate() const {
+    MXD_CHECK(k >= 0, "AuxK.k = ", k, " must be >= 0 (0: off)");
+    MXD_CHECK(std::isfinite(coef) && coef > 0, "AuxK.coef = ", coef, " must be finite and > 0");
+    MXD_CHECK(dead_window > 0, "AuxK.dead_window = ", dead_window, " must be positive");
+  }
+};
+
+/// Tokens since each unit was last selected in training, and which units are dead.
+/// Every count starts at 0: no unit is dead before `window` tokens have been seen.
+class DeadUnits {
+public:
+  DeadUnits() = default;
+  DeadUnits(index_t n_units, index_t window) : since_(check_units(n_units), 0), window_(window) {
+    MXD_CHECK(window > 0, "DeadUnits: window = ", window, " must be positive");
+  }
+
+  /// Records a training batch's selection. A unit counts as selected where its coefficient is
+  /// positive (the held-out dead fraction of `mxd train` uses the same rule).
+  /// idx, val: [B, k] host views (the forward's topk_idx, topk_val).
+  template <class T>
+  void record(ConstView<std::int32_t> idx, View<T> val) {
+    check_shape(val, idx.rows, idx.cols, "DeadUnits::record: val");
+    const index_t B = idx.rows, N = units();
+    last_.assign(static_cast<std::size_t>(N), -1);  // last row of the batch that selected n
+    for (index_t r = 0; r < B; ++r)
+      for (index_t j = 0; j < idx.cols; ++j) {
+        const std::int32_t n = idx(r, j);
+        MXD_CHECK(n >= 0 && n < N, "DeadUnits::record: idx(", r, ", ", j, ") = ", n,
+                  " is not a unit of ", N);
+        if (val(r, j) > 0) last_[n] = r;
+      }
+    constexpr std::int64_t cap = std::numeric_limits<std::int64_t>::max() / 2;
+    for (index_t n = 0; n < N; ++n)
+      since_[n] = last_[n] >= 0 ? B - 1 - last_[n] : std::min<std::int64_t>(since_[n] + B, cap);
+  }
+
+  index_t units() const { return static_cast<index_t>(since_.size()); }
+  index_t window() const { return window_; }
+  /// True when unit n was not selected within the last window() tokens.
+  bool dead(index_t n) const { return since_[n] >= window_; }
+  /// The number of dead units.
+  index_t count() const {
+    index_t c = 0;
+    for (std::int64_t s : since_) c += s >= window_;
+    return c;
+  }
+  /// The dead units in ascending order, into `out`.
+  void list(std::vector<std::int32_t>& out) const {
+    out.clear();
+    for (index_t n = 0; n < units(); ++n)
+      if (dead(n)) out.push_back(static_cast<std::int32_t>(n));
+  }
+
+  /// Tokens since each unit was last selected: the whole state, for checkpoints.
+  const std::vector<std::int64_t>& tokens_since() const { return since_; }
+  /// Restores a state saved from tokens_since(): one non-negative count per unit.
+  void restore(const std::vector<std::int64_t>& since) {
+    MXD_CHECK(static_cast<index_t>(since.size()) == units(), "DeadUnits::restore: ",
+              since.size(), " counts for ", units(), " units");
+    for (std::size_t n = 0; n < since.size(); ++n)
+      MXD_CHECK(since[n] >= 0, "DeadUnits::restore: unit ", n, " has the negative count ",
+                since[n]);
+    since_ = since;
+  }
+
+private:
+  static std::size_t check_units(index_t n) {
+    MXD_CHECK(n > 0 && n <= INT32_MAX, "DeadUnits: n_units = ", n, " must be in [1, 2^31)");
+    return static_cast<std::size_t>(n);
+  }
+  std::vector<std::int64_t> since_;
+  std::vector<index_t> last_;  // scratch of record()
+  index_t window_ = 1;
+};
+
+/// The few element-wise steps of the aux loss that backend<Device> has no primitive for.
+/// Specialised below for cpu and in train/aux_loss.cuh for cuda.
+template <class Device>
+struct auxk_ops;
+
+template <>
+struct auxk_ops<cpu> {
+  /// idx[b,j] = table[idx[b,j]]: positions among the dead units -> unit numbers.
+  /// idx: [B, k], table: [1, n_dead].
+  static void take(Context<cpu>&, View<std::int32_t, cpu> idx, ConstView<std::int32_t, cpu> table) {
+    for (index_t r = 0; r < idx.rows; ++r)
+      for (index_t j = 0; j < idx.cols; ++j) idx(r, j) = table.data[idx(r, j)];
+  }
+
+  /// With e = target - pred: returns coef |e - e_hat|^2 / |e - mean_rows e|^2 and writes its
+  /// gradient coef 2 (e_hat - e) / |e - mean e|^2 to grad; returns 0 (grad unwritten) when
+  /// the denominator is 0. Sums in double, in a fixed order. pred, target, e_hat, grad: [B, O];
+  /// scratch is unused here.
+  template <class T>
+  static double residual_loss(Context<cpu>&, double coef, ConstView<T, cpu> pred,
+                              ConstView<T, cpu> target, ConstView<T, cpu> e_hat,
+                              View<T, cpu> /*scratch*/, View<T, cpu> grad) {
+    const index_t B = pred.rows, O = pred.cols;
+    std::vector<double> mean(static_cast<std::size_t>(O), 0.0);
+    for (index_t r = 0; r < B; ++r)
+      for (index_t o = 0; o < O; ++o) mean[o] += double(target(r, o)) - double(pred(r, o));
+    for (double& m : mean) m /= double(B);
+    double var = 0, err = 0;
+    for (index_t r = 0; r < B; ++r)
+      for (index_t o = 0; o < O; ++o) {
+        const double e = double(target(r, o)) - double(pred(r, o)), d = e - mean[o];
+        const double f = double(e_hat(r, o)) - e;
+        var += d * d;
+        err += f * f;
+      }
+    if (!(var > 0)) return 0;
+    const double scale = 2 * coef / var;
+    for (index_t r = 0; r < B; ++r)
+      for (index_t o = 0; o < O; ++o)
+        grad(r, o) = static_cast<T>(scale * (double(e_hat(r, o)) -
+                                             (double(target(r, o)) - double(pred(r, o)))));
+    return coef * err / var;
+  }
+};
+
+/// Scratch of auxk_backward; reused across steps (buffers only grow).
+template <class T, class Device = cpu>
+struct AuxKWorkspace {
+  /// Most gate scores of dead units held at once (row tiles of tile_elements / n_dead rows),
+  /// and most values of their gathered gate rows (chunks of tile_elements / I units).
+  index_t tile_elements = index_t(1) << 20;
+
+  std::vector<std::int32_t> host_dead;        // the dead units, ascending
+  Tensor<std::int32_t, Device> dead;          // [n_dead, 1] the same on the device
+  Tensor<T, Device> ones;                     // [n_dead, 1]
+  Tensor<T, Device> gate_dead;                // [chunk, I] a chunk of their gate rows
+  Tensor<T, Device> bias_dead;                // [1, n_dead] their gate biases
+  Tensor<T, Device> scores;                   // [tile, n_dead]
+  Tensor<std::int32_t, Device> idx;           // [B, k'] aux selection (unit numbers)
+  Tensor<T, Device> val;                      // [B, k'] its coefficients a
+  Tensor<T, Device> zero_out;                 // [1, O]
+  Tensor<T, Device> v, e_hat, grad, du, dv;   // [B, O]
+  Tensor<T, Device> scratch;                  // [B, O] (devices that need it for e)
+  Tensor<T, Device> ds;                       // [B, k']
+  Tensor<std::int32_t, Device> order;         // [1, B k']
+  Tensor<std::int32_t, Device> offsets;       // [1, N + 1]
+
+  double loss = 0;      // L_aux of the last call
+  index_t n_dead = 0;   // dead units of the last call
+};
+
+namespace detail {
+
+// The aux loss over one model's units, added to its gradients. gate: [N, I], gate_bias:
+// [1, N], dec: [N, O] (c_n or W_dec rows); x: [B, I]; pred, target, u: [B, O];
+// d_gate, d_gate_bias, d_dec: the gradients of gate, gate_bias, dec (accumulated into).
+template <class T, class Device>
+double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
+                  InView<T, Device> x, InView<T, Device> pred, InView<T, Device> target,
+                  InView<T, Device> u, InView<T, Device> gate, InView<T, Device> gate_bias,
+                  InView<T, Device> dec, View<T, Device> d_gate, View<T, Device> d_gate_bias,
+                  View<T, Device> d_dec, AuxKWorkspace<T, Device>& aw) {
+  using be = backend<Device>;
+  using ops = auxk_ops<Device>;
+  using CV = ConstView<T, Device>;
+  using CI = ConstView<std::int32_t, Device>;
+  cfg.validate();
+  const index_t B = x.rows, I = gate.cols, O = dec.cols, N = gate.rows;
+  MXD_CHECK(B > 0, "auxk_backward: x has ", B, " rows: the batch must not be empty");
+  check_shape(pred, B, O, "auxk_backward: pred");
+  check_shape(target, B, O, "auxk_backward: target");
+  check_shape(u, B, O, "auxk_backward: u");
+  MXD_CHECK(x.contiguous() && pred.contiguous() && target.contiguous(),
+            "auxk_backward: x, pred and target must be contiguous row-major views");
+  MXD_CHECK(dead.units() == N, "auxk_backward: the dead-unit tracker has ", dead.units(),
+            " units but the model has ", N);
+  MXD_CHECK(aw.tile_elements > 0, "AuxKWorkspace.tile_elements = ", aw.tile_elements,
+            " must be positive");
+  aw.loss = 0;
+  dead.list(aw.host_dead);
+  const index_t nd = static_cast<index_t>(aw.host_dead.size());
+  aw.n_dead = nd;
+  if (!cfg.enabled() || nd == 0) return 0;
+  const index_t k = std::min(cfg.k, nd);
+
+  // The dead units' numbers and gate biases on the device: bias_dead[i] = 1 * b[dead[i]].
+  aw.dead.resize(nd, 1, false);
+  memory<Device>::upload(aw.dead.data(), aw.host_dead.data(), aw.dead.bytes());
+  if (aw.ones.rows() != nd) {
+    Tensor<T> host(nd, 1);
+    for (index_t i = 0; i < nd; ++i) host[i] = T(1);
+    aw.ones.resize(nd, 1, false);
+    memory<Device>::upload(aw.ones.data(), host.data(), host.bytes());
+  }
+  aw.bias_dead.resize(1, nd);
+  CI dead_col = aw.dead.view();
+  be::gather_rows_add(ctx, dead_col, CV(aw.ones.view()), CV(gate_bias.data, N, 1),
+                      View<T, Device>(aw.bias_dead.data(), nd, 1));
+
+  // Per row tile: the dead units' scores, then their k best (positions among the dead). Their
+  // gate rows are gathered in chunks (gate_dead[i] = 1 * gate[dead[c0 + i]]), once when one
+  // chunk holds them all, so neither buffer grows beyond tile_elements.
+  const index_t tile = std::clamp<index_t>(aw.tile_elements / nd, 1, B);
+  const index_t chunk = std::clamp<index_t>(aw.tile_elements / std::max<index_t>(I, 1), 1, nd);
+  aw.scores.resize(tile, nd, false);
+  aw.gate_dead.resize(chunk, I, false);
+  aw.idx.resize(B, k, false);
+  aw.val.resize(B, k, false);
+  for (index_t r0 = 0; r0 < B; r0 += tile) {
+    const index_t rows = std::min(tile, B - r0);
+    View<T, Device> s(aw.scores.data(), rows, nd);
+    for (index_t c0 = 0; c0 < nd; c0 += chunk) {
+      const index_t len = std::min(chunk, nd - c0);
+      View<T, Device> g(aw.gate_dead.data(), len, I);
+      if (r0 == 0 || chunk < nd) {
+        memory<Device>::zero(g.data, static_cast<std::size_t>(g.size()) * sizeof(T));
+        be::gather_rows_add(ctx, CI(aw.dead.data() + c0, len, 1), CV(aw.ones.data(), len, 1),
+                            gate, g);
+      }
+      be::gemm(ctx, false, true, T(1), x.block_rows(r0, rows), CV(g),
+               T(0), View<T, Device>(s.data + c0, rows, len, nd));              // [rows, len]
+    }
+    be::gate_topk(ctx, s, CV(aw.bias_dead.view()), k, aw.idx.view().block_rows(r0, rows),
+                  aw.val.view().block_rows(r0, rows));
+  }
+  ops::take(ctx, aw.idx.view(), dead_col);
+
+  // e_hat = u * sum_j a_j dec[n_j], its loss against e = target - pred, and dL/de_hat.
+  aw.zero_out.resize(1, O);
+  for (auto* t : {&aw.v, &aw.e_hat, &aw.grad, &aw.du, &aw.dv, &aw.scratch}) t->resize(B, O, false);
+  be::mix_experts(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, u, CV(aw.zero_out.view()),
+                  aw.v.view(), aw.e_hat.view(), false);
+  aw.loss = ops::template residual_loss<T>(ctx, cfg.coef, pred, target, CV(aw.e_hat.view()),
+                                           aw.scratch.view(), aw.grad.view());
+  if (aw.loss == 0) return 0;  // no variance to explain (or e_hat == e): no gradient
+
+  // The sparse expert backward of layer.hpp over the aux selection, u constant:
+  //   dv = grad * u;  ds = relu' dv . dec[n];
+  //   d_dec[n] += a dv;  d_gate[n] += ds x;  d_bias[n] += ds.
+  be::output_backward(ctx, CV(aw.grad.view()), u, CV(aw.v.view()), aw.du.view(), aw.dv.view());
+  aw.ds.resize(B, k, false);
+  aw.order.resize(1, B * k, false);
+  aw.offsets.resize(1, N + 1, false);
+  be::expert_coefficient_grad(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, CV(aw.dv.view()),
+                              aw.ds.view());
+  be::group_by_expert(ctx, CI(aw.idx.view()), N, aw.order.view(), aw.offsets.view());
+  be::expert_weight_grads(ctx, CI(aw.idx.view()), CV(aw.val.view()), CV(aw.ds.view()),
+                          CI(aw.order.view()), CI(aw.offsets.view()), CV(aw.dv.view()), x,
+                          d_dec, d_gate, d_gate_bias, /*accumulate=*/true);
+  return aw.loss;
+}
+
+}  // namespace detail
+
+/// The AuxK loss of the MxD forward cached in `ws` (forward(p, x, pred, ws) was the last call
+/// on it), with its gradient added to grads.G, grads.b_gate and grads.C of the dead experts
+/// (GradMode::Accumulate; no other gradient and no dx). Returns L_aux (coef included); 0,
+/// with grads untouched, when cfg is off, no expert is dead or the residual has no variance.
+/// x: [B, I], pred (the forward's y), target: [B, O].
+template <class T, class Device>
+double auxk_backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device> pred,
+                     InView<T, Device> target, Workspace<T, Device>& ws, const DeadUnits& dead,
+                     const AuxK& cfg, AuxKWorkspace<T, Device>& aw, Grads<T, Device>& grads) {
+  const Config& c = p.config;
+  MXD_CHECK(ws.batch == x.rows, "auxk_backward: workspace holds a forward of ", ws.batch,
+            " rows but x has ", x.rows, " (call forward on this batch first)");
+  check_shape(x, x.rows, c.d_in, "auxk_backward: x");
+  MXD_CHECK(grads.config.n_experts == c.n_experts && grads.G.rows() == c.n_experts &&
+                grads.G.cols() == c.d_in && grads.C.cols() == c.d_out,
+            "auxk_backward: gradient buffers were made for another config");
+  using CV = ConstView<T, Device>;
+  return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(ws.u.view()),
+                                       p.G.view(), p.b_gate.view(), p.C.view(), grads.G.view(),
+                                       grads.b_gate.view(), grads.C.view(), aw);
+}
+
+/// The same for a TopK or skip transcoder (u = 1): the dead latents' rows of W_enc, b_enc and
+/// W_dec receive the gradient.
+template <class T, class Device>
+double auxk_backward(const TranscoderParams<T, Device>& p, InView<T, Device> x,
+                     InView<T, Device> pred, InView<T, Device> target,
+                     TranscoderWorkspace<T, Device>& ws, const DeadUnits& dead, const AuxK& cfg,
+                     AuxKWorkspace<T, Device>& aw, TranscoderParams<T, Device>& grads) {
+  const TranscoderConfig& c = p.config;
+  MXD_CHECK(ws.batch == x.rows, "auxk_backward: workspace holds a forward of ", ws.batch,
+            " rows but x has ", x.rows, " (call transcoder_forward on this batch first)");
+  check_shape(x, x.rows, c.d_in, "auxk_backward: x");
+  MXD_CHECK(grads.W_enc.rows() == c.n_latents && grads.W_enc.cols() == c.d_in &&
+                grads.W_dec.cols() == c.d_out,
+            "auxk_backward: gradient buffers were made for another config");
+  using CV = ConstView<T, Device>;
+  return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(ws.ones.view()),
+                                       p.W_enc.view(), p.b_enc.view(), p.W_dec.view(),
+                                       grads.W_enc.view(), grads.b_enc.view(),
+                                       grads.W_dec.view(), aw);
+}
+
+}  // namespace mxd::train
