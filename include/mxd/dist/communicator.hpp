@@ -113,6 +113,9 @@ public:
   /// Bytes this rank has handed to the transport for other ranks (payload only, each block
   /// counted once per destination), since construction or the last reset.
   std::uint64_t bytes_sent = 0;
+  /// Set when agree() has thrown: every rank is throwing the same error (nobody is left
+  /// waiting in a collective), so each may end normally.
+  bool failed_together = false;
 
   // ---- Collectives over views (host, contiguous). -----------------------------------------
 
@@ -205,12 +208,14 @@ public:
   /// message of the lowest such rank ("rank R: <error>"); otherwise returns everywhere.
   void agree(bool ok, const std::string& error = "") {
     if (size() == 1) {
+      failed_together = !ok;
       if (!ok) throw Error(error);
       return;
     }
     const int first_bad = all_min(ok ? size() : rank());
     if (first_bad == size()) return;
     const std::string msg = broadcast(ok ? std::string() : error, first_bad);
+    failed_together = true;
     throw Error(mxd::detail::concat("rank ", first_bad, ": ", msg));
   }
 
