@@ -33,6 +33,12 @@ inline std::vector<index_t> batch_rows(index_t B, int ranks) {
   return split(B, ranks, row_align);
 }
 
+/// True for an MxD's dense (replicated) parameters: under expert parallelism only their
+/// gradients are summed across ranks (each rank's expert gradients are already complete).
+inline bool dense_only(const std::string& reference_name) {
+  return reference_name != "gate" && reference_name != "gate_bias" && reference_name != "W_cond";
+}
+
 /// Sums a gradient set (Params, TranscoderParams: anything with for_each(name, tensor)) over
 /// the ranks in place. Tensors are packed, in for_each order, into buckets of at most
 /// `bucket_elements` values that are all-reduced one at a time: few, large messages, and a

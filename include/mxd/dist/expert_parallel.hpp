@@ -51,11 +51,6 @@ inline std::vector<index_t> expert_shards(index_t N, int ranks) {
   return split(N, ranks, expert_align);
 }
 
-/// True for the replicated (dense) parameters, whose gradients are summed across ranks.
-inline bool dense_only(const std::string& reference_name) {
-  return reference_name != "gate" && reference_name != "gate_bias" && reference_name != "W_cond";
-}
-
 /// The config of a shard of `count` experts: n_experts = count, k = min(k, count).
 inline Config shard_config(Config c, index_t count) {
   c.n_experts = count;
