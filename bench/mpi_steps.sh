@@ -22,12 +22,14 @@ tps = m["models"][0]["tokens_per_s"]
 ranks = m.get("parallel", {}).get("ranks", [])
 sent = " ".join(f"{r['bytes_sent_per_step']:.0f}" for r in ranks) or "0"
 mem = " ".join(f"{r['memory_bytes'] / 2**20:.0f}" for r in ranks) or "-"
-print(f"| {label} | {batch / tps * 1000:.0f} | {tps:.0f} | {sent} | {mem} |")
+rss = " ".join(f"{r['peak_rss_bytes'] / 2**20:.0f}" for r in ranks) or "-"
+print(f"| {label} | {batch / tps * 1000:.0f} | {tps:.0f} | {sent} | {mem} | {rss} |")
 PY
 }
-echo "| run | ms/step | tokens/s | bytes sent per step, per rank | MiB per rank (state + workspace) |"
-echo "|---|---:|---:|---:|---:|"
-"$mxd" train "${gpt2[@]}" --threads 2 --out "$work/p1" >/dev/null
+echo "| run | ms/step | tokens/s | bytes sent per step, per rank | MiB per rank (state + workspace) | peak RSS MiB |"
+echo "|---|---:|---:|---:|---:|---:|"
+# One process through the same code path (nothing to send), so that it reports its memory.
+"${mpi[@]}" -n 1 "$mxd" train "${gpt2[@]}" --threads 2 --parallel data --out "$work/p1" >/dev/null
 report "P = 1 x 2 threads" "$work/p1"
 "${mpi[@]}" -n 2 "$mxd" train "${gpt2[@]}" --threads 1 --parallel data --out "$work/data" >/dev/null
 report "P = 2 x 1 thread, --parallel data" "$work/data"

@@ -166,6 +166,7 @@ struct Model {
   std::vector<index_t> rows;
   dist::GradientReducer<T> reduce;
   double bytes_sent = 0;
+  double trained_memory = 0;  // memory_bytes() after the last training step (workspaces shrink for evaluation)
 
   Model(Set<T, cpu> params, const AdamWConfig& oc, bool nd, int threads)
       : p(std::move(params)), g(p.config), opt(p, oc), norm_dec(nd) {
@@ -375,22 +376,24 @@ struct Row {
   index_t params, k;
   Eval eval;
   double tokens_per_s;
-  // --parallel, per rank: bytes sent per step, and the model's memory (parameters, gradients,
-  // AdamW moments, workspace).
-  std::vector<double> rank_bytes_per_step, rank_memory;
+  // --parallel, per rank: bytes sent per step, the model's memory after its last step
+  // (parameters, gradients, AdamW moments, workspace) and the process's peak resident memory.
+  std::vector<double> rank_bytes_per_step, rank_memory, rank_peak_rss;
 };
 
 // Collective: every rank's bytes per step and memory of model m, on every rank.
 template <class Model>
 void add_rank_figures(Row& row, Model& m, Dist* d, index_t steps_run) {
   if (!d || !d->comm) return;
-  Tensor<double> mine(1, 2), all(d->size(), 2);
+  Tensor<double> mine(1, 3), all(d->size(), 3);
   mine[0] = steps_run > 0 ? m.bytes_sent / double(steps_run) : 0.0;
-  mine[1] = m.memory_bytes();
+  mine[1] = m.trained_memory;
+  mine[2] = peak_rss_bytes();
   d->comm->all_gather<double>(mine.view(), all.view(), std::vector<index_t>(d->size(), 1));
   for (int q = 0; q < d->size(); ++q) {
     row.rank_bytes_per_step.push_back(all(q, 0));
     row.rank_memory.push_back(all(q, 1));
+    row.rank_peak_rss.push_back(all(q, 2));
   }
 }
 
@@ -607,17 +610,19 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   }
 
   commit(o.steps);
+  mxd->trained_memory = mxd->memory_bytes();
+  if (tc) tc->trained_memory = tc->memory_bytes();
   const double tokens = double(o.steps - start) * double(B);
   auto rate = [&](double seconds) { return seconds > 0 ? tokens / seconds : 0.0; };
   std::vector<Row> rows;
-  rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}});
+  rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}, {}});
   add_rank_figures(rows.back(), *mxd, d, o.steps - start);
   if (log_cols.empty()) log_cols.push_back(col_step);
   log_cols.push_back(col_mxd);
   log_names.push_back("mxd" + suffix);
   curves.push_back(c_mxd);
   if (tc) {
-    rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B, d), rate(time_tc), {}, {}});
+    rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B, d), rate(time_tc), {}, {}, {}});
     add_rank_figures(rows.back(), *tc, d, o.steps - start);
     log_cols.push_back(col_tc);
     log_names.push_back(tc->name + suffix);
@@ -684,15 +689,16 @@ int run(const Options& o) {
   nlohmann::json ranks = nlohmann::json::array();
   if (par) {
     std::printf("%d processes, --parallel %s; per rank: bytes sent per step, memory of the model "
-                "(parameters, gradients, AdamW moments, workspace)\n",
+                "(parameters, gradients, AdamW moments, workspace), the process's peak RSS\n",
                 d->size(), d->mode == Parallel::data ? "data" : "experts");
     for (const Row& r : rows)
       for (int q = 0; q < d->size(); ++q) {
-        std::printf("  rank %d %-18s %12.0f B/step %10.1f MiB\n", q, r.name.c_str(),
-                    r.rank_bytes_per_step[q], r.rank_memory[q] / 1048576.0);
+        std::printf("  rank %d %-18s %12.0f B/step %10.1f MiB %10.1f MiB peak\n", q, r.name.c_str(),
+                    r.rank_bytes_per_step[q], r.rank_memory[q] / 1048576.0,
+                    r.rank_peak_rss[q] / 1048576.0);
         ranks.push_back({{"rank", q}, {"model", r.name}, {"k", r.k},
                          {"bytes_sent_per_step", r.rank_bytes_per_step[q]},
-                         {"memory_bytes", r.rank_memory[q]}});
+                         {"memory_bytes", r.rank_memory[q]}, {"peak_rss_bytes", r.rank_peak_rss[q]}});
       }
   }
 

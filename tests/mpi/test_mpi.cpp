@@ -174,8 +174,11 @@ double worst_error(const mxd::Params<T>& mine, const mxd::Params<T>& full, bool 
   double worst = 0;
   mine.for_each([&](const char* name, const Tensor<T>& t) {
     const std::vector<T> ref = part_of(full, name, sharded, first, mine.config.n_experts);
-    REQUIRE(ref.size() == static_cast<std::size_t>(t.size()));
-    const double e = mxd_test::rel_error(t.data(), ref.data(), ref.size());
+    // CHECK, never REQUIRE: a rank leaving a test case early would leave the others waiting.
+    CHECK(ref.size() == static_cast<std::size_t>(t.size()));
+    const double e = ref.size() == static_cast<std::size_t>(t.size())
+                         ? mxd_test::rel_error(t.data(), ref.data(), ref.size())
+                         : 1.0;
     if (e >= worst) {
       worst = e;
       which = name;
