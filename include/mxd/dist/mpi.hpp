@@ -16,6 +16,13 @@
 #include <string>
 #include <vector>
 
+// MPI's C API only: not the deprecated C++ bindings that some mpi.h pull in.
+#ifndef OMPI_SKIP_MPICXX
+#define OMPI_SKIP_MPICXX 1
+#endif
+#ifndef MPICH_SKIP_MPICXX
+#define MPICH_SKIP_MPICXX 1
+#endif
 #include <mpi.h>
 
 #include "communicator.hpp"
