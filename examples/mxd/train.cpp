@@ -17,6 +17,8 @@
 #include <nlohmann/json.hpp>
 
 #include <mxd/baselines/transcoder.hpp>
+#include <mxd/dist/data_parallel.hpp>
+#include <mxd/dist/expert_parallel.hpp>
 #include <mxd/init.hpp>
 #include <mxd/io/checkpoint.hpp>
 #include <mxd/io/dead_units_io.hpp>
@@ -27,6 +29,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "cuda.hpp"
+#include "dist.hpp"
 #include "progress.hpp"
 #include "svg.hpp"
 
@@ -62,6 +65,11 @@ const char* const train_help =
     "  --warmup W        linear warm-up steps (default 100; the paper uses 5000)\n"
     "  --seed S          seed of initialisation and data order (default 0)\n"
     "  --threads N       CPU threads (default: all cores; results do not depend on it)\n"
+    "  --parallel M      under mpirun -np P: data (each rank trains its rows of every batch,\n"
+    "                    gradients summed) or experts (the MxD's experts split over the ranks,\n"
+    "                    its dense part and the baseline data-parallel); the result is the\n"
+    "                    single process's with the same --batch. Rank 0 prints and writes\n"
+    "                    DIR; --data files must be readable by every rank (each reads its rows)\n"
     "  --dtype f32|f64   precision (default f32)\n"
     "  --device cpu|cuda where both models train (default cpu; cuda needs a CUDA build)\n"
     "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
@@ -101,6 +109,7 @@ struct Options {
   std::string out = "mxd_out", resume;
   std::vector<std::string> data;
   train::AuxK aux;  // --aux-k, --aux-coef, --dead-window (off by default)
+  Dist* dist = nullptr;  // --parallel: the ranks' communicator and mode
 };
 
 // Sums for NMSE (reference), FVU and expert usage over held-out rows.
@@ -170,6 +179,13 @@ struct Model {
   train::AuxK aux;                           // --aux-k: off unless enabled
   train::DeadUnits dead;
   train::AuxKWorkspace<T> aux_ws;
+  // --parallel: the ranks' communicator (null for one process), every rank's rows of the
+  // current batch, the gradient sums, and the bytes this rank sent during the model's steps.
+  dist::Communicator* comm = nullptr;
+  std::vector<index_t> rows;
+  dist::GradientReducer<T> reduce;
+  double bytes_sent = 0;
+  double trained_memory = 0;  // memory_bytes() after the last training step (workspaces shrink for evaluation)
 
   Model(Set<T, cpu> params, const AdamWConfig& oc, bool nd, int threads)
       : p(std::move(params)), g(p.config), opt(p, oc), norm_dec(nd) {
@@ -180,15 +196,27 @@ struct Model {
 
   // One step on (x, target); returns the reference loss before the update. On the host a
   // non-finite loss stops here, before backward and the update (the NaN/Inf policy).
+  // Under --parallel, x and target are this rank's rows of the batch and the loss is the
+  // whole batch's (every rank's share of the mean, summed).
   template <class Layer>
   double train_step(Layer& layer, const Tensor<T>& x, const Tensor<T>& target) {
     if (gpu) return gpu->train_step(x, target);
+    const std::uint64_t sent = comm ? comm->bytes_sent : 0;
     pred.resize(x.rows(), target.cols(), false);
     dy.resize(x.rows(), target.cols(), false);
     layer.forward(x, pred);
-    const double l = loss<T>(Loss::nmse_ref, pred.view(), target.view(), dy.view());
+    double l = loss<T>(Loss::nmse_ref, pred.view(), target.view(), dy.view(),
+                       comm ? dist::offsets(rows).back() : 0);
+    if (comm) {
+      comm->agree(std::isfinite(l), detail::concat("the loss became ", l, " (no weight was updated)"));
+      Tensor<double> sum(1, 1);
+      sum[0] = l;
+      comm->all_reduce(sum.view());
+      l = sum[0];
+    }
     MXD_CHECK(std::isfinite(l), "the loss became ", l, " (no weight was updated)");
     layer.backward(x, dy, target);
+    if (comm) bytes_sent += double(comm->bytes_sent - sent);
     return l;
   }
   // --aux-k: adds the AuxK gradient (dead units as of the previous step) to this step's, then
@@ -201,6 +229,19 @@ struct Model {
   void enable_aux(const train::AuxK& a, index_t units) {
     aux = a;
     dead = train::DeadUnits(units, a.dead_window);
+  }
+  // The AdamW update; under --parallel its error (a non-finite gradient in one rank's
+  // experts) stops every rank.
+  void step() {
+    if (comm) comm->together([&] { opt.step(p, g, ws.ctx); });
+    else opt.step(p, g, ws.ctx);
+  }
+  // Bytes of the parameters, gradients and AdamW moments on this rank.
+  double state_bytes() const {
+    double b = 0;
+    for (const Set<T, cpu>* s : {&p, &g, &opt.m, &opt.v})
+      s->for_each([&](const char*, const Tensor<T>& t) { b += double(t.bytes()); });
+    return b;
   }
   template <class Layer>
   void predict(Layer& layer, const Tensor<T>& x, Tensor<T>& y) {
@@ -228,21 +269,70 @@ template <class T>
 struct MxdModel : Model<T, Params, Workspace<T>> {
   static constexpr const char* name = "mxd";
   using Model<T, Params, Workspace<T>>::Model;
-  index_t k() const { return this->p.config.k; }
-  index_t units() const { return this->p.config.n_experts; }
-  index_t n_params() const { return this->p.config.n_params(); }
+  std::unique_ptr<dist::ExpertParallel<T>> ep;   // --parallel experts
+  Params<T> full;                                // rank 0: the gathered set, to save
+  std::unique_ptr<AdamW<T>> full_opt;
+  bool collective_forward() const { return ep != nullptr; }
+
+  // --parallel experts: keeps this rank's shard of the experts (weights and moments).
+  void shard_experts() {
+    auto& m = *this;
+    ep = std::make_unique<dist::ExpertParallel<T>>(*m.comm, m.p.config);
+    const index_t first = ep->first_expert(), n = ep->shards()[m.comm->rank()];
+    Params<T> local = dist::shard_params(m.p, first, n);
+    AdamW<T> lopt(local, m.opt.config());
+    lopt.m = dist::shard_params(m.opt.m, first, n);
+    lopt.v = dist::shard_params(m.opt.v, first, n);
+    lopt.t = m.opt.t;
+    m.p = std::move(local);
+    m.opt = std::move(lopt);
+    m.g = Grads<T>(m.p.config);
+  }
+  // Collective before save(): with sharded experts, rank 0 gathers the whole set.
+  void gather_for_save() {
+    if (!ep) return;
+    auto& m = *this;
+    const bool root = m.comm->rank() == 0;
+    if (root && full.config.n_experts == 0) {
+      full = Params<T>(ep->full_config());
+      full_opt = std::make_unique<AdamW<T>>(full, m.opt.config());
+    }
+    Params<T> none;
+    dist::gather_experts(*m.comm, m.p, root ? full : none, ep->shards());
+    dist::gather_experts(*m.comm, m.opt.m, root ? full_opt->m : none, ep->shards());
+    dist::gather_experts(*m.comm, m.opt.v, root ? full_opt->v : none, ep->shards());
+    if (root) full_opt->t = m.opt.t;
+  }
+  void save(const std::string& path) {
+    if (ep) io::save_checkpoint(path, full, full_opt.get());
+    else Model<T, Params, Workspace<T>>::save(path);
+  }
+  double memory_bytes() const {
+    return this->state_bytes() + double(this->ws.bytes()) + (ep ? double(ep->bytes()) : 0.0);
+  }
+  // The whole layer's figures (a rank holds a shard of the experts under --parallel experts).
+  const Config& layer() const { return ep ? ep->full_config() : this->p.config; }
+  index_t k() const { return layer().k; }
+  index_t units() const { return layer().n_experts; }
+  index_t n_params() const { return layer().n_params(); }
   double train_step(const Tensor<T>& x, const Tensor<T>& target) {
     return Model<T, Params, Workspace<T>>::train_step(*this, x, target);
   }
   void predict(const Tensor<T>& x, Tensor<T>& y) { Model<T, Params, Workspace<T>>::predict(*this, x, y); }
   // The host layer (used when gpu is not set).
-  void forward(const Tensor<T>& x, Tensor<T>& y) { mxd::forward(this->p, x.view(), y.view(), this->ws); }
+  void forward(const Tensor<T>& x, Tensor<T>& y) {
+    if (ep) ep->forward(this->p, x.view(), y.view(), this->ws, this->rows);
+    else mxd::forward(this->p, x.view(), y.view(), this->ws);
+  }
   void backward(const Tensor<T>& x, const Tensor<T>& dy, const Tensor<T>& target) {
     auto& m = *this;
-    mxd::backward(m.p, x.view(), dy.view(), m.ws, m.g);
+    if (ep) ep->backward(m.p, x.view(), dy.view(), m.ws, m.g);
+    else mxd::backward(m.p, x.view(), dy.view(), m.ws, m.g);
     m.aux_step(x, target);
+    if (ep) m.reduce(*m.comm, m.g, dist::dense_only);  // expert gradients are complete per shard
+    else if (m.comm) m.reduce(*m.comm, m.g);
     if (m.norm_dec) project_expert_grads(m.p, m.g, m.ws.ctx);
-    m.opt.step(m.p, m.g, m.ws.ctx);
+    m.step();
     if (m.norm_dec) normalize_experts(m.p, m.ws.ctx);
   }
 };
@@ -263,6 +353,15 @@ struct TranscoderModel : Model<T, TranscoderParams, TranscoderWorkspace<T>> {
     return Base::train_step(*this, x, target);
   }
   void predict(const Tensor<T>& x, Tensor<T>& y) { Base::predict(*this, x, y); }
+  bool collective_forward() const { return false; }
+  void gather_for_save() {}
+  double memory_bytes() const {
+    double b = this->state_bytes();
+    const auto& w = this->ws;
+    for (const auto* t : {&w.scores, &w.topk_val, &w.ones, &w.v, &w.ds}) b += double(t->bytes());
+    for (const auto* t : {&w.topk_idx, &w.order, &w.offsets}) b += double(t->bytes());
+    return b;
+  }
   void forward(const Tensor<T>& x, Tensor<T>& y) {
     transcoder_forward(this->p, x.view(), y.view(), this->ws);
   }
@@ -270,22 +369,45 @@ struct TranscoderModel : Model<T, TranscoderParams, TranscoderWorkspace<T>> {
     auto& m = *this;
     transcoder_backward(m.p, x.view(), dy.view(), m.ws, m.g);
     m.aux_step(x, target);
+    if (m.comm) m.reduce(*m.comm, m.g);  // the baseline is data-parallel in both modes
     if (m.norm_dec) backend<cpu>::remove_parallel_rows(m.ws.ctx, m.p.W_dec.view(), m.g.W_dec.view());
-    m.opt.step(m.p, m.g, m.ws.ctx);
+    m.step();
     if (m.norm_dec) backend<cpu>::normalize_rows(m.ws.ctx, m.p.W_dec.view());
   }
 };
 
+// Under --parallel every rank predicts its rows of each held-out batch and rank 0 gathers
+// the outputs and selections: its result is the single process's (the other ranks' is not
+// used).
 template <class T, class Model>
-Eval evaluate(Model& m, train::DataSource<T>& src, index_t batch) {
+Eval evaluate(Model& m, train::DataSource<T>& src, index_t batch, Dist* d = nullptr) {
   Accumulator<T> acc(src.d_out(), m.units());
-  Tensor<T> x, t, y;
+  Tensor<T> x, t, y, xr, y_all, v_all;
+  Tensor<std::int32_t> i_all;
+  const bool spread = d && d->comm && !m.gpu;
   for (index_t first = 0; first < src.eval_rows(); first += batch) {
     const index_t n = std::min(batch, src.eval_rows() - first);
     src.eval_batch(first, n, x, t);
-    y.resize(n, src.d_out(), false);
-    m.predict(x, y);
-    acc.add(y, t, m.idx(), m.val());
+    if (!spread) {
+      y.resize(n, src.d_out(), false);
+      m.predict(x, y);
+      acc.add(y, t, m.idx(), m.val());
+      continue;
+    }
+    m.rows = dist::split(n, d->size(), dist::row_align);
+    const index_t r0 = dist::offsets(m.rows)[d->rank()], Br = m.rows[d->rank()], k = m.k();
+    xr.resize(Br, x.cols(), false);
+    std::copy(x.data() + r0 * x.cols(), x.data() + (r0 + Br) * x.cols(), xr.data());
+    y.resize(Br, src.d_out(), false);
+    if (Br > 0 || m.collective_forward()) m.predict(xr, y);
+    const index_t all = d->root() ? n : 0;
+    y_all.resize(all, src.d_out(), false);
+    i_all.resize(all, k, false);
+    v_all.resize(all, k, false);
+    d->comm->gather<T>(y.view(), y_all.view(), m.rows);
+    d->comm->gather<std::int32_t>(ConstView<std::int32_t>(m.idx().data(), Br, k), i_all.view(), m.rows);
+    d->comm->gather<T>(ConstView<T>(m.val().data(), Br, k), v_all.view(), m.rows);
+    if (d->root()) acc.add(y_all, t, i_all, v_all);
   }
   return acc.result();
 }
@@ -295,8 +417,27 @@ struct Row {
   index_t params, k;
   Eval eval;
   double tokens_per_s;
+  // --parallel, per rank: bytes sent per step, the model's memory after its last step
+  // (parameters, gradients, AdamW moments, workspace) and the process's peak resident memory.
+  std::vector<double> rank_bytes_per_step, rank_memory, rank_peak_rss;
   double train_dead = -1;  // --aux-k: fraction of units dead in training at the end
 };
+
+// Collective: every rank's bytes per step and memory of model m, on every rank.
+template <class Model>
+void add_rank_figures(Row& row, Model& m, Dist* d, index_t steps_run) {
+  if (!d || !d->comm) return;
+  Tensor<double> mine(1, 3), all(d->size(), 3);
+  mine[0] = steps_run > 0 ? m.bytes_sent / double(steps_run) : 0.0;
+  mine[1] = m.trained_memory;
+  mine[2] = peak_rss_bytes();
+  d->comm->all_gather<double>(mine.view(), all.view(), std::vector<index_t>(d->size(), 1));
+  for (int q = 0; q < d->size(); ++q) {
+    row.rank_bytes_per_step.push_back(all(q, 0));
+    row.rank_memory.push_back(all(q, 1));
+    row.rank_peak_rss.push_back(all(q, 2));
+  }
+}
 
 template <class T>
 std::unique_ptr<train::DataSource<T>> make_source(const Options& o) {
@@ -359,6 +500,11 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
 
   const std::string tc_file = std::string(skip_tc ? "skip" : "topk") + "_transcoder.safetensors";
   io::CheckpointDir ckpt_dir(o.out, suffix);
+  Dist* const d = o.dist;
+  const bool par = d && d->comm;
+  // Every rank builds the models the same way (and reads --resume itself); an error on any
+  // rank stops all of them.
+  auto build = [&] {
   if (!o.resume.empty()) {
     const auto [mpath, bpath] = resume_files(o.resume, tc_file);
     io::SafetensorsReader f(mpath);
@@ -397,6 +543,21 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
       if (tc) tc->resume_aux(files.second);
     }
   }
+  if (par) {
+    mxd->comm = d->comm.get();
+    if (tc) tc->comm = d->comm.get();
+    if (d->mode == Parallel::experts) mxd->shard_experts();
+  }
+  };
+  if (par) together(*d, build);
+  else build();
+  // This rank's rows of every batch.
+  std::vector<index_t> batch_rows{o.batch};
+  if (par) together(*d, [&] { batch_rows = dist::batch_rows(o.batch, d->size()); });
+  const index_t row0 = par ? dist::offsets(batch_rows)[d->rank()] : 0;
+  const index_t my_rows = batch_rows[par ? d->rank() : 0];
+  mxd->rows = batch_rows;
+  if (tc) tc->rows = batch_rows;
   // start == steps: a run killed after its last checkpoint; it only evaluates and reports.
   MXD_CHECK(start <= o.steps, "--steps = ", o.steps, " but the checkpoint is already at step ", start);
 
@@ -416,11 +577,18 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   using clock = std::chrono::steady_clock;
   // Commits both models after `steps_done` steps as one pair (CheckpointDir).
   index_t committed = start;
+  // Under --parallel rank 0 writes (after gathering sharded experts); the others wait for it.
   auto commit = [&](index_t steps_done) {
-    ckpt_dir.commit(steps_done, [&](const std::string& folder) {
-      mxd->save(folder + "/mxd.safetensors");
-      if (tc) tc->save(folder + "/" + tc->name + ".safetensors");
-    });
+    mxd->gather_for_save();
+    auto write = [&] {
+      if (par && !d->root()) return;
+      ckpt_dir.commit(steps_done, [&](const std::string& folder) {
+        mxd->save(folder + "/mxd.safetensors");
+        if (tc) tc->save(folder + "/" + tc->name + ".safetensors");
+      });
+    };
+    if (par) together(*d, write);
+    else write();
     committed = steps_done;
   };
   // A training error names the step and where the last good pair is.
@@ -436,7 +604,13 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   const char* lr_hint = " (try a smaller --lr)";
   for (index_t step = start; step < o.steps; ++step) {
     try {
-      src.train_batch(static_cast<std::uint64_t>(step), B, x, y);
+      if (par) {
+        mxd->rows = batch_rows;
+        if (tc) tc->rows = batch_rows;
+        together(*d, [&] { src.train_rows(static_cast<std::uint64_t>(step), B, row0, my_rows, x, y); });
+      } else {
+        src.train_batch(static_cast<std::uint64_t>(step), B, x, y);
+      }
     } catch (const Error& e) {
       throw stopped(step, e.what(), "");
     }
@@ -476,7 +650,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     }
     std::vector<ModelProgress> now{{"mxd", l_mxd, time_mxd}};
     if (tc) now.push_back({tc->name, l_tc, time_tc});
-    progress.update(step, B, now);
+    if (!par || d->root()) progress.update(step, B, now);
     if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.steps) {
       try {
         commit(step + 1);
@@ -487,18 +661,22 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   }
 
   commit(o.steps);
+  mxd->trained_memory = mxd->memory_bytes();
+  if (tc) tc->trained_memory = tc->memory_bytes();
   const double tokens = double(o.steps - start) * double(B);
   auto rate = [&](double seconds) { return seconds > 0 ? tokens / seconds : 0.0; };
   std::vector<Row> rows;
-  rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B), rate(time_mxd)});
+  rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}, {}});
+  add_rank_figures(rows.back(), *mxd, d, o.steps - start);
   auto train_dead = [](const auto& m) { return double(m.dead.count()) / double(m.units()); };
-  if (o.aux.enabled()) rows.back().train_dead = train_dead(*mxd);
+  if (o.aux.enabled()) rows.front().train_dead = train_dead(*mxd);
   if (log_cols.empty()) log_cols.push_back(col_step);
   log_cols.push_back(col_mxd);
   log_names.push_back("mxd" + suffix);
   curves.push_back(c_mxd);
   if (tc) {
-    rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B), rate(time_tc)});
+    rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B, d), rate(time_tc), {}, {}, {}});
+    add_rank_figures(rows.back(), *tc, d, o.steps - start);
     if (o.aux.enabled()) rows.back().train_dead = train_dead(*tc);
     log_cols.push_back(col_tc);
     log_names.push_back(tc->name + suffix);
@@ -529,7 +707,18 @@ std::vector<index_t> parse_ks(const std::string& s) {
 
 template <class T>
 int run(const Options& o) {
-  auto src = make_source<T>(o);
+  std::unique_ptr<train::DataSource<T>> src;
+  if (o.dist && o.dist->comm) {
+    // Each rank opens the data itself; they must all see the same rows.
+    together(*o.dist, [&] { src = make_source<T>(o); });
+    const auto* files = dynamic_cast<const train::ActivationFiles<T>*>(src.get());
+    o.dist->comm->check_same(
+        "the data (d_in, d_out, training rows, held-out rows)",
+        detail::concat(src->d_in(), ", ", src->d_out(), ", ", files ? files->train_rows_total() : 0,
+                       ", ", src->eval_rows()));
+  } else {
+    src = make_source<T>(o);
+  }
   Options opt = o;
   opt.layer.d_in = src->d_in();
   opt.layer.d_out = src->d_out();
@@ -547,6 +736,24 @@ int run(const Options& o) {
       curves[c].color = static_cast<int>(ki);
       curves[c].dashed = c > first;  // the baseline, dashed beside its MxD
     }
+  }
+  const Dist* d = o.dist;
+  const bool par = d && d->comm;
+  if (par && !d->root()) return 0;  // rank 0 prints and writes
+  nlohmann::json ranks = nlohmann::json::array();
+  if (par) {
+    std::printf("%d processes, --parallel %s; per rank: bytes sent per step, memory of the model "
+                "(parameters, gradients, AdamW moments, workspace), the process's peak RSS\n",
+                d->size(), d->mode == Parallel::data ? "data" : "experts");
+    for (const Row& r : rows)
+      for (int q = 0; q < d->size(); ++q) {
+        std::printf("  rank %d %-18s %12.0f B/step %10.1f MiB %10.1f MiB peak\n", q, r.name.c_str(),
+                    r.rank_bytes_per_step[q], r.rank_memory[q] / 1048576.0,
+                    r.rank_peak_rss[q] / 1048576.0);
+        ranks.push_back({{"rank", q}, {"model", r.name}, {"k", r.k},
+                         {"bytes_sent_per_step", r.rank_bytes_per_step[q]},
+                         {"memory_bytes", r.rank_memory[q]}, {"peak_rss_bytes", r.rank_peak_rss[q]}});
+      }
   }
 
   std::printf("%-18s %12s %5s %12s %12s %8s %12s\n", "model", "params", "k", "nmse_ref", "fvu",
@@ -569,7 +776,11 @@ int run(const Options& o) {
                 o.aux.coef, (long long)o.aux.dead_window);
   namespace fs = std::filesystem;
   const fs::path out(o.out);
-  write_text_atomic((out / "metrics.json").string(), nlohmann::json{{"models", models}}.dump(2) + "\n");
+  nlohmann::json metrics{{"models", models}};
+  if (par)
+    metrics["parallel"] = {{"mode", d->mode == Parallel::data ? "data" : "experts"},
+                           {"processes", d->size()}, {"ranks", ranks}};
+  write_text_atomic((out / "metrics.json").string(), metrics.dump(2) + "\n");
   std::string csv = "step";
   for (const auto& n : log_names) csv += "," + n;
   csv += "\n";
@@ -617,14 +828,33 @@ int run(const Options& o) {
   return 0;
 }
 
-}  // namespace
 
-int run_train(int argc, char** argv) {
+// The command line but --threads (which does not change results): what ranks must share.
+std::string command_line(int argc, char** argv) {
+  std::string s;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--threads") {
+      ++i;
+      continue;
+    }
+    if (a.rfind("--threads=", 0) == 0) continue;
+    s += a + " ";
+  }
+  return s;
+}
+
+int train_command(int argc, char** argv, Dist& dist) {
+  if (dist.comm) {
+    dist.comm->check_same("the command line of mxd train (all but --threads)", command_line(argc, argv));
+    dist.same_everywhere = true;  // until the data is opened, every rank fails alike
+  }
   std::set<std::string> flags = layer_flags();
   for (const char* f : {"data", "teacher-hidden", "eval-rows", "eval-fraction", "expansion",
                         "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
                         "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
-                        "aux-k", "aux-coef", "dead-window"})
+                        "aux-k", "aux-coef", "dead-window",
+                        "parallel"})
     flags.insert(f);
   std::set<std::string> switches = layer_switches();
   switches.insert({"no-norm-dec", "tf32"});
@@ -647,7 +877,7 @@ int run_train(int argc, char** argv) {
   defaults.k = 32;
   o.data = args.all("data");
   // Sizes from the data files when given, so --experts can default to the matched count.
-  if (!o.data.empty()) {
+  if (!o.data.empty()) together(dist, [&] {  // a file missing on one rank stops all
     io::SafetensorsReader f(o.data.front());
     MXD_CHECK(f.info("x").shape.size() == 2 && f.info("y").shape.size() == 2, o.data.front(),
               ": x and y must be 2-D");
@@ -656,7 +886,7 @@ int run_train(int argc, char** argv) {
     defaults.d_in = f.info("x").shape[1];
     defaults.d_out = f.info("y").shape[1];
     defaults.d_hidden = 4 * defaults.d_in;
-  }
+  });
   o.ks = parse_ks(args.get("k", "32"));
   Config sized = defaults;
   sized.d_in = args.get_int("d-in", defaults.d_in);
@@ -721,11 +951,26 @@ int run_train(int argc, char** argv) {
             "--aux-coef and --dead-window need --aux-k K > 0 (the AuxK loss is off without it)");
   MXD_CHECK(!o.aux.enabled() || !o.cuda, "--aux-k is not supported with --device cuda yet");
   if (o.cuda) require_cuda();
-  prepare_out_dir(o.out);
+  MXD_CHECK(!(dist.comm && o.cuda), "--parallel runs on the CPU (--device cuda is one process)");
+  MXD_CHECK(!(dist.comm && o.aux.enabled()),
+            "--aux-k is not supported with --parallel yet (each rank would count dead units alone)");
+  if (dist.comm) o.dist = &dist;
+  together(dist, [&] {
+    if (dist.root()) prepare_out_dir(o.out);
+  });
+  dist.same_everywhere = false;
   if (dtype == "bf16") return run<float>(o);
   if (dtype == "f32") return run<float>(o);
   if (dtype == "f64") return run<double>(o);
   throw Error("--dtype = '" + dtype + "' is not f32, f64 or bf16");
+}
+
+}  // namespace
+
+int run_train(int argc, char** argv) {
+  Dist dist = start_dist(argc, argv);
+  if (!dist.comm) return train_command(argc, argv, dist);
+  return run_distributed(dist, [&] { return train_command(argc, argv, dist); });
 }
 
 }  // namespace mxd::cli

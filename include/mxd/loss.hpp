@@ -40,16 +40,23 @@ inline Loss parse_loss(const std::string& name) {
 
 /// Returns the loss of y against target t and, when dy is not empty, writes dL/dy to it.
 /// y, t, dy: [B, O] host views. A zero target row makes nmse_ref infinite, as in the reference.
+/// `mean_rows` (nmse_ref and mse; default B): the rows the mean is taken over. A process that
+/// holds rows of a larger batch passes that batch's size, so its dy and its share of the loss
+/// are exactly the single-process ones (the shares then add up to the loss).
 template <class T>
-double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {}) {
+double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
+            index_t mean_rows = 0) {
   const index_t B = y.rows, O = y.cols;
   check_shape(t, B, O, "target");
   if (!dy.empty()) check_shape(dy, B, O, "dloss_dy");
   MXD_CHECK(B > 0 && O > 0, "loss: empty batch [", B, ", ", O, "]");
+  MXD_CHECK(mean_rows == 0 || (mean_rows >= B && kind != Loss::fvu), "loss: mean over ",
+            mean_rows, " rows for a batch of ", B, (kind == Loss::fvu ? " (not with fvu)" : ""));
+  const index_t Bm = mean_rows > 0 ? mean_rows : B;
   double total = 0;
   switch (kind) {
     case Loss::nmse_ref: {
-      const double scale = 1.0 / (static_cast<double>(B) * static_cast<double>(O));
+      const double scale = 1.0 / (static_cast<double>(Bm) * static_cast<double>(O));
       for (index_t r = 0; r < B; ++r) {
         double tn = 0;
         for (index_t o = 0; o < O; ++o) tn += double(t(r, o)) * double(t(r, o));
@@ -63,7 +70,7 @@ double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {}) {
       return total * scale;
     }
     case Loss::mse: {
-      const double scale = 1.0 / (static_cast<double>(B) * static_cast<double>(O));
+      const double scale = 1.0 / (static_cast<double>(Bm) * static_cast<double>(O));
       for (index_t r = 0; r < B; ++r)
         for (index_t o = 0; o < O; ++o) {
           const double e = double(y(r, o)) - double(t(r, o));

@@ -30,6 +30,19 @@ public:
   virtual index_t d_out() const = 0;
   /// The training batch of step `step` (0-based), B rows.
   virtual void train_batch(std::uint64_t step, index_t B, Tensor<T>& x, Tensor<T>& y) = 0;
+  /// Rows [first, first + count) of that batch: what one of several processes sharing the
+  /// batch reads (the same values as train_batch's rows). The default reads the whole batch.
+  virtual void train_rows(std::uint64_t step, index_t B, index_t first, index_t count,
+                          Tensor<T>& x, Tensor<T>& y) {
+    MXD_CHECK(first >= 0 && count >= 0 && first + count <= B, "train_rows: rows [", first, ", ",
+              first + count, ") outside a batch of ", B);
+    Tensor<T> xa, ya;
+    train_batch(step, B, xa, ya);
+    x.resize(count, xa.cols(), false);
+    y.resize(count, ya.cols(), false);
+    std::copy(xa.data() + first * xa.cols(), xa.data() + (first + count) * xa.cols(), x.data());
+    std::copy(ya.data() + first * ya.cols(), ya.data() + (first + count) * ya.cols(), y.data());
+  }
   /// Number of held-out rows, and rows [first, first + count) of them.
   virtual index_t eval_rows() const = 0;
   virtual void eval_batch(index_t first, index_t count, Tensor<T>& x, Tensor<T>& y) = 0;
@@ -80,6 +93,12 @@ public:
 
   void train_batch(std::uint64_t step, index_t B, Tensor<T>& x, Tensor<T>& y) override {
     generate(detail::mix(seed_, step + 1), 0, B, x, y);
+  }
+  void train_rows(std::uint64_t step, index_t B, index_t first, index_t count, Tensor<T>& x,
+                  Tensor<T>& y) override {
+    MXD_CHECK(first >= 0 && count >= 0 && first + count <= B, "train_rows: rows [", first, ", ",
+              first + count, ") outside a batch of ", B);
+    generate(detail::mix(seed_, step + 1), first, count, x, y);
   }
   void eval_batch(index_t first, index_t count, Tensor<T>& x, Tensor<T>& y) override {
     MXD_CHECK(first >= 0 && count >= 0 && first + count <= eval_, "Teacher::eval_batch: rows [",
@@ -166,15 +185,23 @@ public:
   index_t eval_rows() const override { return static_cast<index_t>(eval_.size()); }
 
   void train_batch(std::uint64_t step, index_t B, Tensor<T>& x, Tensor<T>& y) override {
+    train_rows(step, B, 0, B, x, y);
+  }
+  void train_rows(std::uint64_t step, index_t B, index_t first, index_t count, Tensor<T>& x,
+                  Tensor<T>& y) override {
+    MXD_CHECK(first >= 0 && count >= 0 && first + count <= B, "train_rows: rows [", first, ", ",
+              first + count, ") outside a batch of ", B);
     const std::uint64_t n = train_.size();
-    x.resize(B, I_, false);
-    y.resize(B, O_, false);
-    for (index_t r = 0; r < B; ++r) {
-      const std::uint64_t pos = step * static_cast<std::uint64_t>(B) + static_cast<std::uint64_t>(r);
+    x.resize(count, I_, false);
+    y.resize(count, O_, false);
+    for (index_t r = 0; r < count; ++r) {
+      const std::uint64_t pos = step * static_cast<std::uint64_t>(B) + static_cast<std::uint64_t>(first + r);
       shuffle_for(pos / n);
       read_row(train_[order_[pos % n]], r, x, y);
     }
   }
+  /// Training rows (all files): processes sharing batches must agree on it.
+  index_t train_rows_total() const { return static_cast<index_t>(train_.size()); }
 
   void eval_batch(index_t first, index_t count, Tensor<T>& x, Tensor<T>& y) override {
     MXD_CHECK(first >= 0 && count >= 0 && first + count <= eval_rows(), "eval rows [", first, ", ",
