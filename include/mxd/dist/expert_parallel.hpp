@@ -159,13 +159,19 @@ public:
     // 2. Gate scores of all rows against this shard, and its top-min(k, N_r).
     X_.resize(B, I, false);
     comm_.all_gather<T>(x, X_.view(), rows);
-    scores_.resize(B, Nr, false);
-    be::gemm(ctx, false, true, T(1), ConstView<T>(X_.view()), p.G.view(), T(0), scores_.view());
+    // In row tiles, as forward() does: no [B, N_r] buffer, and the same bits for any tile.
+    const index_t tile = ws.tile_for(B, std::size_t(Nr) * sizeof(T));
+    scores_.resize(tile, Nr, false);
     cand_idx_.resize(B, k, false);
     cand_val_.resize(B, k, false);
     const index_t kr = c.k;  // min(k, N_r)
-    be::gate_topk(ctx, scores_.view(), p.b_gate.view(), kr,
-                  View<std::int32_t>(cand_idx_.data(), B, kr, k), View<T>(cand_val_.data(), B, kr, k));
+    for (index_t r0 = 0; r0 < B; r0 += tile) {
+      const index_t n = std::min(tile, B - r0);
+      auto s = scores_.view().block_rows(0, n);
+      be::gemm(ctx, false, true, T(1), ConstView<T>(X_.view().block_rows(r0, n)), p.G.view(), T(0), s);
+      be::gate_topk(ctx, s, p.b_gate.view(), kr, View<std::int32_t>(cand_idx_.data() + r0 * k, n, kr, k),
+                    View<T>(cand_val_.data() + r0 * k, n, kr, k), r0);
+    }
     for (index_t b = 0; b < B; ++b) {
       for (index_t j = 0; j < kr; ++j) cand_idx_(b, j) += static_cast<std::int32_t>(first_);
       for (index_t j = kr; j < k; ++j) {  // padding: ranks after every real candidate
@@ -322,7 +328,7 @@ private:
   index_t first_ = 0;
   // B = global rows, Br = this rank's, k = full top-k, Nr = shard size.
   Tensor<T> X_;                             // [B, I] every rank's x
-  Tensor<T> scores_;                        // [B, Nr]
+  Tensor<T> scores_;                        // [tile, Nr] (a row tile of the gate scores)
   Tensor<std::int32_t> cand_idx_;           // [B, k] this shard's candidates (global indices)
   Tensor<T> cand_val_;
   Tensor<std::int32_t> recv_idx_;           // [P Br, k] every shard's candidates of own rows
