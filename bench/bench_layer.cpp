@@ -104,9 +104,9 @@ void BM_backward(benchmark::State& st) {
   report<T>(st, backward_flops(f.cfg), f.B);
 }
 
+// Times training steps (forward + backward + AdamW) of f after one warm-up step.
 template <class T>
-void BM_train_step(benchmark::State& st) {
-  Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
+void time_train_steps(benchmark::State& st, Fixture<T>& f) {
   auto step = [&] {
     f.forward();
     f.backward();
@@ -116,6 +116,12 @@ void BM_train_step(benchmark::State& st) {
   for (auto _ : st) step();
   report<T>(st, forward_flops(f.cfg) + backward_flops(f.cfg), f.B);
   st.counters["workspace_MiB"] = double(f.ws.bytes()) / (1 << 20);
+}
+
+template <class T>
+void BM_train_step(benchmark::State& st) {
+  Fixture<T> f(layer_config(int(st.range(0))), st.range(1), 0);
+  time_train_steps(st, f);
 }
 
 // Gate scores x G^T, the largest GEMM of the layer, for the whole batch at once.
@@ -155,15 +161,7 @@ void BM_train_step_experts(benchmark::State& st) {
   mxd::Config c = layer_config(0);
   c.n_experts = st.range(0);
   Fixture<T> f(c, st.range(1), 0);
-  auto step = [&] {
-    f.forward();
-    f.backward();
-    f.opt.step(f.p, f.g, f.ws.ctx);
-  };
-  step();  // warm-up
-  for (auto _ : st) step();
-  report<T>(st, forward_flops(f.cfg) + backward_flops(f.cfg), f.B);
-  st.counters["workspace_MiB"] = double(f.ws.bytes()) / (1 << 20);
+  time_train_steps(st, f);
   st.counters["params_MiB"] = double(c.n_params() * index_t(sizeof(T))) / (1 << 20);
 }
 

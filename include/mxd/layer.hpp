@@ -42,8 +42,10 @@ enum class GradMode {
 
 namespace detail {
 
+// Checks forward's arguments; returns the number of steering edits.
 template <class T, class Device>
-void check_forward_args(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device> y) {
+index_t check_forward_args(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device> y,
+                           const Steering* steering) {
   const Config& c = p.config;
   MXD_CHECK(x.rows > 0, "x has ", x.rows, " rows: the batch must not be empty");
   check_shape(x, x.rows, c.d_in, "x");
@@ -53,6 +55,9 @@ void check_forward_args(const Params<T, Device>& p, InView<T, Device> x, InView<
   check_shape<const T>(p.C.view(), c.n_experts, c.d_out, "C (W_cond^T)");
   check_shape<const T>(p.G.view(), c.n_experts, c.d_in, "G (gate)");
   check_shape<const T>(p.D.view(), c.d_hidden, c.d_out, "D (W_dec)");
+  if (!steering) return 0;
+  steering->validate(c.n_experts);
+  return static_cast<index_t>(steering->edits.size());
 }
 
 
@@ -138,9 +143,7 @@ template <class T, class Device>
 void forward(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
              Workspace<T, Device>& ws, const Steering* steering = nullptr) {
   const Config& c = p.config;
-  detail::check_forward_args<T, Device>(p, x, y);
-  const index_t edits = steering ? static_cast<index_t>(steering->edits.size()) : 0;
-  if (steering) steering->validate(c.n_experts);
+  const index_t edits = detail::check_forward_args<T, Device>(p, x, y, steering);
   const index_t tile = ws.prepare_forward(c, x.rows, edits);
   auto& ctx = ws.ctx;
   detail::dense_forward(ctx, p, x, ws.hpre.view(), ws.g.view(), ws.z.view(), ws.u.view());
@@ -162,9 +165,7 @@ template <class T, class Device>
 void infer(const Params<T, Device>& p, InView<T, Device> x, View<T, Device> y,
            Workspace<T, Device>& ws, const Steering* steering = nullptr) {
   const Config& c = p.config;
-  detail::check_forward_args<T, Device>(p, x, y);
-  const index_t edits = steering ? static_cast<index_t>(steering->edits.size()) : 0;
-  if (steering) steering->validate(c.n_experts);
+  const index_t edits = detail::check_forward_args<T, Device>(p, x, y, steering);
   const index_t tile = ws.prepare_infer(c, x.rows, edits);
   auto& ctx = ws.ctx;
   for (index_t r0 = 0; r0 < x.rows; r0 += tile) {
