@@ -18,13 +18,15 @@
 #include <string>
 #include <vector>
 
+#include "../workspace.hpp"
 #include "communicator.hpp"
 
 namespace mxd::dist {
 
-/// Rows of the GEMM pieces of backend<cpu>: a rank's slice of a batch starts at a multiple of
-/// this where the batch allows, so its rows are computed exactly as in one process.
-constexpr index_t row_align = 128;
+/// Rows of the GEMM pieces of backend<cpu> (and of the gate-score tiles): a rank's slice of a
+/// batch starts at a multiple of this where the batch allows, so its rows are computed exactly
+/// as in one process.
+constexpr index_t row_align = tile_row_multiple;
 
 /// Each rank's rows of a global batch of B rows, in rank order (dist::split).
 inline std::vector<index_t> batch_rows(index_t B, int ranks) {

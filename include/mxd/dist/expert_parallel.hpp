@@ -42,7 +42,7 @@
 namespace mxd::dist {
 
 /// Columns of the GEMM pieces of backend<cpu>: expert shards start at multiples of this.
-constexpr index_t expert_align = 256;
+constexpr index_t expert_align = backend<cpu>::gemm_cols;
 
 /// Each rank's number of experts out of N, in rank order (dist::split; N need not divide).
 inline std::vector<index_t> expert_shards(index_t N, int ranks) {
