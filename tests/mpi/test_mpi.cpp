@@ -115,6 +115,7 @@ Run<T> train_parallel(Mode mode, const mxd::Config& c, int steps, std::uint64_t 
   mxd::AdamW<T> opt(p, oc);
   mxd::Grads<T> g(p.config);
   mxd::Workspace<T> ws;
+  ws.tile_rows = 128;  // gate scores in several row tiles, against the single process's one
   mxd::dist::GradientReducer<T> reduce(1000);  // small buckets: tensors span several
   Run<T> run;
   Tensor<T> x, t, y(Br, c.d_out), dy(Br, c.d_out), dx(Br, c.d_in);
