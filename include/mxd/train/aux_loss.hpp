@@ -34,8 +34,8 @@
 ///
 /// The dead units' gate scores are computed here, in row tiles of at most `tile_elements`
 /// scores, from copies of their gate rows gathered in chunks of at most `tile_elements`
-/// values: memory O(tile_elements + N + B (k_aux + O)), and the main forward's [B, N] buffer
-/// is never read.
+/// values: memory O(tile_elements + N + B (k_aux + O)). The main forward's gate scores are not
+/// read (forward keeps only its last row tile of them).
 ///
 /// Measured on `mxd train`'s default job (README, "Dead experts"): it revives the TopK
 /// transcoder's dead latents at k = 32 and 64, but MxD's dead experts mostly die for good (the
