@@ -5,8 +5,7 @@ C++ extension machinery (one translation unit, mxd_torch/_ext.cpp).
     /usr/bin/python3 -m pip install --user --break-system-packages --no-build-isolation ./examples/torch
 
 Environment: MXD_INCLUDE_DIR (default: this repository's include/), EIGEN_INCLUDE_DIR
-(default /usr/include/eigen3), MXD_TORCH_BLAS=0 to use Eigen's GEMMs instead of OpenBLAS,
-MXD_TORCH_NATIVE=0 to build without -march=native (for a wheel that runs on other CPUs).
+(default /usr/include/eigen3), MXD_TORCH_NATIVE=0 to build without -march=native (for a wheel that runs on other CPUs).
 """
 import os
 
@@ -16,8 +15,6 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 HERE = os.path.dirname(os.path.abspath(__file__))
 MXD_INCLUDE = os.environ.get("MXD_INCLUDE_DIR", os.path.join(HERE, "..", "..", "include"))
 EIGEN_INCLUDE = os.environ.get("EIGEN_INCLUDE_DIR", "/usr/include/eigen3")
-OPENBLAS_INCLUDE = "/usr/include/x86_64-linux-gnu/openblas-pthread"
-OPENBLAS_LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread"
 
 if not os.path.isfile(os.path.join(MXD_INCLUDE, "mxd", "mxd.hpp")):
     raise SystemExit(f"mxd headers not found in {MXD_INCLUDE}: set MXD_INCLUDE_DIR")
@@ -28,14 +25,6 @@ cflags = ["-std=c++17", "-O3", "-g0", "-pthread", "-DEIGEN_DONT_PARALLELIZE", "-
 if os.environ.get("MXD_TORCH_NATIVE", "1") != "0":
     cflags.append("-march=native")
 include_dirs = [MXD_INCLUDE, EIGEN_INCLUDE]
-libraries, library_dirs = [], []
-use_blas = os.environ.get("MXD_TORCH_BLAS", "1") != "0" and os.path.isfile(
-    os.path.join(OPENBLAS_INCLUDE, "cblas.h"))
-if use_blas:
-    cflags.append("-DMXD_USE_BLAS")
-    include_dirs.append(OPENBLAS_INCLUDE)
-    libraries.append("openblas")
-    library_dirs.append(OPENBLAS_LIB)
 
 setup(
     name="mxd_torch",
@@ -48,8 +37,6 @@ setup(
             "mxd_torch._C",
             ["mxd_torch/_ext.cpp"],
             include_dirs=include_dirs,
-            libraries=libraries,
-            library_dirs=library_dirs,
             extra_compile_args=cflags,
             extra_link_args=["-pthread"],
         )

@@ -20,8 +20,9 @@
 
 namespace mxd {
 
-/// Row tiles start at multiples of this many rows: backend<cpu>'s GEMM pieces have this height,
-/// so a tile's results are bit for bit those of the whole batch, whatever the tile size.
+/// Row tiles are multiples of this many rows: tall enough that packing the gate matrix G once
+/// per tile costs little beside the tile's GEMM. Results do not depend on the tile: the host
+/// GEMM computes each element the same way in any tile (backend/gemm.hpp).
 inline constexpr index_t tile_row_multiple = 128;
 
 // B = rows of the batch, I = d_in, H = d_hidden, O = d_out, N = n_experts, k = top-k.

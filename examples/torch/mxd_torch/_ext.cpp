@@ -30,23 +30,9 @@ using mxd::index_t;
 
 namespace {
 
-#if defined(MXD_USE_BLAS)
-// mxd's GEMM panels are its only parallelism, so OpenBLAS must run single-threaded inside
-// mxd's calls; torch's matmuls share the same OpenBLAS, so the caller's setting comes back.
-struct BlasThreads {
-  int saved = openblas_get_num_threads();
-  BlasThreads() { openblas_set_num_threads(1); }
-  ~BlasThreads() { openblas_set_num_threads(saved); }
-};
-#else
-struct BlasThreads {};
-#endif
-
-// The scope of one mxd call: without the GIL (other Python threads run meanwhile) and with
-// OpenBLAS single-threaded.
+// The scope of one mxd call: without the GIL (other Python threads run meanwhile).
 struct Compute {
   py::gil_scoped_release nogil;
-  BlasThreads blas;
 };
 
 template <class T>

@@ -1,15 +1,11 @@
 // SPDX-License-Identifier: MIT
 /// @file backend/cpu.hpp
-/// @brief backend<cpu>: the layer's primitives on the host, with Eigen GEMMs and mxd's own
-/// worker threads (backend/thread_pool.hpp).
+/// @brief backend<cpu>: the layer's primitives on the host, with mxd's own GEMM
+/// (backend/gemm.hpp) and worker threads (backend/thread_pool.hpp).
 ///
 /// Results are bit-identical for any thread count: work is split into pieces whose boundaries
 /// depend only on the shapes, never on the number of threads, and each piece is computed by one
 /// thread in a fixed order. For the same reason mxd does its own threading and asks Eigen not to.
-///
-/// With MXD_USE_BLAS defined (and OpenBLAS linked), each GEMM panel is one single-threaded
-/// cblas_sgemm / cblas_dgemm call instead of an Eigen product; OpenBLAS's own threads are set
-/// to 1 on first use so the panels stay the only unit of parallelism.
 #pragma once
 
 #ifndef EIGEN_DONT_PARALLELIZE
@@ -26,16 +22,12 @@
 
 #include <Eigen/Core>
 
-#if defined(MXD_USE_BLAS)
-#include <cblas.h>
-extern "C" void openblas_set_num_threads(int);
-#endif
-
 #include "../activation.hpp"
 #include "../finite.hpp"
 #include "../layer.hpp"
 #include "../optim.hpp"
 #include "../tensor.hpp"
+#include "gemm.hpp"
 #include "thread_pool.hpp"
 
 namespace mxd {
@@ -54,23 +46,6 @@ namespace detail {
 // A read-only host view whose T is not deduced from this argument (it converts from View<T>).
 template <class T>
 using cview = InView<T, cpu>;
-
-template <class T>
-using EigenMap = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
-                            Eigen::OuterStride<>>;
-template <class T>
-using EigenConstMap =
-    Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
-               Eigen::OuterStride<>>;
-
-template <class T>
-EigenConstMap<T> as_eigen(cview<T> v) {
-  return {v.data, v.rows, v.cols, Eigen::OuterStride<>(v.ld)};
-}
-template <class T>
-EigenMap<T> as_eigen(View<T, cpu> v) {
-  return {v.data, v.rows, v.cols, Eigen::OuterStride<>(v.ld)};
-}
 
 // Runs body(i) for i in [0, n) on up to `threads` threads. Each i must be independent work.
 template <class F>
@@ -96,25 +71,6 @@ struct Candidate {
   }
 };
 
-#if defined(MXD_USE_BLAS)
-// C = alpha op(A) op(B) + beta C through single-threaded OpenBLAS. Row-major, leading dims.
-inline void blas_gemm(bool ta, bool tb, index_t m, index_t n, index_t k, float alpha,
-                      const float* a, index_t lda, const float* b, index_t ldb, float beta,
-                      float* c, index_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-              int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
-}
-inline void blas_gemm(bool ta, bool tb, index_t m, index_t n, index_t k, double alpha,
-                      const double* a, index_t lda, const double* b, index_t ldb, double beta,
-                      double* c, index_t ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-              int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
-}
-inline void blas_single_thread() {
-  static const bool once = (openblas_set_num_threads(1), true);
-  (void)once;
-}
-#endif
 
 }  // namespace detail
 
@@ -124,14 +80,10 @@ struct backend<cpu> {
   using cview = detail::cview<T>;
   using Ctx = Context<cpu>;
 
-  /// C is computed in pieces of gemm_rows x gemm_cols at fixed positions, each one
-  /// single-threaded product. An element's bits then depend only on its piece, never on the
-  /// thread count, on how many rows the call has, or on whether its rows arrive in one call
-  /// or in row tiles starting at multiples of gemm_rows (the tiled gate scores, infer()).
-  static constexpr index_t gemm_rows = tile_row_multiple, gemm_cols = 256;
-
   /// C = alpha op(A) op(B) + beta C, row-major. op(A): [M, K], op(B): [K, N], C: [M, N].
-  /// beta == 0 never reads C.
+  /// beta == 0 never reads C. An element's bits depend only on its row of op(A), its column
+  /// of op(B), K, alpha and beta (backend/gemm.hpp): not on the thread count, on how many rows
+  /// or columns the call has, or on which row tile of a batch a row arrives in.
   template <class T>
   static void gemm(Ctx& ctx, bool trans_a, bool trans_b, T alpha, cview<T> A, cview<T> B, T beta,
                    View<T, cpu> C) {
@@ -139,45 +91,8 @@ struct backend<cpu> {
     const index_t Kb = trans_b ? B.cols : B.rows, N = trans_b ? B.rows : B.cols;
     MXD_CHECK(K == Kb && C.rows == M && C.cols == N, "gemm: shapes [", M, ", ", K, "] x [", Kb,
               ", ", N, "] -> [", C.rows, ", ", C.cols, "] do not match");
-    if (M == 0 || N == 0) return;
-#if defined(MXD_USE_BLAS)
-    constexpr bool use_blas = std::is_same_v<T, float> || std::is_same_v<T, double>;
-    if constexpr (use_blas) detail::blas_single_thread();
-#endif
-    const index_t row_pieces = (M + gemm_rows - 1) / gemm_rows;
-    const index_t col_pieces = (N + gemm_cols - 1) / gemm_cols;
-    detail::parallel_for(ctx.resolved_threads(), row_pieces * col_pieces, [&](index_t q) {
-      // Pieces along a row of C are adjacent, so a thread's next piece reuses op(A)'s rows.
-      const index_t m0 = (q / col_pieces) * gemm_rows, m = std::min(gemm_rows, M - m0);
-      const index_t n0 = (q % col_pieces) * gemm_cols, n = std::min(gemm_cols, N - n0);
-#if defined(MXD_USE_BLAS)
-      if constexpr (use_blas) {
-        if (K > 0) {
-          // The piece's rows of op(A) and columns of op(B), as offsets into the row-major data.
-          const T* a = A.data + (trans_a ? m0 : m0 * A.ld);
-          const T* bp = B.data + (trans_b ? n0 * B.ld : n0);
-          detail::blas_gemm(trans_a, trans_b, m, n, K, alpha, a, A.ld, bp, B.ld, beta,
-                            C.data + m0 * C.ld + n0, C.ld);
-          return;
-        }
-      }
-#endif
-      auto a = detail::as_eigen<T>(A);
-      auto bm = detail::as_eigen<T>(B);
-      auto c = detail::as_eigen<T>(C).block(m0, n0, m, n);
-      if (beta == T(0)) c.setZero();
-      else if (beta != T(1)) c *= beta;
-      if (K == 0) return;
-      // Four explicit cases keep every product a plain Eigen GEMM expression.
-      if (!trans_a && !trans_b)
-        c.noalias() += alpha * a.middleRows(m0, m) * bm.middleCols(n0, n);
-      else if (!trans_a && trans_b)
-        c.noalias() += alpha * a.middleRows(m0, m) * bm.middleRows(n0, n).transpose();
-      else if (trans_a && !trans_b)
-        c.noalias() += alpha * a.middleCols(m0, m).transpose() * bm.middleCols(n0, n);
-      else
-        c.noalias() += alpha * a.middleCols(m0, m).transpose() * bm.middleRows(n0, n).transpose();
-    });
+    detail::gemm<T>(ctx.resolved_threads(), trans_a, trans_b, M, N, K, alpha, A.data, A.ld,
+                    B.data, B.ld, beta, C.data, C.ld);
   }
 
   /// hpre += b_enc; with GLU (g non-empty) g += b_glu and z = g * act(hpre), else z = act(hpre).

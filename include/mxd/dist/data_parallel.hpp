@@ -23,9 +23,9 @@
 
 namespace mxd::dist {
 
-/// Rows of the GEMM pieces of backend<cpu> (and of the gate-score tiles): a rank's slice of a
-/// batch starts at a multiple of this where the batch allows, so its rows are computed exactly
-/// as in one process.
+/// A rank's slice of a batch starts at a multiple of the gate-score tile height where the batch
+/// allows, so its tiles are as tall as one process's. (Its rows' bits would match one
+/// process's anywhere: the host GEMM computes each element the same way in any tile.)
 constexpr index_t row_align = tile_row_multiple;
 
 /// Each rank's rows of a global batch of B rows, in rank order (dist::split).

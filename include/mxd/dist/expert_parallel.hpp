@@ -41,8 +41,9 @@
 
 namespace mxd::dist {
 
-/// Columns of the GEMM pieces of backend<cpu>: expert shards start at multiples of this.
-constexpr index_t expert_align = backend<cpu>::gemm_cols;
+/// Expert shards start at multiples of this: the column width of the host GEMM's pieces in
+/// float, so a shard's gate scores split into whole pieces.
+constexpr index_t expert_align = detail::GemmShape<float>::nc;
 
 /// Each rank's number of experts out of N, in rank order (dist::split; N need not divide).
 inline std::vector<index_t> expert_shards(index_t N, int ranks) {
