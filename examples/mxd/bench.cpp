@@ -28,6 +28,7 @@ struct Timings {
   double forward_ms, backward_ms, step_ms;
   std::size_t workspace_bytes;
   index_t tile_rows;  // rows of gate scores held at once
+  double gate_gemm_ms = 0;  // the host's x G^T alone, tile by tile as forward computes it
 };
 
 // The benchmarked layer and batch: the authors' initialisation, except D (zero after init),
@@ -82,7 +83,20 @@ Timings run_cpu(BenchInputs<T> in, int iters, int warmup, int threads, index_t t
     b.push_back(ms(t1, t2));
     s.push_back(ms(t0, t3));
   }
-  return {median(f), median(b), median(s), ws.bytes(), ws.scores.rows()};
+  // The gate GEMM alone (the step's largest product), in forward's tiles, so that its rate
+  // can be held against other sgemms and the machine's peak (bench/gate_gemm.py).
+  std::vector<double> gg;
+  const index_t tile = ws.scores.rows(), B = x.rows();
+  for (int it = 0; it < warmup + iters; ++it) {
+    const auto t0 = clock::now();
+    for (index_t r0 = 0; r0 < B; r0 += tile) {
+      const index_t R = std::min(tile, B - r0);
+      backend<cpu>::gemm<T>(ws.ctx, false, true, T(1), ConstView<T>(x.data() + r0 * cfg.d_in, R, cfg.d_in),
+                            p.G.view(), T(0), View<T>(ws.scores.data(), R, cfg.n_experts));
+    }
+    if (it >= warmup) gg.push_back(ms(t0, clock::now()));
+  }
+  return {median(f), median(b), median(s), ws.bytes(), tile, median(gg)};
 }
 
 // Peak resident set of this process in KiB: VmHWM, which unlike getrusage's ru_maxrss does not
@@ -183,6 +197,7 @@ int run_bench(int argc, char** argv) {
   const std::size_t params_bytes = std::size_t(cfg.n_params()) * scalar;
   const std::size_t io_bytes = std::size_t(B) * std::size_t(2 * cfg.d_in + 2 * cfg.d_out) * scalar;
   const std::size_t state_bytes = 4 * params_bytes + io_bytes + t.workspace_bytes;
+  const double gate_gflop = 2e-6 * double(B) * double(cfg.d_in) * double(cfg.n_experts);  // per ms
 
   if (json) {
     nlohmann::json j;
@@ -209,6 +224,10 @@ int run_bench(int argc, char** argv) {
     j["params_bytes"] = params_bytes;
     j["state_bytes"] = state_bytes;
     j["peak_rss_mib"] = peak_rss_mib;
+    if (!gpu) {
+      j["gate_gemm_ms"] = t.gate_gemm_ms;
+      j["gate_gemm_gflops"] = gate_gflop / t.gate_gemm_ms;
+    }
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
@@ -224,6 +243,9 @@ int run_bench(int argc, char** argv) {
               "  %.2fx parameters + gradients + moments + activations + workspace\n",
               double(t.workspace_bytes) / (1 << 20), (long long)t.tile_rows, peak_rss_mib,
               peak_rss_mib * (1 << 20) / double(state_bytes));
+  if (!gpu)
+    std::printf("  gate GEMM %9.2f ms  (x G^T alone, %.1f GFLOP/s)\n", t.gate_gemm_ms,
+                gate_gflop / t.gate_gemm_ms);
   return 0;
 }
 
