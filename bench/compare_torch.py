@@ -49,9 +49,11 @@ class MxD(torch.nn.Module):
         return (z @ self.W_dec) * (a @ self.W_cond.T) + self.b_dec_out
 
 
-def time_torch(cfg, batch, iters, warmup, dtype, module=None, mxd_adamw=False):
-    """The authors' layer, or (module=mxd_torch) mxd_torch.MxD, trained with torch's AdamW
-    (or, with mxd_adamw, with mxd_torch.AdamW: mxd::AdamW on the same tensors)."""
+def time_torch(cfg, batch, iters, warmup, dtype, module=None, mxd_adamw=False, compile=False,
+               fused=False):
+    """The authors' layer (with compile, under torch.compile), or (module=mxd_torch)
+    mxd_torch.MxD, trained with torch's AdamW (fused: its fused CPU kernel; mxd_adamw:
+    mxd_torch.AdamW, mxd::AdamW on the same tensors)."""
     torch.manual_seed(0)
     if module is None:
         layer = MxD(cfg["d_in"], cfg["d_hidden"], cfg["d_out"], cfg["n_experts"], cfg["k"]).to(dtype)
@@ -61,7 +63,10 @@ def time_torch(cfg, batch, iters, warmup, dtype, module=None, mxd_adamw=False):
     if mxd_adamw:
         opt = module.AdamW(layer, lr=4e-4, weight_decay=0.0)
     else:
-        opt = torch.optim.AdamW(layer.parameters(), lr=4e-4, weight_decay=0.0)
+        opt = torch.optim.AdamW(layer.parameters(), lr=4e-4, weight_decay=0.0,
+                                **({"fused": True} if fused else {}))
+    if compile:
+        layer = torch.compile(layer)
     x = torch.randn(batch, cfg["d_in"], dtype=dtype)
     dy = torch.randn(batch, cfg["d_out"], dtype=dtype) / batch
     fwd, bwd, step = [], [], []
@@ -119,6 +124,9 @@ def main():
     ap.add_argument("--config", default="gpt2", choices=["gpt2", "small"])
     ap.add_argument("--json", action="store_true", help="also print the raw medians as JSON")
     ap.add_argument("--module-path", default="", help="directory holding the mxd_torch package")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the authors' layer under torch.compile, and mxd_torch with "
+                         "torch's fused AdamW (torch 2)")
     args = ap.parse_args()
 
     module = None
@@ -143,19 +151,22 @@ def main():
     print(f"layer {args.config}: {cfg}, batch {args.batch}, {args.dtype}, "
           f"{args.rounds} rounds x {args.iters} iterations (+{args.warmup} warm-up)", flush=True)
 
-    rounds = {"torch": [], "mxd": []}
+    # Each variant: (name, timing function). All run in every round, in this order.
+    run = lambda **kw: lambda: time_torch(cfg, args.batch, args.iters, args.warmup, dtype, **kw)
+    variants = [("torch", run())]
+    if args.compile:
+        variants.append(("torch.compile", run(compile=True)))
     if module is not None:
-        rounds["mxd_torch"] = []
-        rounds["mxd_torch+mxd_adamw"] = []
+        variants.append(("mxd_torch", run(module=module)))
+        if args.compile:
+            variants.append(("mxd_torch+fused_adamw", run(module=module, fused=True)))
+        variants.append(("mxd_torch+mxd_adamw", run(module=module, mxd_adamw=True)))
+    variants.append(("mxd", lambda: time_mxd(args.mxd, cfg, args.batch, args.iters, args.warmup,
+                                             args.threads, args.dtype)))
+    rounds = {who: [] for who, _ in variants}
     for r in range(args.rounds):
-        rounds["torch"].append(time_torch(cfg, args.batch, args.iters, args.warmup, dtype))
-        if module is not None:
-            rounds["mxd_torch"].append(time_torch(cfg, args.batch, args.iters, args.warmup, dtype,
-                                                  module))
-            rounds["mxd_torch+mxd_adamw"].append(time_torch(cfg, args.batch, args.iters,
-                                                            args.warmup, dtype, module, True))
-        rounds["mxd"].append(time_mxd(args.mxd, cfg, args.batch, args.iters, args.warmup,
-                                      args.threads, args.dtype))
+        for who, fn in variants:
+            rounds[who].append(fn())
         print(f"  round {r}: " + ", ".join(f"{who} step {rs[-1]['step_ms']:.1f} ms"
                                            for who, rs in rounds.items()),
               file=sys.stderr, flush=True)
@@ -183,6 +194,12 @@ def main():
               f"{100 * m / mt:>7.0f}%")
         print("step* = mxd_torch trained with mxd_torch.AdamW (mxd::AdamW on torch's tensors); "
               "the torch and mxd columns are as in 'step'")
+    # Every variant's step against the authors' eager layer, and what the C++ step gains on it.
+    print(f"\n{'step, every variant':<24}{'ms':>10}{'torch eager / it':>18}{'mxd C++ / it':>14}")
+    for who in rounds:
+        s = med[who]["step_ms"]
+        print(f"{who:<24}{s:>10.1f}{med['torch']['step_ms'] / s:>17.2f}x"
+              f"{s / med['mxd']['step_ms']:>13.2f}x")
     spread = {who: (min(x["step_ms"] for x in rs), max(x["step_ms"] for x in rs))
               for who, rs in rounds.items()}
     print("step range over rounds: " + ", ".join(f"{who} {lo:.1f}-{hi:.1f} ms"
