@@ -63,17 +63,15 @@ class AdamW {
 public:
   AdamW(const Set& p, AdamWConfig cfg) : m(p.config), v(p.config), cfg_(cfg) { cfg_.validate(); }
 
-  /// One update with this step's learning rate; grads are dL/dparams of the batch. On the
-  /// host a NaN or Inf gradient is an mxd::Error naming the tensor, thrown before any weight,
-  /// moment or the step count changes.
+  /// One update with this step's learning rate; grads are dL/dparams of the batch. A NaN or
+  /// Inf gradient (on either device) is an mxd::Error naming the tensor, thrown before any
+  /// weight, moment or the step count changes.
   void step(Set& p, const Set& g, Context<Device>& ctx) {
-    if constexpr (std::is_same_v<Device, cpu>) {
-      g.for_each([&](const char* name, const Tensor<T, Device>& x) {
-        const index_t i = backend<Device>::template find_non_finite<T>(ctx, x.view());
-        MXD_CHECK(i < 0, "gradient of ", name, ": non-finite value at row ", i / x.cols(),
-                  " (column ", i % x.cols(), "); no weight was updated");
-      });
-    }
+    g.for_each([&](const char* name, const Tensor<T, Device>& x) {
+      const index_t i = backend<Device>::template find_non_finite<T>(ctx, x.view());
+      MXD_CHECK(i < 0, "gradient of ", name, ": non-finite value at row ", i / x.cols(),
+                " (column ", i % x.cols(), "); no weight was updated");
+    });
     ++t;
     const AdamWStep s{cfg_.learning_rate(t),
                       cfg_.beta1,

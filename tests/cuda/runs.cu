@@ -187,6 +187,27 @@ AdamW<T> round_trip(const AdamW<T>& opt, const Params<T>& p) {
   return to_host(to_device(opt, dp), p);
 }
 
+template <class T>
+index_t find_non_finite(const Tensor<T>& v) {
+  Context<cuda> ctx;
+  const Tensor<T, cuda> d = to_device(v);
+  return backend<cuda>::find_non_finite<T>(ctx, d.view());
+}
+
+template <class T>
+std::string adamw_step_error(const Params<T>& p, const Params<T>& g) {
+  Params<T, cuda> dp = to_device(p);
+  const Params<T, cuda> dg = to_device(g);
+  AdamW<T, cuda> opt(dp, AdamWConfig{});
+  Context<cuda> ctx;
+  try {
+    opt.step(dp, dg, ctx);
+  } catch (const mxd::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 #define MXD_INSTANTIATE(T)                                                                    \
   template LayerResult<T> layer<T>(const Params<T>&, const Tensor<T>&, const Tensor<T>&,       \
                                    const LayerOptions&);                                       \
@@ -203,6 +224,8 @@ AdamW<T> round_trip(const AdamW<T>& opt, const Params<T>& p) {
   template void gemm<T>(bool, bool, T, const Tensor<T>&, index_t, index_t, const Tensor<T>&,   \
                         index_t, index_t, T, Tensor<T>&, index_t, index_t, Math);              \
   template void norm_dec<T>(Tensor<T>&, Tensor<T>&);                                           \
+  template index_t find_non_finite<T>(const Tensor<T>&);                                       \
+  template std::string adamw_step_error<T>(const Params<T>&, const Params<T>&);                \
   template Params<T> round_trip<T>(const Params<T>&);                                          \
   template AdamW<T> round_trip<T>(const AdamW<T>&, const Params<T>&);
 MXD_INSTANTIATE(float)

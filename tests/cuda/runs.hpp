@@ -115,6 +115,13 @@ void gemm(bool trans_a, bool trans_b, T alpha, const Tensor<T>& A, index_t a_row
 template <class T>
 void norm_dec(Tensor<T>& C, Tensor<T>& g);
 
+// backend<cuda>::find_non_finite on a device copy of v, and the message of a GPU AdamW step
+// whose gradients are `g` ("" if it passed).
+template <class T>
+index_t find_non_finite(const Tensor<T>& v);
+template <class T>
+std::string adamw_step_error(const mxd::Params<T>& p, const mxd::Params<T>& g);
+
 /// to_host(to_device(p)) and to_host(to_device(opt)).
 template <class T>
 mxd::Params<T> round_trip(const mxd::Params<T>& p);

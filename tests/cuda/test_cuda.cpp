@@ -623,6 +623,24 @@ TEST_CASE("device copies round-trip bit for bit, so checkpoints are interchangea
   CHECK(loaded_opt.t == 1);
 }
 
+TEST_CASE_TEMPLATE("non-finite gradients stop a GPU AdamW step before any update, as on the CPU",
+                   T, float, double) {
+  Tensor<T> v(300, 500);  // more values than one grid pass: the lowest bad position still wins
+  CHECK(cu::find_non_finite(v) == -1);
+  v[149999] = std::numeric_limits<T>::infinity();
+  v[70001] = std::numeric_limits<T>::quiet_NaN();
+  CHECK(cu::find_non_finite(v) == 70001);
+  Context<cpu> host;
+  CHECK(backend<cpu>::find_non_finite<T>(host, v.view()) == 70001);
+  const Config c = layer_config(4, 6, 3, 8, 2, Activation::relu);
+  const Params<T> p = random_params<T>(c, 81);
+  Params<T> g = random_params<T>(c, 82);
+  CHECK(cu::adamw_step_error(p, g) == "");
+  g.D(2, 1) = std::numeric_limits<T>::quiet_NaN();
+  CHECK(cu::adamw_step_error(p, g) ==
+        "gradient of W_dec: non-finite value at row 2 (column 1); no weight was updated");
+}
+
 TEST_CASE("a caught CUDA failure is not blamed on the next launch") {
   CHECK(cu::impossible_allocation_error().find("cudaErrorMemoryAllocation") != std::string::npos);
   const Config c = layer_config(8, 16, 8, 32, 4, Activation::relu);

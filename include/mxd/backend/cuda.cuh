@@ -233,6 +233,15 @@ __global__ void expert_weight_grads_kernel(index_t k, const T* val, const T* ds,
   }
 }
 
+// *first = min(*first, the flat positions of non-finite values of data[0, n)). Integer atomics
+// only: the lowest bad position is found whatever the scheduling.
+template <class T>
+__global__ void first_non_finite_kernel(const T* data, index_t n, unsigned long long* first) {
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < n;
+       i += index_t(gridDim.x) * blockDim.x)
+    if (!isfinite(data[i])) atomicMin(first, static_cast<unsigned long long>(i));
+}
+
 // One block per row: dx[b] += sum_j ds[b,j] G[idx[b,j]].
 template <class T>
 __global__ void gather_rows_add_kernel(View<const std::int32_t, cuda> idx, View<const T, cuda> ds,
@@ -579,6 +588,22 @@ struct backend<cuda> {
     MXD_CUDA_LAUNCH(detail::cu::activation_backward_kernel<T>,
                     detail::cu::grid_for(hpre.size(), block), block, ctx.stream(), act, hpre, g,
                     dz, dhpre, dg, !g.empty());
+  }
+
+  /// Flat position of the first non-finite value of v, or -1, as backend<cpu>::find_non_finite.
+  /// v: [rows, cols], contiguous. Waits for the stream (returns a number).
+  template <class T>
+  static index_t find_non_finite(Ctx& ctx, cview<T> v) {
+    if (v.empty()) return -1;
+    constexpr unsigned long long none = ~0ull;  // all bits set: what the memset writes
+    auto* first = static_cast<unsigned long long*>(ctx.scratch(sizeof(unsigned long long)));
+    MXD_CUDA_CHECK(cudaMemsetAsync(first, 0xff, sizeof none, ctx.stream()));
+    MXD_CUDA_LAUNCH(detail::cu::first_non_finite_kernel<T>, detail::cu::grid_for(v.size(), block),
+                    block, ctx.stream(), v.data, v.size(), first);
+    unsigned long long host = none;
+    MXD_CUDA_CHECK(cudaMemcpyAsync(&host, first, sizeof host, cudaMemcpyDeviceToHost, ctx.stream()));
+    ctx.synchronize();
+    return host == none ? -1 : static_cast<index_t>(host);
   }
 
   /// One torch.optim.AdamW update, as backend<cpu>::adamw_update. p, g, m, v: same shape.
