@@ -28,7 +28,7 @@ trap 'stop_hogs; rm -rf "$work"' EXIT
 run_once() {
   local t0 t1
   t0=$(date +%s.%N)
-  "$1" train --steps "$steps" --threads "$2" --out "$work/out" > /dev/null 2>&1
+  "$1" train --steps "$steps" --threads "$2" --out "$work/out" --overwrite > /dev/null 2>&1
   t1=$(date +%s.%N)
   echo "$t1 - $t0" | bc
 }

@@ -199,6 +199,8 @@ def train_tool(mxd, data, out_dir, c, k, baseline, steps, threads, log, resume=N
            "--log-every", "25", "--out", str(out_dir), *flags]
     if resume:
         cmd += ["--resume", str(resume)]
+    else:  # a run killed before metrics.json leaves checkpoints that a fresh run replaces
+        cmd += ["--overwrite"]
     log(" ".join(cmd))
     t0 = time.time()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // mxd eval IN.safetensors OUT.safetensors [--batch BATCH.safetensors] [--dtype f64|f32] [--threads N]
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -95,6 +96,13 @@ int run_eval(int argc, char** argv) {
   }
   MXD_CHECK(args.positional().size() == 2, "mxd eval takes IN.safetensors and OUT.safetensors, got ",
             args.positional().size(), " paths (see mxd eval --help)");
+  // OUT is replaced only after IN is read, but a layer overwritten by its own outputs is lost.
+  const std::string& out = args.positional()[1];
+  for (const std::string& in : {args.positional()[0], args.get("batch", "")}) {
+    std::error_code ec;
+    MXD_CHECK(in.empty() || !std::filesystem::equivalent(in, out, ec), "OUT = '", out,
+              "' is also an input ('", in, "'): mxd eval writes its outputs to another file");
+  }
   const std::string dtype = args.get("dtype", "f64");
   const int threads = threads_arg(args);
   io::SafetensorsReader layer(args.positional()[0]);
@@ -102,9 +110,9 @@ int run_eval(int argc, char** argv) {
   if (args.has("batch")) batch = std::make_unique<io::SafetensorsReader>(args.get("batch", ""));
   io::SafetensorsReader& in = batch ? *batch : layer;
   if (dtype == "f64")
-    eval<double>(layer, in, args.positional()[1], threads);
+    eval<double>(layer, in, out, threads);
   else if (dtype == "f32")
-    eval<float>(layer, in, args.positional()[1], threads);
+    eval<float>(layer, in, out, threads);
   else
     throw Error("--dtype = '" + dtype + "' is not f64 or f32");
   return 0;

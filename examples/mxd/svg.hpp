@@ -6,25 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
 #include <mxd/error.hpp>
+#include <mxd/io/durable.hpp>
 
 namespace mxd::cli {
-
-/// Writes `text` to `path` through a temporary file and a rename.
-inline void write_text_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    MXD_CHECK(f.good(), "cannot write '", tmp, "'");
-    f << text;
-    MXD_CHECK(f.good(), "writing '", tmp, "' failed");
-  }
-  MXD_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename '", tmp, "' to '", path, "'");
-}
 
 /// One line (or set of bars) of a plot.
 struct Series {
@@ -206,7 +194,7 @@ inline void write_svg_plot(const std::string& path, const Axes& axes, const std:
     out += buf;
   }
   out += "</svg>\n";
-  write_text_atomic(path, out);
+  io::write_file_durable(path, out);
 }
 
 }  // namespace mxd::cli

@@ -1,14 +1,19 @@
 // SPDX-License-Identifier: MIT
 // mxd train: trains an MxD and a parameter-matched TopK (or skip) transcoder on the same
 // stream of (x, y) pairs, then evaluates both on held-out pairs.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -22,6 +27,7 @@
 #include <mxd/init.hpp>
 #include <mxd/io/checkpoint.hpp>
 #include <mxd/io/dead_units_io.hpp>
+#include <mxd/io/durable.hpp>
 #include <mxd/mxd.hpp>
 #include <mxd/train/aux_loss.hpp>
 #include <mxd/train/data.hpp>
@@ -84,9 +90,13 @@ const char* const train_help =
     "  --aux-coef A      its weight (default 1/32, Gao et al.'s alpha; needs --aux-k)\n"
     "  --dead-window W   a unit is dead when none of the last W training tokens selected it\n"
     "                    (default 8192, the held-out rows the dead fraction counts; needs --aux-k)\n"
-    "  --out DIR         output directory (default mxd_out)\n"
+    "  --out DIR         output directory (default mxd_out), locked while the run lasts; one\n"
+    "                    holding an earlier run's checkpoints is refused without --overwrite\n"
+    "                    or --resume\n"
+    "  --overwrite       replace the earlier run in DIR (its checkpoint set and outputs)\n"
     "  --resume CKPT     continue from DIR/mxd.safetensors or DIR: the last checkpoint pair that\n"
-    "                    DIR/checkpoint.json names (MxD and baseline at the same step)\n\n"
+    "                    DIR/checkpoint.json names (MxD and baseline at the same step); a layer\n"
+    "                    flag given must have the checkpoint's value; log.csv continues\n\n"
     "writes to DIR: mxd.safetensors, topk_transcoder.safetensors (checkpoints with optimizer\n"
     "state; the pair is committed atomically, see checkpoint.json), log.csv, metrics.json,\n"
     "loss.svg, and with a k sweep frontier.svg;\n"
@@ -107,6 +117,8 @@ struct Options {
   bool cuda = false;
   std::string math = "fp32";  // --device cuda: how float GEMMs run (fp32, tf32, bf16)
   std::string out = "mxd_out", resume;
+  bool overwrite = false;           // --overwrite: a fresh run may replace an earlier one in out
+  std::set<std::string> layer_given;  // the layer flags on the command line (--resume checks them)
   std::vector<std::string> data;
   train::AuxK aux;  // --aux-k, --aux-coef, --dead-window (off by default)
   Dist* dist = nullptr;  // --parallel: the ranks' communicator and mode
@@ -466,19 +478,174 @@ std::pair<std::string, std::string> resume_files(const std::string& resume,
   return {resume, fs::exists(b) ? b : ""};
 }
 
-// Creates --out and checks that files can be written there, before any training.
-void prepare_out_dir(const std::string& out) {
+// The exclusive lock on --out for the whole run: flock(2) on DIR/.lock, which names the
+// holder. Two runs writing one folder would remove each other's checkpoint sets; the kernel
+// drops the lock when the process ends, however it ends, so a killed run never blocks the next.
+class OutLock {
+public:
+  explicit OutLock(const std::string& out) {
+    const std::string path = (std::filesystem::path(out) / ".lock").string();
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    MXD_CHECK(fd_ >= 0, "--out = '", out, "' is not writable: cannot create ", path, ": ",
+              std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      const int err = errno;
+      char buf[256] = {};
+      const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+      std::string holder(buf, n > 0 ? std::size_t(n) : 0);
+      while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+      ::close(fd_);
+      fd_ = -1;
+      MXD_CHECK(err != EWOULDBLOCK, "--out = '", out, "' is in use by another mxd train (",
+                holder.empty() ? std::string("holder unknown") : detail::printable(holder),
+                ", holding ", path, "): give another --out");
+      throw io::IoError::failed("cannot lock " + path, err);
+    }
+    char host[256] = {};
+    if (::gethostname(host, sizeof host - 1) != 0) std::snprintf(host, sizeof host, "unknown");
+    const std::string who = detail::concat("pid ", ::getpid(), " on host ", host, "\n");
+    const bool named = ::ftruncate(fd_, 0) == 0 && ::pwrite(fd_, who.data(), who.size(), 0) > 0;
+    (void)named;  // best effort: the lock does not depend on it, only a refused run's message
+  }
+  OutLock(const OutLock&) = delete;
+  OutLock& operator=(const OutLock&) = delete;
+  ~OutLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+private:
+  int fd_ = -1;
+};
+
+// An earlier run's checkpoint manifests in `out` (checkpoint.json, checkpoint_kK.json for a k
+// sweep); one that is not a regular file is an error.
+std::vector<std::string> earlier_manifests(const std::string& out) {
   namespace fs = std::filesystem;
+  std::vector<std::string> found;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(out, ec)) {
+    const std::string n = e.path().filename().string();
+    const bool manifest =
+        n == "checkpoint.json" ||
+        (n.rfind("checkpoint_k", 0) == 0 && n.size() > 17 && n.compare(n.size() - 5, 5, ".json") == 0 &&
+         n.substr(12, n.size() - 17).find_first_not_of("0123456789") == std::string::npos);
+    if (manifest && io::regular_file_exists(e.path().string())) found.push_back(e.path().string());
+  }
+  MXD_CHECK(!ec, "--out = '", out, "': cannot list the directory: ", ec.message());
+  return found;
+}
+
+// Creates --out and locks it, before any training. A fresh run (no --resume) into a folder
+// that holds an earlier run's checkpoints would replace them: refused unless --overwrite.
+std::unique_ptr<OutLock> prepare_out_dir(const Options& o) {
+  namespace fs = std::filesystem;
+  const std::string& out = o.out;
   std::error_code ec;
   fs::create_directories(out, ec);
   MXD_CHECK(!ec, "--out = '", out, "': cannot create the directory: ", ec.message());
   MXD_CHECK(fs::is_directory(out), "--out = '", out, "' is not a directory");
-  const std::string probe = (fs::path(out) / ".mxd_write_test").string();
-  errno = 0;
-  std::FILE* f = std::fopen(probe.c_str(), "wb");
-  MXD_CHECK(f, "--out = '", out, "' is not writable: ", errno ? std::strerror(errno) : "unknown reason");
-  std::fclose(f);
-  fs::remove(probe, ec);
+  auto lock = std::make_unique<OutLock>(out);
+  const std::vector<std::string> earlier = earlier_manifests(out);
+  MXD_CHECK(earlier.empty() || !o.resume.empty() || o.overwrite, "--out = '", out,
+            "' holds an earlier run's checkpoints (", earlier.front(), "): give --resume ", out,
+            " to continue it, --overwrite to replace it, or another --out");
+  return lock;
+}
+
+// One log.csv row: the step, then each model's mean loss over the steps since the last row.
+std::string csv_row(index_t step, const std::vector<double>& values) {
+  std::string row = std::to_string(static_cast<long long>(step));
+  char buf[64];
+  for (double v : values) {
+    std::snprintf(buf, sizeof buf, ",%.8g", v);
+    row += buf;
+  }
+  return row + "\n";
+}
+
+// log.csv as training goes: each row appended and flushed at once (a killed run keeps its
+// rows), synced with each checkpoint. A resumed run continues the log beside its checkpoint:
+// its rows up to the resumed step, then the new ones, so the file and the curves drawn from
+// it cover the whole training. Inactive (every call a no-op) until open().
+class TrainLog {
+public:
+  // Starts `path` with the header "step,NAME..."; when resuming from step `start`, with the
+  // rows of `previous` up to it first, whose losses are also appended to `curves` (one per
+  // name).
+  void open(const std::string& path, const std::vector<std::string>& names, index_t start,
+            const std::string& previous, const std::vector<Series*>& curves) {
+    std::string header = "step";
+    for (const auto& n : names) header += "," + n;
+    header += "\n";
+    std::string text = header;
+    if (start > 0) text += previous_rows(previous, header, start, curves);
+    io::write_file_durable(path, text);
+    file_ = io::AppendFile(path);
+  }
+  void add(index_t step, const std::vector<double>& values) {
+    if (file_.is_open()) file_.append(csv_row(step, values));
+  }
+  void sync() {
+    if (file_.is_open()) file_.sync();
+  }
+  void close() {
+    if (file_.is_open()) file_.close();
+  }
+
+private:
+  static std::string previous_rows(const std::string& previous, const std::string& header,
+                                   index_t start, const std::vector<Series*>& curves) {
+    if (!io::regular_file_exists(previous)) return "";
+    std::ifstream in(previous, std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), {});
+    if (text.compare(0, header.size(), header) != 0) {
+      std::fprintf(stderr, "mxd: note: %s is not this model's log (another header); log.csv "
+                           "starts at step %lld\n", previous.c_str(), static_cast<long long>(start));
+      return "";
+    }
+    std::string kept;
+    std::size_t at = header.size();
+    for (std::size_t end; (end = text.find('\n', at)) != std::string::npos; at = end + 1) {
+      const std::string line = text.substr(at, end - at);
+      char* p = nullptr;
+      const long long step = std::strtoll(line.c_str(), &p, 10);
+      std::vector<double> v;
+      while (*p == ',') v.push_back(std::strtod(p + 1, &p));
+      // A row cut short (a crash while it was written) or past the resumed step ends the log.
+      if (*p != '\0' || p == line.c_str() || v.size() != curves.size() || step > start) break;
+      kept += line + "\n";
+      for (std::size_t c = 0; c < curves.size(); ++c) {
+        curves[c]->x.push_back(double(step));
+        curves[c]->y.push_back(v[c]);
+      }
+    }
+    return kept;
+  }
+
+  io::AppendFile file_;
+};
+
+// --resume refuses a layer flag whose value differs from the checkpoint's: the run continues
+// the saved model, so the flag would be ignored while the report showed it.
+void check_resume_flags(const Options& o, index_t k, const Config& c, const TranscoderConfig* t) {
+  auto same = [&](const char* flag, const std::string& given, const std::string& saved) {
+    MXD_CHECK(!o.layer_given.count(flag) || given == saved, "--", flag, " ", given,
+              " conflicts with the checkpoint resumed (", o.resume, "), whose ", flag, " is ",
+              saved, ": --resume continues the saved model, so drop --", flag);
+  };
+  const auto str = [](index_t v) { return std::to_string(static_cast<long long>(v)); };
+  same("d-in", str(o.layer.d_in), str(c.d_in));
+  same("d-hidden", str(o.layer.d_hidden), str(c.d_hidden));
+  same("d-out", str(o.layer.d_out), str(c.d_out));
+  same("experts", str(o.layer.n_experts), str(c.n_experts));
+  same("k", str(k), str(c.k));
+  same("activation", activation_name(o.layer.activation), activation_name(c.activation));
+  same("glu", o.layer.glu ? "on" : "off", c.glu ? "on" : "off");
+  same("skip", o.layer.skip ? "on" : "off", c.skip ? "on" : "off");
+  if (t)
+    same("expansion", str(o.expansion),
+         t->n_latents % t->d_in == 0 ? str(t->n_latents / t->d_in)
+                                     : str(t->n_latents) + " / " + str(t->d_in));
 }
 
 // Trains both models at one k; returns their rows and appends their loss curves.
@@ -521,6 +688,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
       io::load_optimizer(b, tc->opt);
       MXD_CHECK(tc->opt.t == start, bpath, " is at step ", tc->opt.t, " but ", mpath, " at ", start);
     }
+    check_resume_flags(o, k, rc, tc ? &tc->p.config : nullptr);
     MXD_CHECK(mxd->p.config.d_in == src.d_in() && mxd->p.config.d_out == src.d_out(), o.resume,
               " expects d_in = ", mxd->p.config.d_in, ", d_out = ", mxd->p.config.d_out,
               " but the data has ", src.d_in(), ", ", src.d_out());
@@ -573,6 +741,22 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   c_mxd.name = "mxd" + suffix;
   c_tc.name = (tc ? tc->name : std::string()) + suffix;
   std::vector<double> col_step, col_mxd, col_tc;
+  // A k sweep's log.csv has a column per model and k, so run() writes it after each k.
+  TrainLog log;
+  const bool writer = !par || d->root();
+  if (!sweep && writer) {
+    const std::string resumed_dir = o.resume.empty() ? std::string()
+                                    : std::filesystem::is_directory(o.resume) ? o.resume
+                                                                              : io::parent_dir(o.resume);
+    std::vector<std::string> names{"mxd"};
+    std::vector<Series*> logged{&c_mxd};
+    if (tc) {
+      names.push_back(tc->name);
+      logged.push_back(&c_tc);
+    }
+    log.open((std::filesystem::path(o.out) / "log.csv").string(), names, start,
+             (std::filesystem::path(resumed_dir) / "log.csv").string(), logged);
+  }
   Progress progress(o.steps, start, o.progress_every, sweep ? "k " + std::to_string(k) + ": " : "");
   using clock = std::chrono::steady_clock;
   // Commits both models after `steps_done` steps as one pair (CheckpointDir).
@@ -586,6 +770,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
         mxd->save(folder + "/mxd.safetensors");
         if (tc) tc->save(folder + "/" + tc->name + ".safetensors");
       });
+      log.sync();  // the log is as durable as the checkpoint
     };
     if (par) together(*d, write);
     else write();
@@ -600,6 +785,24 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
                            : "; the checkpoint resumed from (step " + std::to_string(start) +
                                  ") is unchanged";
     return Error(detail::concat("training stopped at step ", step, ": ", what, hint, last));
+  };
+  // A failed commit says what failed and why (the --lr hint is for losses only). One that
+  // failed after its commit point (linking the stable names) left its set to resume from.
+  auto failed_commit = [&](index_t step, index_t steps_done, const char* what) {
+    try {
+      if (ckpt_dir.latest().step == steps_done) committed = steps_done;
+    } catch (const Error&) {  // no readable manifest: nothing newer to point at
+    }
+    return stopped(step, detail::concat("the checkpoint of step ", steps_done, " failed: ", what), "");
+  };
+  auto commit_at = [&](index_t step, index_t steps_done) {
+    try {
+      commit(steps_done);
+    } catch (const Error& e) {
+      throw failed_commit(step, steps_done, e.what());
+    } catch (const std::filesystem::filesystem_error& e) {
+      throw failed_commit(step, steps_done, e.what());
+    }
   };
   const char* lr_hint = " (try a smaller --lr)";
   for (index_t step = start; step < o.steps; ++step) {
@@ -635,7 +838,10 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     if (!std::isfinite(l_mxd) || !std::isfinite(l_tc))
       throw stopped(step, detail::concat("the loss became ", std::isfinite(l_mxd) ? l_tc : l_mxd),
                     lr_hint);
-    if (++in_window == o.log_every || step + 1 == o.steps) {
+    // Rows at multiples of --log-every, whatever step a run resumed at: a resumed log has the
+    // rows of an uninterrupted one.
+    ++in_window;
+    if ((step + 1) % o.log_every == 0 || step + 1 == o.steps) {
       col_step.push_back(double(step + 1));
       col_mxd.push_back(sum_mxd / double(in_window));
       c_mxd.x.push_back(double(step + 1));
@@ -645,28 +851,34 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
         c_tc.x.push_back(double(step + 1));
         c_tc.y.push_back(sum_tc / double(in_window));
       }
+      try {
+        log.add(step + 1, tc ? std::vector<double>{col_mxd.back(), col_tc.back()}
+                             : std::vector<double>{col_mxd.back()});
+      } catch (const Error& e) {
+        throw stopped(step, e.what(), "");
+      }
       sum_mxd = sum_tc = 0;
       in_window = 0;
     }
     std::vector<ModelProgress> now{{"mxd", l_mxd, time_mxd}};
     if (tc) now.push_back({tc->name, l_tc, time_tc});
     if (!par || d->root()) progress.update(step, B, now);
-    if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.steps) {
-      try {
-        commit(step + 1);
-      } catch (const Error& e) {
-        throw stopped(step, e.what(), lr_hint);
-      }
-    }
+    if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.steps)
+      commit_at(step, step + 1);
   }
 
-  commit(o.steps);
+  commit_at(o.steps, o.steps);
+  try {
+    log.close();
+  } catch (const Error& e) {
+    throw stopped(o.steps, e.what(), "");
+  }
   mxd->trained_memory = mxd->memory_bytes();
   if (tc) tc->trained_memory = tc->memory_bytes();
   const double tokens = double(o.steps - start) * double(B);
   auto rate = [&](double seconds) { return seconds > 0 ? tokens / seconds : 0.0; };
   std::vector<Row> rows;
-  rows.push_back({"mxd", mxd->n_params(), k, evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}, {}});
+  rows.push_back({"mxd", mxd->n_params(), mxd->k(), evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}, {}});
   add_rank_figures(rows.back(), *mxd, d, o.steps - start);
   auto train_dead = [](const auto& m) { return double(m.dead.count()) / double(m.units()); };
   if (o.aux.enabled()) rows.front().train_dead = train_dead(*mxd);
@@ -675,7 +887,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   log_names.push_back("mxd" + suffix);
   curves.push_back(c_mxd);
   if (tc) {
-    rows.push_back({tc->name, tc->n_params(), k, evaluate(*tc, src, B, d), rate(time_tc), {}, {}, {}});
+    rows.push_back({tc->name, tc->n_params(), tc->k(), evaluate(*tc, src, B, d), rate(time_tc), {}, {}, {}});
     add_rank_figures(rows.back(), *tc, d, o.steps - start);
     if (o.aux.enabled()) rows.back().train_dead = train_dead(*tc);
     log_cols.push_back(col_tc);
@@ -705,6 +917,20 @@ std::vector<index_t> parse_ks(const std::string& s) {
   return ks;
 }
 
+// A k sweep's log.csv: the step column, then one per model and k (NaN where a model has no row).
+void write_sweep_log(const std::string& path, const std::vector<std::string>& names,
+                     const std::vector<std::vector<double>>& cols) {
+  std::string csv = "step";
+  for (const auto& n : names) csv += "," + n;
+  csv += "\n";
+  for (std::size_t i = 0; !cols.empty() && i < cols[0].size(); ++i) {
+    std::vector<double> values;
+    for (std::size_t c = 1; c < cols.size(); ++c) values.push_back(i < cols[c].size() ? cols[c][i] : NAN);
+    csv += csv_row(static_cast<index_t>(cols[0][i]), values);
+  }
+  io::write_file_durable(path, csv);
+}
+
 template <class T>
 int run(const Options& o) {
   std::unique_ptr<train::DataSource<T>> src;
@@ -728,6 +954,7 @@ int run(const Options& o) {
   std::vector<std::string> log_names;
   const bool sweep = o.ks.size() > 1;
   MXD_CHECK(!(sweep && !o.resume.empty()), "--resume cannot be combined with a k sweep");
+  const bool writer = !(o.dist && o.dist->comm) || o.dist->root();
   for (std::size_t ki = 0; ki < o.ks.size(); ++ki) {
     const std::size_t first = curves.size();
     auto r = train_at<T>(opt, o.ks[ki], *src, sweep, curves, log_cols, log_names);
@@ -736,6 +963,8 @@ int run(const Options& o) {
       curves[c].color = static_cast<int>(ki);
       curves[c].dashed = c > first;  // the baseline, dashed beside its MxD
     }
+    // A single k's log.csv grew as it trained (TrainLog); a sweep's gains its columns per k.
+    if (sweep && writer) write_sweep_log((std::filesystem::path(o.out) / "log.csv").string(), log_names, log_cols);
   }
   const Dist* d = o.dist;
   const bool par = d && d->comm;
@@ -780,20 +1009,7 @@ int run(const Options& o) {
   if (par)
     metrics["parallel"] = {{"mode", d->mode == Parallel::data ? "data" : "experts"},
                            {"processes", d->size()}, {"ranks", ranks}};
-  write_text_atomic((out / "metrics.json").string(), metrics.dump(2) + "\n");
-  std::string csv = "step";
-  for (const auto& n : log_names) csv += "," + n;
-  csv += "\n";
-  char buf[64];
-  for (std::size_t i = 0; !log_cols.empty() && i < log_cols[0].size(); ++i) {
-    csv += std::to_string(static_cast<long long>(log_cols[0][i]));
-    for (std::size_t c = 1; c < log_cols.size(); ++c) {
-      std::snprintf(buf, sizeof buf, ",%.8g", i < log_cols[c].size() ? log_cols[c][i] : NAN);
-      csv += buf;
-    }
-    csv += "\n";
-  }
-  write_text_atomic((out / "log.csv").string(), csv);
+  io::write_file_durable((out / "metrics.json").string(), metrics.dump(2) + "\n");
   Axes loss_axes;
   loss_axes.title = sweep ? "training loss (reference normalized MSE); dashed: the baseline at the same k"
                           : "training loss (reference normalized MSE)";
@@ -857,7 +1073,7 @@ int train_command(int argc, char** argv, Dist& dist) {
                         "parallel"})
     flags.insert(f);
   std::set<std::string> switches = layer_switches();
-  switches.insert({"no-norm-dec", "tf32"});
+  switches.insert({"no-norm-dec", "tf32", "overwrite"});
   Args args(argc, argv, argc < 2 ? argc : 2, flags, switches);
   if (args.help()) {
     std::printf(train_help, layer_flags_help(/*with_k=*/false).c_str());
@@ -924,6 +1140,11 @@ int train_command(int argc, char** argv, Dist& dist) {
   o.threads = threads_arg(args);
   o.out = args.get("out", o.out);
   o.resume = args.get("resume", "");
+  o.overwrite = args.flag("overwrite");
+  MXD_CHECK(!(o.overwrite && !o.resume.empty()),
+            "--overwrite starts a fresh run and --resume continues one: give one of them");
+  for (const char* f : {"d-in", "d-hidden", "d-out", "experts", "k", "activation", "glu", "skip", "expansion"})
+    if (args.has(f)) o.layer_given.insert(f);
   MXD_CHECK(o.batch > 0, "--batch = ", o.batch, " must be positive");
   MXD_CHECK(o.steps > 0, "--steps = ", o.steps, " must be positive");
   MXD_CHECK(o.warmup >= 0, "--warmup = ", o.warmup, " must be >= 0");
@@ -955,8 +1176,9 @@ int train_command(int argc, char** argv, Dist& dist) {
   MXD_CHECK(!(dist.comm && o.aux.enabled()),
             "--aux-k is not supported with --parallel yet (each rank would count dead units alone)");
   if (dist.comm) o.dist = &dist;
+  std::unique_ptr<OutLock> out_lock;  // held until the run returns
   together(dist, [&] {
-    if (dist.root()) prepare_out_dir(o.out);
+    if (dist.root()) out_lock = prepare_out_dir(o);
   });
   dist.same_everywhere = false;
   if (dtype == "bf16") return run<float>(o);

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -178,15 +179,21 @@ void load_optimizer(SafetensorsReader& f, AdamW<T, cpu, Set>& opt) {
 ///     });
 ///     auto last = dir.latest();     // step and file paths of the last committed set, if any
 ///
-/// Layout: each commit writes DIR/set_G<tag>.tmp/ (G one more than the committed set's), syncs
-/// every file and renames it to DIR/set_G<tag>/; DIR/checkpoint<tag>.json, naming that
-/// directory and the step, is then replaced atomically (the commit point); then every file is hard-linked (copied where links are impossible) to
+/// Layout: each commit first records the set it will write and the committed one in
+/// DIR/checkpoint<tag>.journal, writes DIR/set_G<tag>.tmp/ (G above the committed set's,
+/// skipping names already taken), syncs every file and renames it to DIR/set_G<tag>/;
+/// DIR/checkpoint<tag>.json, naming that directory and the step, is then replaced atomically
+/// (the commit point); then every file is hard-linked (copied where links are impossible) to
 /// DIR/<file name with the tag before its extension> for readers that want one stable path,
-/// and older sets are removed.
+/// and the previous set is removed. The only directories ever removed are those the manifest
+/// or the journal names (a user's own set_7/ is left alone); a failed commit removes what it
+/// wrote, and one killed mid-way is cleaned up by the next commit through the journal.
+/// Failures are IoErrors naming the file and the errno.
 class CheckpointDir {
 public:
   struct Set {
     long long step = -1;
+    std::string name;                // its directory in DIR, e.g. "set_3"
     std::vector<std::string> files;  // paths, in the order written
     /// The path of the file named `name` (e.g. "mxd.safetensors") in the set, or "".
     std::string file(const std::string& name) const {
@@ -201,38 +208,67 @@ public:
 
   /// The manifest's path: DIR/checkpoint<tag>.json.
   std::string manifest() const { return (std::filesystem::path(dir_) / ("checkpoint" + tag_ + ".json")).string(); }
+  /// The journal's path: DIR/checkpoint<tag>.journal (sets written but maybe not yet removed).
+  std::string journal() const { return (std::filesystem::path(dir_) / ("checkpoint" + tag_ + ".journal")).string(); }
 
   /// Writes the set of `step` through write(folder) and commits it (see the class comment).
   template <class Write>
   void commit(long long step, Write&& write) {
-    // A fresh name per commit, so the committed set is never touched until the next one is.
-    const std::string name = "set_" + std::to_string(current_generation() + 1) + tag_;
-    const std::filesystem::path dir(dir_), tmp = dir / (name + ".tmp"), final_dir = dir / name;
-    std::filesystem::remove_all(tmp);
-    std::filesystem::create_directories(tmp);
-    write(tmp.string());
-    std::vector<std::string> files;
-    for (const auto& e : std::filesystem::directory_iterator(tmp)) files.push_back(e.path().filename().string());
-    std::sort(files.begin(), files.end());
-    for (const auto& f : files) sync_file((tmp / f).string());
-    sync_dir(tmp.string());
-    std::filesystem::remove_all(final_dir);  // left by an earlier, killed run: never committed
-    std::filesystem::rename(tmp, final_dir);
-    sync_dir(dir_);
-    nlohmann::json m = {{"step", step}, {"dir", name}, {"files", files}};
-    write_file_durable(manifest(), m.dump(2) + "\n");  // the commit point
-    for (const auto& f : files) link_over(final_dir / f, dir / stable_name(f));
-    sync_dir(dir_);
-    remove_other_sets(name);
+    namespace fs = std::filesystem;
+    const std::string previous = committed_name();
+    remove_journaled(previous);
+    const std::string name = free_name(previous);
+    const fs::path dir(dir_), tmp = dir / (name + ".tmp"), final_dir = dir / name;
+    // No half-written set stays behind (one the manifest names is committed, and kept).
+    auto discard = [&] {
+      std::error_code ignored;
+      if (committed_name() == name) return;
+      fs::remove_all(tmp, ignored);
+      fs::remove_all(final_dir, ignored);
+    };
+    try {
+      std::error_code ec;
+      fs::create_directories(dir, ec);
+      if (ec) throw IoError::failed("cannot create '" + dir_ + "'", ec.value());
+      write_file_durable(journal(), name + "\n" + previous + "\n");
+      fs::create_directory(tmp, ec);
+      if (ec) throw IoError::failed("cannot create '" + tmp.string() + "'", ec.value());
+      write(tmp.string());
+      std::vector<std::string> files;
+      for (const auto& e : fs::directory_iterator(tmp, ec)) files.push_back(e.path().filename().string());
+      if (ec) throw IoError::failed("cannot list '" + tmp.string() + "'", ec.value());
+      std::sort(files.begin(), files.end());
+      for (const auto& f : files) sync_file((tmp / f).string());
+      sync_dir(tmp.string());
+      fs::rename(tmp, final_dir, ec);
+      if (ec) throw IoError::failed("cannot rename '" + tmp.string() + "' to '" + final_dir.string() + "'", ec.value());
+      sync_dir(dir_);
+      nlohmann::json m = {{"step", step}, {"dir", name}, {"files", files}};
+      write_file_durable(manifest(), m.dump(2) + "\n");  // the commit point
+      for (const auto& f : files) link_over(final_dir / f, dir / stable_name(f));
+      sync_dir(dir_);
+    } catch (const IoError& e) {
+      discard();
+      if (e.code != ENOSPC) throw;
+      throw IoError(std::string(e.what()) + " (a checkpoint needs room for two sets: the last "
+                    "committed one is kept until the new one is complete)", e.code);
+    } catch (...) {
+      discard();
+      throw;
+    }
+    remove_journaled(name);
+    std::error_code ec;
+    fs::remove(journal(), ec);
   }
 
   /// The last committed set; step -1 and no files when there is none. A manifest that does
   /// not name a complete set in this directory is an error.
   Set latest() const {
     Set out;
-    if (!std::filesystem::exists(manifest())) return out;
+    if (!regular_file_exists(manifest())) return out;
     std::ifstream in(manifest(), std::ios::binary);
     const std::string text((std::istreambuf_iterator<char>(in)), {});
+    MXD_CHECK(!in.bad(), "cannot read ", manifest());
     nlohmann::json m;
     try {
       m = nlohmann::json::parse(text);
@@ -247,12 +283,13 @@ public:
     MXD_CHECK(is_plain_name(name), manifest(), ": dir '", mxd::detail::printable(name),
               "' is not a directory name");
     out.step = m["step"].get<long long>();
+    out.name = name;
     MXD_CHECK(out.step >= 0, manifest(), ": step ", out.step, " is negative");
     for (const auto& f : m["files"]) {
       MXD_CHECK(f.is_string() && is_plain_name(f.get<std::string>()), manifest(),
                 ": files must be plain file names");
       const std::filesystem::path p = std::filesystem::path(dir_) / name / f.get<std::string>();
-      MXD_CHECK(std::filesystem::exists(p), manifest(), " names ", p.string(), ", which does not exist");
+      MXD_CHECK(regular_file_exists(p.string()), manifest(), " names ", p.string(), ", which does not exist");
       out.files.push_back(p.string());
     }
     return out;
@@ -274,17 +311,23 @@ private:
 
   // Replaces dst by a hard link to src (a copy where the file system has no links), atomically.
   static void link_over(const std::filesystem::path& src, const std::filesystem::path& dst) {
-    const std::filesystem::path tmp = dst.string() + ".tmp";
+    namespace fs = std::filesystem;
+    const fs::path tmp = dst.string() + ".tmp";
     std::error_code ec;
-    std::filesystem::remove(tmp, ec);
-    std::filesystem::create_hard_link(src, tmp, ec);
-    if (ec) std::filesystem::copy_file(src, tmp, std::filesystem::copy_options::overwrite_existing);
-    std::filesystem::rename(tmp, dst);
+    fs::remove(tmp, ec);
+    fs::create_hard_link(src, tmp, ec);
+    if (ec) fs::copy_file(src, tmp, fs::copy_options::overwrite_existing, ec);
+    if (ec) throw IoError::failed("cannot link or copy '" + src.string() + "' to '" + tmp.string() + "'", ec.value());
+    fs::rename(tmp, dst, ec);
+    if (ec) {
+      std::error_code ignored;
+      fs::remove(tmp, ignored);
+      throw IoError::failed("cannot rename '" + tmp.string() + "' to '" + dst.string() + "'", ec.value());
+    }
   }
 
-  // The generation G of a set directory named "set_G<tag>" (or "set_G<tag>.tmp"), else -1.
-  long long generation(std::string n) const {
-    if (n.size() > 4 && n.compare(n.size() - 4, 4, ".tmp") == 0) n.resize(n.size() - 4);
+  // The generation G of a set directory named "set_G<tag>", else -1.
+  long long generation(const std::string& n) const {
     if (n.rfind("set_", 0) != 0 || n.size() < 4 + tag_.size() ||
         n.compare(n.size() - tag_.size(), tag_.size(), tag_) != 0)
       return -1;
@@ -294,23 +337,39 @@ private:
     return std::stoll(digits);
   }
 
-  // The generation of the set the manifest names (-1 when there is no usable manifest: a
+  // The directory of the set the manifest names ("" when there is no usable manifest: a
   // fresh run may overwrite a directory whose manifest is broken).
-  long long current_generation() const {
+  std::string committed_name() const {
     try {
-      const Set s = latest();
-      return s.step < 0 ? -1 : generation(std::filesystem::path(s.files.empty() ? "" : s.files[0])
-                                              .parent_path().filename().string());
+      return latest().name;
     } catch (const Error&) {
-      return -1;
+      return "";
     }
   }
 
-  // Removes every set directory of this tag (and unfinished .tmp one) but `keep`.
-  void remove_other_sets(const std::string& keep) const {
-    for (const auto& e : std::filesystem::directory_iterator(dir_)) {
-      const std::string n = e.path().filename().string();
-      if (n != keep && e.is_directory() && generation(n) >= 0) std::filesystem::remove_all(e.path());
+  // The first set_G<tag> above `previous`'s generation with neither it nor its .tmp taken.
+  std::string free_name(const std::string& previous) const {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    for (long long g = generation(previous) + 1;; ++g) {
+      const std::string n = "set_" + std::to_string(g) + tag_;
+      if (!fs::exists(fs::path(dir_) / n, ec) && !fs::exists(fs::path(dir_) / (n + ".tmp"), ec)) return n;
+    }
+  }
+
+  // Removes every set the journal names (and its .tmp) but `keep`: sets an earlier commit
+  // wrote and did not finish, or replaced and did not remove before it was killed.
+  void remove_journaled(const std::string& keep) const {
+    namespace fs = std::filesystem;
+    if (!regular_file_exists(journal())) return;
+    std::ifstream in(journal());
+    std::error_code ec;
+    for (std::string n; std::getline(in, n);) {
+      if (n == keep || !is_plain_name(n) || generation(n) < 0) continue;
+      fs::remove_all(fs::path(dir_) / n, ec);
+      if (ec) throw IoError::failed("cannot remove the old checkpoint set '" + (fs::path(dir_) / n).string() + "'", ec.value());
+      fs::remove_all(fs::path(dir_) / (n + ".tmp"), ec);
+      if (ec) throw IoError::failed("cannot remove '" + (fs::path(dir_) / (n + ".tmp")).string() + "'", ec.value());
     }
   }
 

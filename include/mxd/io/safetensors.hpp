@@ -229,6 +229,7 @@ public:
 
   explicit SafetensorsReader(std::string path) : path_(std::move(path)) {
     MXD_CHECK(detail::little_endian(), "safetensors: a little-endian host is required");
+    regular_file_exists(path_);  // a missing file is reported by open() below
     errno = 0;
     file_.open(path_, std::ios::binary);
     MXD_CHECK(file_.good(), "safetensors: cannot open '", path_, "': ",
@@ -468,8 +469,8 @@ public:
     add(name, std::move(shape), data, dtype_of<T>());
   }
 
-  /// Writes to `path + ".tmp"`, syncs it, renames it over `path` and syncs the directory: a
-  /// failed write, a kill or a crash leaves either the old file or the complete new one.
+  /// Writes `path` through a DurableFile: a failed write, a full disk, a kill or a crash
+  /// leaves either the old file or the complete new one.
   void write(const std::string& path) const {
     std::vector<std::pair<std::string, const Entry*>> order;
     for (const auto& kv : tensors_) order.emplace_back(kv.first, &kv.second);
@@ -487,40 +488,14 @@ public:
     }
     std::string h = header.dump();
     h.append((8 - h.size() % 8) % 8, ' ');
-    const std::string tmp = path + ".tmp";
-    {
-      errno = 0;
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      MXD_CHECK(out.good(), "safetensors: cannot open '", tmp, "' for writing: ",
-                errno ? std::strerror(errno) : "unknown reason");
-      unsigned char len[8];
-      std::uint64_t n = h.size();
-      for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
-      out.write(reinterpret_cast<const char*>(len), 8);
-      out.write(h.data(), static_cast<std::streamsize>(h.size()));
-      for (const auto& [name, e] : order)
-        out.write(reinterpret_cast<const char*>(e->bytes.data()),
-                  static_cast<std::streamsize>(e->bytes.size()));
-      out.flush();
-      if (!out.good()) {
-        out.close();
-        std::remove(tmp.c_str());
-        throw Error("safetensors: writing '" + tmp + "' failed");
-      }
-    }
-    try {
-      sync_file(tmp);  // the data is on disk before the new name can point at it
-    } catch (const Error&) {
-      std::remove(tmp.c_str());
-      throw;
-    }
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) {
-      std::remove(tmp.c_str());
-      throw Error("safetensors: cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
-    }
-    sync_dir(parent_dir(path));
+    DurableFile out(path);
+    unsigned char len[8];
+    std::uint64_t n = h.size();
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
+    out.write(len, 8);
+    out.write(h);
+    for (const auto& [name, e] : order) out.write(e->bytes.data(), e->bytes.size());
+    out.commit();
   }
 
 private:
