@@ -195,7 +195,8 @@ class _Layer(torch.nn.Module):
             raise Error("topk(): no forward has run yet")
         if isinstance(self._last, tuple):  # from the ops: [B, K] tensors
             lead, idx, vals = self._last
-            return idx.long().reshape(*lead, -1), vals.reshape(*lead, -1)
+            shape = (*lead, idx.shape[-1])
+            return idx.long().reshape(shape), vals.reshape(shape)
         return self._last.topk()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
