@@ -15,19 +15,77 @@ contiguous [N, O] matrix, mxd's expert-major layout: assign it with .copy_() (lo
 does), never by replacing its .data with another layout.
 
 Errors from mxd (wrong shape, dtype, layout, k > n_experts, a bad file) raise mxd_torch.Error,
-a RuntimeError carrying mxd's message. CUDA tensors are refused: Debian's torch 1.13 is built
-without CUDA, and so is this extension.
+a RuntimeError carrying mxd's message. Layers live on the CPU (device='meta' gives their
+shapes only); the extension is built without CUDA.
+
+With torch >= 2.4 forward and backward are also torch.library custom ops (_ops.py), which
+torch.compile(model, fullgraph=True) and torch.export trace; eager calls run the same C++ code
+through an autograd.Function (the only route on older torch, such as Debian's 1.13).
 """
 import torch
 
 from . import _C
 
+_OPS = hasattr(torch.library, "custom_op")
+if _OPS:
+    from . import _ops
+
 __all__ = ["MxD", "TopKTranscoder", "SkipTranscoder", "Steering", "AdamW", "Error",
            "matched_experts", "read_safetensors"]
 
 Error = _C.Error
-Steering = _C.Steering
 matched_experts = _C.matched_experts
+
+_EDIT_OPS = ("add", "clamp", "zero")
+
+
+class Steering:
+    """Edits of MxD's expert coefficients after top-k (mxd's steering.hpp), applied per row in
+    the order given; each method returns the Steering, so edits chain:
+
+        add(n, v):   a_n += v (forced on with a_n = v if top-k did not select n)
+        clamp(n, v): a_n = v (forced on if not selected); no gradient reaches the gate for n
+        zero(n):     a_n = 0 (ablation); no gradient reaches the gate for n
+    """
+
+    def __init__(self):
+        self.edits = []  # (op, expert, value)
+
+    def add(self, expert, value):
+        self.edits.append(("add", int(expert), float(value)))
+        return self
+
+    def clamp(self, expert, value):
+        self.edits.append(("clamp", int(expert), float(value)))
+        return self
+
+    def zero(self, expert):
+        self.edits.append(("zero", int(expert), 0.0))
+        return self
+
+
+def _edit_lists(steering):
+    """The edits as mxd_torch's C++ side and ops take them: (op codes, experts, values)."""
+    edits = steering.edits if steering is not None else []
+    return ([_EDIT_OPS.index(op) for op, _, _ in edits], [e for _, e, _ in edits],
+            [v for _, _, v in edits])
+
+
+def _device(device):
+    """The device a layer's parameters are created on: the CPU, or 'meta' (shapes only)."""
+    d = torch.device("cpu" if device is None else device)
+    if d.type not in ("cpu", "meta"):
+        raise Error(f"device {d}: mxd_torch was built without CUDA; its layers live on the "
+                    f"CPU ('meta' gives their shapes only)")
+    return d
+
+
+def _on(tensors, device):
+    """The layer's initial parameters on `device`, in mxd's layouts."""
+    if device.type == "cpu":
+        return tensors
+    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            for t in tensors]
 
 
 def read_safetensors(path):
@@ -124,6 +182,10 @@ class _Layer(torch.nn.Module):
 
     def forward(self, x, steering=None):
         """x: [..., d_in] (contiguous, the parameters' dtype) -> [..., d_out]."""
+        if _OPS and _ops.traced(x):
+            y, idx, vals = self._op_forward(x, steering)
+            self._last = (x.shape[:-1], idx, vals)
+            return y
         return _LayerFunction.apply(self, steering, x, *self.params())
 
     def topk(self):
@@ -131,6 +193,10 @@ class _Layer(torch.nn.Module):
         the coefficients the experts were mixed with (steering edits add columns)."""
         if self._last is None:
             raise Error("topk(): no forward has run yet")
+        if isinstance(self._last, tuple):  # from the ops: [B, K] tensors
+            lead, idx, vals = self._last
+            shape = (*lead, idx.shape[-1])
+            return idx.long().reshape(shape), vals.reshape(shape)
         return self._last.topk()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -164,18 +230,27 @@ class MxD(_Layer):
     """
 
     def __init__(self, d_in, d_hidden, d_out, n_experts, k, activation="gelu", glu=False,
-                 skip=False, dtype=None, *, _config=None, _tensors=None):
+                 skip=False, dtype=None, device=None, *, _config=None, _tensors=None):
         super().__init__()
-        self.config = _config or _C.Config(d_in, d_hidden, d_out, n_experts, k, activation,
-                                           glu, skip)
-        tensors = _tensors if _tensors is not None else _C.mxd_init(
-            self.config, _seed(), _dtype_name(dtype))
-        self._register(self.config.names(), tensors)
+        device = _device(device)
+        c = self.config = _config or _C.Config(d_in, d_hidden, d_out, n_experts, k, activation,
+                                               glu, skip)
+        self._op_config = (c.k, c.activation, c.glu, c.skip)  # plain values, for tracing
+        meta = device.type == "meta"
+        tensors = _tensors if _tensors is not None else _on(_C.mxd_init(
+            c, None if meta else _seed(), _dtype_name(dtype)), device)
+        self._register(c.names(), tensors)
         self.steering = None
+
+    def _edits(self, steering):
+        return _edit_lists(steering if steering is not None else self.steering)
 
     def _forward(self, params, x, cache, steering, threads):
         return _C.mxd_forward(self.config, list(params), x, cache,
-                              steering if steering is not None else self.steering, threads)
+                              _C.Edits(*self._edits(steering)), threads)
+
+    def _op_forward(self, x, steering):
+        return _ops.mxd_forward(x, self.params(), self._op_config, self._edits(steering))
 
     def _backward(self, params, x, dy, cache, need_dx, reuse_ok, threads):
         return _C.mxd_backward(self.config, list(params), x, dy, cache, need_dx,
@@ -207,13 +282,16 @@ class TopKTranscoder(_Layer):
 
     W_enc [d_in, n_latents] is stored as the transpose of a contiguous [n_latents, d_in]."""
 
-    def __init__(self, d_in, d_out, n_latents, k, skip=False, dtype=None, *, _config=None,
-                 _tensors=None):
+    def __init__(self, d_in, d_out, n_latents, k, skip=False, dtype=None, device=None, *,
+                 _config=None, _tensors=None):
         super().__init__()
-        self.config = _config or _C.TranscoderConfig(d_in, d_out, n_latents, k, skip)
-        tensors = _tensors if _tensors is not None else _C.transcoder_init(
-            self.config, _seed(), _dtype_name(dtype))
-        self._register(self.config.names(), tensors)
+        device = _device(device)
+        c = self.config = _config or _C.TranscoderConfig(d_in, d_out, n_latents, k, skip)
+        self._op_config = (c.k, c.skip)
+        meta = device.type == "meta"
+        tensors = _tensors if _tensors is not None else _on(_C.transcoder_init(
+            c, None if meta else _seed(), _dtype_name(dtype)), device)
+        self._register(c.names(), tensors)
 
     def forward(self, x):
         """x: [..., d_in] (contiguous, the parameters' dtype) -> [..., d_out]."""
@@ -221,6 +299,9 @@ class TopKTranscoder(_Layer):
 
     def _forward(self, params, x, cache, steering, threads):
         return _C.transcoder_forward(self.config, list(params), x, cache, threads)
+
+    def _op_forward(self, x, steering):
+        return _ops.transcoder_forward(x, self.params(), self._op_config)
 
     def _backward(self, params, x, dy, cache, need_dx, reuse_ok, threads):
         return _C.transcoder_backward(self.config, list(params), x, dy, cache, need_dx,
@@ -248,8 +329,8 @@ class TopKTranscoder(_Layer):
 class SkipTranscoder(TopKTranscoder):
     """A TopK transcoder with a linear skip connection (needs d_in == d_out)."""
 
-    def __init__(self, d, n_latents, k, dtype=None):
-        super().__init__(d, d, n_latents, k, skip=True, dtype=dtype)
+    def __init__(self, d, n_latents, k, dtype=None, device=None):
+        super().__init__(d, d, n_latents, k, skip=True, dtype=dtype, device=device)
 
 
 class AdamW:

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,8 +48,8 @@ std::string shape_str(at::IntArrayRef s) {
 }
 
 void check_device(const at::Tensor& t, const char* name) {
-  MXD_CHECK(t.device().is_cpu(), name, " is on ", t.device().str(),
-            ": mxd_torch was built without CUDA, so tensors must be on the CPU");
+  MXD_CHECK(t.device().is_cpu(), name, " is on ", t.device().str(), ": mxd_torch computes on the CPU",
+            t.device().is_cuda() ? " (it was built without CUDA)" : "");
 }
 
 // The memory of parameter `name`, which mxd sees as row-major [rows, cols]. On the torch
@@ -240,31 +241,128 @@ void start(Cache& cache, const at::Tensor& x, bool transcoder) {
   cache.filled = false;
 }
 
+// Steering edits as the Python side passes them (plain lists, so that torch.library ops can
+// take them): op codes 0 add, 1 clamp, 2 zero, with their experts and values.
+struct Edits {
+  mxd::Steering steering;
+  Edits(const std::vector<int>& ops, const std::vector<index_t>& experts,
+        const std::vector<double>& values) {
+    MXD_CHECK(ops.size() == experts.size() && ops.size() == values.size(), "steering: ",
+              ops.size(), " ops, ", experts.size(), " experts and ", values.size(), " values");
+    for (std::size_t i = 0; i < ops.size(); ++i) {
+      MXD_CHECK(ops[i] >= 0 && ops[i] <= 2, "steering: unknown op code ", ops[i]);
+      if (ops[i] == 0) steering.add(experts[i], values[i]);
+      else if (ops[i] == 1) steering.clamp(experts[i], values[i]);
+      else steering.zero(experts[i]);
+    }
+  }
+  const mxd::Steering* get() const { return steering.edits.empty() ? nullptr : &steering; }
+  index_t count() const { return static_cast<index_t>(steering.edits.size()); }
+};
+
+// The custom ops (torch.library) are functions of tensors, so there the forward cache lives in
+// tensors the forward op returns and autograd saves; forward and backward bind a workspace of
+// the calling thread (its scratch reused from call to call) to them for one call.
+template <class W>
+W& scratch() {
+  thread_local W ws;
+  return ws;
+}
+
+template <class V>
+mxd::Tensor<V> borrow_2d(const at::Tensor& t) {
+  return mxd::Tensor<V>::borrow(t.data_ptr<V>(), t.size(0), t.size(1));
+}
+
+// Fresh tensors of `shapes` (the one at `int_at` int32, mxd's top-k indices).
+std::vector<at::Tensor> empty_saved(const std::vector<std::vector<std::int64_t>>& shapes,
+                                    at::TensorOptions opts, std::size_t int_at) {
+  std::vector<at::Tensor> out;
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    out.push_back(at::empty(shapes[i], i == int_at ? opts.dtype(at::kInt) : opts));
+  return out;
+}
+
+// Checks tensors handed back to a backward op against what its forward op returned.
+void check_saved(const std::vector<at::Tensor>& saved,
+                 const std::vector<std::vector<std::int64_t>>& shapes, at::ScalarType dtype,
+                 std::size_t int_at) {
+  MXD_CHECK(saved.size() == shapes.size(), "backward: ", saved.size(),
+            " saved tensors given, expected ", shapes.size());
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const at::Tensor& t = saved[i];
+    const std::string name = "saved tensor " + std::to_string(i);
+    MXD_CHECK(t.defined(), name, " is missing (None)");
+    check_device(t, name.c_str());
+    MXD_CHECK(t.scalar_type() == (i == int_at ? at::kInt : dtype) && t.sizes().vec() == shapes[i] &&
+                  t.is_contiguous(),
+              name, " (", c10::toString(t.scalar_type()), " ", shape_str(t.sizes()),
+              ") is not what the forward op returned: ", shape_str(shapes[i]));
+  }
+}
+
+// The number of columns of the saved top-k (k + steering edits), read from the indices.
+index_t saved_cols(const std::vector<at::Tensor>& saved, std::size_t idx_at, index_t k) {
+  return saved.size() > idx_at && saved[idx_at].dim() == 2 ? saved[idx_at].size(1) : k;
+}
+
 // ---- MxD ----
 
-// y = MxD(x); x: [..., I] -> y: [..., O]. The cache keeps what backward needs.
+// y = MxD(x) into ws's forward cache; x: [..., I] -> y: [..., O]. An empty batch gives an
+// empty y (and an empty cache).
+template <class T>
+at::Tensor mxd_forward_ws(const mxd::Config& c, const std::vector<at::Tensor>& params,
+                          const at::Tensor& x, mxd::Workspace<T>& ws, const Edits& edits,
+                          int threads) {
+  const index_t B = rows_of<T>(x, c.d_in, "x");
+  const mxd::Params<T> p = borrow_set<mxd::Params<T>>(c, params, "MxD parameters");
+  at::Tensor y = at::empty(with_last(x, c.d_out), x.options());
+  ws.ctx.threads = threads;
+  if (B == 0) {
+    ws.prepare_forward(c, 0, edits.count());
+    return y;
+  }
+  Compute run;
+  mxd::forward<T>(p, {x.data_ptr<T>(), B, c.d_in}, {y.data_ptr<T>(), B, c.d_out}, ws, edits.get());
+  return y;
+}
+
+// Gradients of L with dL/dy = dy for the forward cached in ws: (dx or None, [dL/dparam] in the
+// parameters' order and layouts), in `buffers` where reuse_ok allows (no buffers: fresh).
+// An empty batch gives zero gradients.
+template <class T>
+py::tuple mxd_backward_ws(const mxd::Config& c, const std::vector<at::Tensor>& params,
+                          const at::Tensor& x, const at::Tensor& dy, mxd::Workspace<T>& ws,
+                          bool need_dx, GradBuffers* buffers, const std::vector<bool>& reuse_ok,
+                          int threads) {
+  const index_t B = rows_of<T>(x, c.d_in, "x");
+  MXD_CHECK(rows_of<T>(dy, c.d_out, "dy") == B, "dy has shape ", shape_str(dy.sizes()),
+            " but x has ", B, " rows");
+  const mxd::Params<T> p = borrow_set<mxd::Params<T>>(c, params, "MxD parameters");
+  auto [g, grads] = allocate_set<mxd::Grads<T>>(c, x.options(), buffers, reuse_ok);
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  if (B == 0) {
+    for (at::Tensor& t : grads) t.zero_();
+  } else {
+    ws.ctx.threads = threads;
+    Compute run;
+    mxd::View<T> dxv = need_dx ? mxd::View<T>(dx.data_ptr<T>(), B, c.d_in) : mxd::View<T>();
+    mxd::backward<T>(p, {x.data_ptr<T>(), B, c.d_in}, {dy.data_ptr<T>(), B, c.d_out}, ws, g, dxv);
+  }
+  return py::make_tuple(need_dx ? py::cast(dx) : py::none(), grads);
+}
+
 at::Tensor mxd_forward(const mxd::Config& c, const std::vector<at::Tensor>& params,
-                       const at::Tensor& x, Cache& cache, const mxd::Steering* steering,
-                       int threads) {
+                       const at::Tensor& x, Cache& cache, const Edits& edits, int threads) {
   return by_dtype(first(params), "W_enc", [&](auto zero) {
     using T = decltype(zero);
-    const index_t B = rows_of<T>(x, c.d_in, "x");
-    const mxd::Params<T> p = borrow_set<mxd::Params<T>>(c, params, "MxD parameters");
-    at::Tensor y = at::empty(with_last(x, c.d_out), x.options());
     start(cache, x, false);
-    auto& ws = cache.mxd_ws<T>();
-    ws.ctx.threads = threads;
-    {
-      Compute run;
-      mxd::forward<T>(p, {x.data_ptr<T>(), B, c.d_in}, {y.data_ptr<T>(), B, c.d_out}, ws, steering);
-    }
+    at::Tensor y = mxd_forward_ws<T>(c, params, x, cache.mxd_ws<T>(), edits, threads);
     cache.filled = true;
     return y;
   });
 }
 
-// Gradients of L with dL/dy = dy for the forward in `cache`: (dx or None, [dL/dparam] in
-// the parameters' order and layouts).
 py::tuple mxd_backward(const mxd::Config& c, const std::vector<at::Tensor>& params,
                        const at::Tensor& x, const at::Tensor& dy, Cache& cache, bool need_dx,
                        GradBuffers& buffers, const std::vector<bool>& reuse_ok, int threads) {
@@ -272,39 +370,118 @@ py::tuple mxd_backward(const mxd::Config& c, const std::vector<at::Tensor>& para
     using T = decltype(zero);
     MXD_CHECK(cache.filled && !cache.transcoder && cache.dtype == x.scalar_type(),
               "backward: the cache holds no MxD forward of this dtype");
+    return mxd_backward_ws<T>(c, params, x, dy, cache.mxd_ws<T>(), need_dx, &buffers, reuse_ok,
+                              threads);
+  });
+}
+
+// The custom ops' MxD cache: hpre [B, H], g [B or 0 (no glu), H], z [B, H], u [B, O],
+// v [B, O], topk_idx int32 [B, K], topk_val [B, K], coef [B or 0 (unsteered), K]; K = k + edits.
+constexpr std::size_t mxd_idx_at = 5;
+std::vector<std::vector<std::int64_t>> mxd_saved_shapes(const mxd::Config& c, index_t B, index_t K) {
+  const index_t H = c.d_hidden, O = c.d_out;
+  return {{B, H}, {c.glu ? B : 0, H}, {B, H}, {B, O}, {B, O}, {B, K}, {B, K}, {K > c.k ? B : 0, K}};
+}
+
+template <class T>
+struct BoundMxd {
+  mxd::Workspace<T>& ws;
+  BoundMxd(const std::vector<at::Tensor>& s, index_t B) : ws(scratch<mxd::Workspace<T>>()) {
+    ws.hpre = borrow_2d<T>(s[0]);
+    ws.g = borrow_2d<T>(s[1]);
+    ws.z = borrow_2d<T>(s[2]);
+    ws.u = borrow_2d<T>(s[3]);
+    ws.v = borrow_2d<T>(s[4]);
+    ws.topk_idx = borrow_2d<std::int32_t>(s[5]);
+    ws.topk_val = borrow_2d<T>(s[6]);
+    ws.coef = borrow_2d<T>(s[7]);
+    ws.batch = B;
+    ws.steered = s[7].size(0) > 0;
+  }
+  ~BoundMxd() {
+    for (auto* t : {&ws.hpre, &ws.g, &ws.z, &ws.u, &ws.v, &ws.topk_val, &ws.coef}) *t = {};
+    ws.topk_idx = {};
+    ws.batch = 0;
+  }
+};
+
+// The forward op: (y, [the cache tensors]).
+py::tuple mxd_forward_op(const mxd::Config& c, const std::vector<at::Tensor>& params,
+                         const at::Tensor& x, const Edits& edits, int threads) {
+  return by_dtype(first(params), "W_enc", [&](auto zero) {
+    using T = decltype(zero);
     const index_t B = rows_of<T>(x, c.d_in, "x");
-    MXD_CHECK(rows_of<T>(dy, c.d_out, "dy") == B, "dy has shape ", shape_str(dy.sizes()),
-              " but x has ", B, " rows");
-    const mxd::Params<T> p = borrow_set<mxd::Params<T>>(c, params, "MxD parameters");
-    auto [g, grads] = allocate_set<mxd::Grads<T>>(c, x.options(), &buffers, reuse_ok);
-    at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
-    auto& ws = cache.mxd_ws<T>();
-    ws.ctx.threads = threads;
-    {
-      Compute run;
-      mxd::View<T> dxv = need_dx ? mxd::View<T>(dx.data_ptr<T>(), B, c.d_in) : mxd::View<T>();
-      mxd::backward<T>(p, {x.data_ptr<T>(), B, c.d_in}, {dy.data_ptr<T>(), B, c.d_out}, ws, g, dxv);
-    }
-    return py::make_tuple(need_dx ? py::cast(dx) : py::none(), grads);
+    std::vector<at::Tensor> saved =
+        empty_saved(mxd_saved_shapes(c, B, c.k + edits.count()), x.options(), mxd_idx_at);
+    BoundMxd<T> bound(saved, B);
+    at::Tensor y = mxd_forward_ws<T>(c, params, x, bound.ws, edits, threads);
+    return py::make_tuple(y, saved);
+  });
+}
+
+// The backward op, over the forward op's cache tensors: (dx or None, [dL/dparam]), all fresh.
+py::tuple mxd_backward_op(const mxd::Config& c, const std::vector<at::Tensor>& params,
+                          const at::Tensor& x, const at::Tensor& dy,
+                          const std::vector<at::Tensor>& saved, bool need_dx, int threads) {
+  return by_dtype(first(params), "W_enc", [&](auto zero) {
+    using T = decltype(zero);
+    const index_t B = rows_of<T>(x, c.d_in, "x");
+    const index_t K = saved_cols(saved, mxd_idx_at, c.k);
+    check_saved(saved, mxd_saved_shapes(c, B, K), x.scalar_type(), mxd_idx_at);
+    BoundMxd<T> bound(saved, B);
+    return mxd_backward_ws<T>(c, params, x, dy, bound.ws, need_dx, nullptr, {}, threads);
   });
 }
 
 // ---- TopK / skip transcoders ----
 
+template <class T>
+at::Tensor transcoder_forward_ws(const mxd::TranscoderConfig& c, const std::vector<at::Tensor>& params,
+                                 const at::Tensor& x, mxd::TranscoderWorkspace<T>& ws, int threads) {
+  const index_t B = rows_of<T>(x, c.d_in, "x");
+  const auto p = borrow_set<mxd::TranscoderParams<T>>(c, params, "transcoder parameters");
+  at::Tensor y = at::empty(with_last(x, c.d_out), x.options());
+  ws.ctx.threads = threads;
+  if (B == 0) {
+    ws.batch = 0;
+    ws.topk_idx.resize(0, c.k, false);
+    ws.topk_val.resize(0, c.k, false);
+    return y;
+  }
+  Compute run;
+  mxd::transcoder_forward<T>(p, {x.data_ptr<T>(), B, c.d_in}, {y.data_ptr<T>(), B, c.d_out}, ws);
+  return y;
+}
+
+template <class T>
+py::tuple transcoder_backward_ws(const mxd::TranscoderConfig& c, const std::vector<at::Tensor>& params,
+                                 const at::Tensor& x, const at::Tensor& dy,
+                                 mxd::TranscoderWorkspace<T>& ws, bool need_dx, GradBuffers* buffers,
+                                 const std::vector<bool>& reuse_ok, int threads) {
+  const index_t B = rows_of<T>(x, c.d_in, "x");
+  MXD_CHECK(rows_of<T>(dy, c.d_out, "dy") == B, "dy has shape ", shape_str(dy.sizes()),
+            " but x has ", B, " rows");
+  const auto p = borrow_set<mxd::TranscoderParams<T>>(c, params, "transcoder parameters");
+  auto [g, grads] = allocate_set<mxd::TranscoderParams<T>>(c, x.options(), buffers, reuse_ok);
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  if (B == 0) {
+    for (at::Tensor& t : grads) t.zero_();
+  } else {
+    ws.ctx.threads = threads;
+    Compute run;
+    mxd::View<T> dxv = need_dx ? mxd::View<T>(dx.data_ptr<T>(), B, c.d_in) : mxd::View<T>();
+    mxd::transcoder_backward<T>(p, {x.data_ptr<T>(), B, c.d_in}, {dy.data_ptr<T>(), B, c.d_out},
+                                ws, g, dxv);
+  }
+  return py::make_tuple(need_dx ? py::cast(dx) : py::none(), grads);
+}
+
 at::Tensor transcoder_forward(const mxd::TranscoderConfig& c, const std::vector<at::Tensor>& params,
                               const at::Tensor& x, Cache& cache, int threads) {
   return by_dtype(first(params), "W_enc", [&](auto zero) {
     using T = decltype(zero);
-    const index_t B = rows_of<T>(x, c.d_in, "x");
-    const auto p = borrow_set<mxd::TranscoderParams<T>>(c, params, "transcoder parameters");
-    at::Tensor y = at::empty(with_last(x, c.d_out), x.options());
     start(cache, x, true);
-    auto& ws = cache.tc_ws<T>();
-    ws.ctx.threads = threads;
-    {
-      Compute run;
-      mxd::transcoder_forward<T>(p, {x.data_ptr<T>(), B, c.d_in}, {y.data_ptr<T>(), B, c.d_out}, ws);
-    }
+    at::Tensor y = transcoder_forward_ws<T>(c, params, x, cache.tc_ws<T>(), threads);
     cache.filled = true;
     return y;
   });
@@ -317,21 +494,54 @@ py::tuple transcoder_backward(const mxd::TranscoderConfig& c, const std::vector<
     using T = decltype(zero);
     MXD_CHECK(cache.filled && cache.transcoder && cache.dtype == x.scalar_type(),
               "backward: the cache holds no transcoder forward of this dtype");
+    return transcoder_backward_ws<T>(c, params, x, dy, cache.tc_ws<T>(), need_dx, &buffers,
+                                     reuse_ok, threads);
+  });
+}
+
+// The custom ops' transcoder cache: topk_idx int32 [B, k], topk_val [B, k].
+constexpr std::size_t tc_idx_at = 0;
+std::vector<std::vector<std::int64_t>> tc_saved_shapes(const mxd::TranscoderConfig& c, index_t B) {
+  return {{B, c.k}, {B, c.k}};
+}
+
+template <class T>
+struct BoundTranscoder {
+  mxd::TranscoderWorkspace<T>& ws;
+  BoundTranscoder(const std::vector<at::Tensor>& s, index_t B)
+      : ws(scratch<mxd::TranscoderWorkspace<T>>()) {
+    ws.topk_idx = borrow_2d<std::int32_t>(s[0]);
+    ws.topk_val = borrow_2d<T>(s[1]);
+    ws.batch = B;
+  }
+  ~BoundTranscoder() {
+    ws.topk_idx = {};
+    ws.topk_val = {};
+    ws.batch = 0;
+  }
+};
+
+py::tuple transcoder_forward_op(const mxd::TranscoderConfig& c, const std::vector<at::Tensor>& params,
+                                const at::Tensor& x, int threads) {
+  return by_dtype(first(params), "W_enc", [&](auto zero) {
+    using T = decltype(zero);
     const index_t B = rows_of<T>(x, c.d_in, "x");
-    MXD_CHECK(rows_of<T>(dy, c.d_out, "dy") == B, "dy has shape ", shape_str(dy.sizes()),
-              " but x has ", B, " rows");
-    const auto p = borrow_set<mxd::TranscoderParams<T>>(c, params, "transcoder parameters");
-    auto [g, grads] = allocate_set<mxd::TranscoderParams<T>>(c, x.options(), &buffers, reuse_ok);
-    at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::Tensor();
-    auto& ws = cache.tc_ws<T>();
-    ws.ctx.threads = threads;
-    {
-      Compute run;
-      mxd::View<T> dxv = need_dx ? mxd::View<T>(dx.data_ptr<T>(), B, c.d_in) : mxd::View<T>();
-      mxd::transcoder_backward<T>(p, {x.data_ptr<T>(), B, c.d_in}, {dy.data_ptr<T>(), B, c.d_out},
-                                  ws, g, dxv);
-    }
-    return py::make_tuple(need_dx ? py::cast(dx) : py::none(), grads);
+    std::vector<at::Tensor> saved = empty_saved(tc_saved_shapes(c, B), x.options(), tc_idx_at);
+    BoundTranscoder<T> bound(saved, B);
+    at::Tensor y = transcoder_forward_ws<T>(c, params, x, bound.ws, threads);
+    return py::make_tuple(y, saved);
+  });
+}
+
+py::tuple transcoder_backward_op(const mxd::TranscoderConfig& c, const std::vector<at::Tensor>& params,
+                                 const at::Tensor& x, const at::Tensor& dy,
+                                 const std::vector<at::Tensor>& saved, bool need_dx, int threads) {
+  return by_dtype(first(params), "W_enc", [&](auto zero) {
+    using T = decltype(zero);
+    const index_t B = rows_of<T>(x, c.d_in, "x");
+    check_saved(saved, tc_saved_shapes(c, B), x.scalar_type(), tc_idx_at);
+    BoundTranscoder<T> bound(saved, B);
+    return transcoder_backward_ws<T>(c, params, x, dy, bound.ws, need_dx, nullptr, {}, threads);
   });
 }
 
@@ -350,22 +560,24 @@ decltype(auto) by_scalar(at::ScalarType t, F&& f) {
   return f(double{});
 }
 
-// The authors' initialisation (mxd::init_params), written into fresh torch tensors.
-std::vector<at::Tensor> mxd_init(const mxd::Config& c, std::uint64_t seed, const std::string& dtype) {
+// The authors' initialisation (mxd::init_params), written into fresh torch tensors; without
+// a seed the tensors are left unwritten (their layouts, for a layer on the meta device).
+std::vector<at::Tensor> mxd_init(const mxd::Config& c, std::optional<std::uint64_t> seed,
+                                 const std::string& dtype) {
   return by_scalar(dtype_arg(dtype), [&](auto zero) {
     using T = decltype(zero);
     auto [p, tensors] = allocate_set<mxd::Params<T>>(c, at::TensorOptions(scalar_of<T>()));
-    mxd::init_params(p, seed);
+    if (seed) mxd::init_params(p, *seed);
     return tensors;
   });
 }
 
-std::vector<at::Tensor> transcoder_init(const mxd::TranscoderConfig& c, std::uint64_t seed,
-                                        const std::string& dtype) {
+std::vector<at::Tensor> transcoder_init(const mxd::TranscoderConfig& c,
+                                        std::optional<std::uint64_t> seed, const std::string& dtype) {
   return by_scalar(dtype_arg(dtype), [&](auto zero) {
     using T = decltype(zero);
     auto [p, tensors] = allocate_set<mxd::TranscoderParams<T>>(c, at::TensorOptions(scalar_of<T>()));
-    mxd::init_transcoder(p, seed);
+    if (seed) mxd::init_transcoder(p, *seed);
     return tensors;
   });
 }
@@ -568,22 +780,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return names;
       });
 
-  py::class_<mxd::Steering>(m, "Steering", "Edits of the expert coefficients after top-k (steering.hpp)")
-      .def(py::init<>())
-      .def("add", &mxd::Steering::add, py::arg("expert"), py::arg("value"),
-           py::return_value_policy::reference_internal, "a_n += value (forced on if not selected)")
-      .def("clamp", &mxd::Steering::clamp, py::arg("expert"), py::arg("value"),
-           py::return_value_policy::reference_internal, "a_n = value; no gate gradient for n")
-      .def("zero", &mxd::Steering::zero, py::arg("expert"),
-           py::return_value_policy::reference_internal, "a_n = 0 (ablation)")
-      .def_property_readonly("edits", [](const mxd::Steering& s) {
-        py::list out;
-        for (const auto& e : s.edits) {
-          const char* op = e.op == mxd::Steering::Op::add ? "add" : e.op == mxd::Steering::Op::clamp ? "clamp" : "zero";
-          out.append(py::make_tuple(op, e.expert, e.value));
-        }
-        return out;
-      });
+  py::class_<Edits>(m, "Edits", "Steering edits (mxd_torch.Steering's lists) as mxd::Steering")
+      .def(py::init<const std::vector<int>&, const std::vector<index_t>&, const std::vector<double>&>(),
+           py::arg("ops"), py::arg("experts"), py::arg("values"));
 
   py::class_<Cache>(m, "Cache").def(py::init<>()).def("topk", &Cache::topk);
   py::class_<GradBuffers>(m, "GradBuffers").def(py::init<>());
@@ -605,7 +804,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("steps", &Optimizer::steps);
 
   m.def("mxd_forward", &mxd_forward, py::arg("config"), py::arg("params"), py::arg("x"),
-        py::arg("cache"), py::arg("steering"), py::arg("threads"));
+        py::arg("cache"), py::arg("edits"), py::arg("threads"));
   m.def("mxd_backward", &mxd_backward, py::arg("config"), py::arg("params"), py::arg("x"),
         py::arg("dy"), py::arg("cache"), py::arg("need_dx"), py::arg("buffers"),
         py::arg("reuse_ok"), py::arg("threads"));
@@ -614,6 +813,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transcoder_backward", &transcoder_backward, py::arg("config"), py::arg("params"),
         py::arg("x"), py::arg("dy"), py::arg("cache"), py::arg("need_dx"), py::arg("buffers"),
         py::arg("reuse_ok"), py::arg("threads"));
+  m.def("mxd_forward_op", &mxd_forward_op, py::arg("config"), py::arg("params"), py::arg("x"),
+        py::arg("edits"), py::arg("threads"));
+  m.def("mxd_backward_op", &mxd_backward_op, py::arg("config"), py::arg("params"), py::arg("x"),
+        py::arg("dy"), py::arg("saved"), py::arg("need_dx"), py::arg("threads"));
+  m.def("transcoder_forward_op", &transcoder_forward_op, py::arg("config"), py::arg("params"),
+        py::arg("x"), py::arg("threads"));
+  m.def("transcoder_backward_op", &transcoder_backward_op, py::arg("config"), py::arg("params"),
+        py::arg("x"), py::arg("dy"), py::arg("saved"), py::arg("need_dx"), py::arg("threads"));
   m.def("mxd_init", &mxd_init, py::arg("config"), py::arg("seed"), py::arg("dtype"));
   m.def("transcoder_init", &transcoder_init, py::arg("config"), py::arg("seed"), py::arg("dtype"));
   m.def("mxd_load", &mxd_load, py::arg("path"), py::arg("dtype"));
