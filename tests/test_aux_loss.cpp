@@ -8,7 +8,7 @@
 #include <numeric>
 
 #include <mxd/baselines/transcoder.hpp>
-#include <mxd/io/dead_units_io.hpp>
+#include <mxd/train/dead_units_io.hpp>
 #include <mxd/train/aux_loss.hpp>
 
 #include "testing.hpp"
@@ -357,11 +357,11 @@ TEST_CASE("the dead-unit state round-trips through its file; another unit count 
   DeadUnits d(5, 7);
   d.restore({0, 9, 3, 70000000000LL, 7});
   const std::string path = scratch_path("dead.safetensors").string();
-  io::save_dead_units(path, d);
+  train::save_dead_units(path, d);
   DeadUnits back(5, 7);
-  io::load_dead_units(path, back);
+  train::load_dead_units(path, back);
   CHECK(back.tokens_since() == d.tokens_since());
   DeadUnits other(6, 7);
-  CHECK(error_of([&] { io::load_dead_units(path, other); }) ==
+  CHECK(error_of([&] { train::load_dead_units(path, other); }) ==
         path + ": tokens_since has shape [5] but the model has 6 units");
 }

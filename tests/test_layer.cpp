@@ -11,6 +11,10 @@
 
 #include "testing.hpp"
 
+// The backend contract (backend.hpp): every primitive with its signature, on the host.
+static_assert(mxd::backend_contract_holds<mxd::cpu, float>() &&
+              mxd::backend_contract_holds<mxd::cpu, double>());
+
 using namespace mxd;
 using namespace mxd_test;
 using io::SafetensorsReader;

@@ -26,7 +26,7 @@
 #include <mxd/dist/expert_parallel.hpp>
 #include <mxd/init.hpp>
 #include <mxd/io/checkpoint.hpp>
-#include <mxd/io/dead_units_io.hpp>
+#include <mxd/train/dead_units_io.hpp>
 #include <mxd/io/durable.hpp>
 #include <mxd/mxd.hpp>
 #include <mxd/train/aux_loss.hpp>
@@ -265,12 +265,12 @@ struct Model {
   void save(const std::string& path) {
     if (gpu) gpu->download(p, opt);
     io::save_checkpoint(path, p, &opt);
-    if (aux.enabled()) io::save_dead_units(dead_file(path), dead);
+    if (aux.enabled()) train::save_dead_units(dead_file(path), dead);
   }
   // --aux-k on a resumed model: its dead-unit state from beside `path`, when it was saved.
   void resume_aux(const std::string& path) {
     if (!aux.enabled()) return;
-    if (std::filesystem::exists(dead_file(path))) io::load_dead_units(dead_file(path), dead);
+    if (std::filesystem::exists(dead_file(path))) train::load_dead_units(dead_file(path), dead);
     else
       std::fprintf(stderr, "mxd: note: %s has no dead-unit state beside it; the dead window "
                            "restarts\n", path.c_str());

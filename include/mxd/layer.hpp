@@ -23,16 +23,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "backend.hpp"
 #include "params.hpp"
 #include "steering.hpp"
 #include "tensor.hpp"
 #include "workspace.hpp"
 
 namespace mxd {
-
-/// The primitives a device provides; specialised in backend/cpu.hpp and backend/cuda.cuh.
-template <class Device>
-struct backend;
 
 /// What backward does with gradient buffers that already hold values.
 enum class GradMode {

@@ -14,7 +14,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "layer.hpp"
+#include "backend.hpp"
 #include "params.hpp"
 
 namespace mxd {
@@ -48,12 +48,6 @@ struct AdamWConfig {
   }
 };
 
-/// The per-step scalars of one AdamW update, as torch computes them.
-struct AdamWStep {
-  double lr, beta1, beta2, eps, weight_decay;
-  double bias_correction1;       // 1 - beta1^t
-  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
-};
 
 /// AdamW over every tensor of a parameter set (an MxD's Params by default, or any type with
 /// `config` and `for_each(name, tensor)` constructible from its config, like the transcoder

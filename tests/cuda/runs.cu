@@ -4,6 +4,10 @@
 
 #include <mxd/cuda.cuh>
 
+// The backend contract (backend.hpp): every primitive with its signature, on the GPU.
+static_assert(mxd::backend_contract_holds<mxd::cuda, float>() &&
+              mxd::backend_contract_holds<mxd::cuda, double>());
+
 namespace mxd_cuda_test {
 
 using namespace mxd;

@@ -23,9 +23,8 @@
 #include <Eigen/Core>
 
 #include "../activation.hpp"
+#include "../backend.hpp"
 #include "../finite.hpp"
-#include "../layer.hpp"
-#include "../optim.hpp"
 #include "../tensor.hpp"
 #include "gemm.hpp"
 #include "thread_pool.hpp"

@@ -17,8 +17,7 @@
 #include <cub/device/device_segmented_sort.cuh>
 
 #include "../activation.hpp"
-#include "../layer.hpp"
-#include "../optim.hpp"
+#include "../backend.hpp"
 #include "../tensor.hpp"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.cuh"

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: MIT
-/// @file io/dead_units_io.hpp
-/// @brief The dead-unit tracker's state (train/aux_loss.hpp) in a safetensors file beside a
+/// @file train/dead_units_io.hpp
+/// @brief The dead-unit tracker's state (train/dead_units.hpp) in a safetensors file beside a
 /// checkpoint, so a run with the AuxK loss resumes with the same dead units, bit for bit.
 ///
-///     mxd::io::save_dead_units("mxd.dead.safetensors", dead);      // atomic
-///     mxd::io::load_dead_units("mxd.dead.safetensors", dead);      // same unit count
+///     mxd::train::save_dead_units("mxd.dead.safetensors", dead);      // atomic
+///     mxd::train::load_dead_units("mxd.dead.safetensors", dead);      // same unit count
 ///
 /// Keys: `tokens_since` I64 [N], tokens since each unit was last selected; metadata
 /// `model` = dead_units and `window` (informational: the window is a setting, not state).
@@ -12,14 +12,14 @@
 
 #include <string>
 
-#include "../train/aux_loss.hpp"
-#include "safetensors.hpp"
+#include "../io/safetensors.hpp"
+#include "dead_units.hpp"
 
-namespace mxd::io {
+namespace mxd::train {
 
 /// Writes the tracker's state to `path` (atomically, durably).
-inline void save_dead_units(const std::string& path, const train::DeadUnits& dead) {
-  SafetensorsWriter w;
+inline void save_dead_units(const std::string& path, const DeadUnits& dead) {
+  io::SafetensorsWriter w;
   w.set_metadata("model", "dead_units");
   w.set_metadata("window", std::to_string(dead.window()));
   w.add("tokens_since", {static_cast<std::int64_t>(dead.units())}, dead.tokens_since().data());
@@ -27,8 +27,8 @@ inline void save_dead_units(const std::string& path, const train::DeadUnits& dea
 }
 
 /// Restores the tracker's state from `path`; the file must hold one count per unit of `dead`.
-inline void load_dead_units(const std::string& path, train::DeadUnits& dead) {
-  SafetensorsReader f(path);
+inline void load_dead_units(const std::string& path, DeadUnits& dead) {
+  io::SafetensorsReader f(path);
   auto it = f.metadata().find("model");
   MXD_CHECK(it != f.metadata().end() && it->second == "dead_units", path,
             ": not a dead-unit state file (metadata 'model' is not 'dead_units')");
@@ -39,4 +39,4 @@ inline void load_dead_units(const std::string& path, train::DeadUnits& dead) {
   dead.restore(f.read_all<std::int64_t>("tokens_since", {dead.units()}));
 }
 
-}  // namespace mxd::io
+}  // namespace mxd::train

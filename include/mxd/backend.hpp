@@ -1,0 +1,87 @@
+// SPDX-License-Identifier: MIT
+/// @file backend.hpp
+/// @brief The backend contract: what a device provides so that the layer, the baselines, the
+/// AuxK loss and AdamW, written once over backend<Device>, run on it.
+///
+/// backend<cpu> (backend/cpu.hpp) and backend<cuda> (backend/cuda.cuh) specialise the
+/// declaration below with these static members, for T = float and double. Views are
+/// View<T, Device> (written) and InView<T, Device> (read); every view is on the device; calls
+/// are ordered on ctx (a stream on the GPU) and results are bit-identical for any thread count
+/// or launch geometry. Shapes: B rows, N experts (or latents), k selected per row.
+///
+///     gemm(ctx, trans_a, trans_b, alpha, A, B, beta, C)       C = alpha op(A) op(B) + beta C
+///     bias_activation(ctx, act, hpre, b_enc, g, b_glu, z)      hpre += b_enc; z = act(hpre) (* g + b_glu)
+///     gate_topk(ctx, scores, b_gate, k, idx, val, row0)        relu(scores + b_gate), top-k per row
+///     mix_experts(ctx, idx, val, C, u, b_out, v, y, accumulate)  v = val C[idx]; y (+)= u * v + b_out
+///     col_sum(ctx, A, beta, out)                               out = beta out + sum of A's rows
+///     output_backward(ctx, dy, u, v, du, dv)                   du = dy * v, dv = dy * u
+///     expert_coefficient_grad(ctx, idx, val, C, dv, ds)        ds = [val > 0] dv . C[idx]
+///     group_by_expert(ctx, idx, N, order, offsets)             stable counting sort by expert
+///     expert_weight_grads(ctx, idx, val, ds, order, offsets, dv, x, dC, dG, db_gate, accumulate)
+///     gather_rows_add(ctx, idx, ds, G, dx)                     dx += ds G[idx]
+///     activation_backward(ctx, act, hpre, g, dz, dhpre, dg)    through act (and GLU)
+///     find_non_finite(ctx, v) -> index_t                       first NaN/Inf position, or -1
+///     adamw_update(ctx, p, g, m, v, step)                      one torch.optim.AdamW update
+///     remove_parallel_rows(ctx, C, g)                          g[n] -= (g[n].c[n] / |c[n]|^2) c[n]
+///     normalize_rows(ctx, C)                                   rows of C to unit norm
+///
+/// backend_contract_holds<Device, T>() checks every signature at compile time; the test suites
+/// static_assert it for both devices.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "activation.hpp"
+#include "tensor.hpp"
+
+namespace mxd {
+
+/// The primitives a device provides; specialised in backend/cpu.hpp and backend/cuda.cuh.
+template <class Device>
+struct backend;
+
+/// The per-step scalars of one AdamW update, as torch computes them (adamw_update's argument).
+struct AdamWStep {
+  double lr, beta1, beta2, eps, weight_decay;
+  double bias_correction1;       // 1 - beta1^t
+  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+};
+
+namespace detail {
+// A value of type X in unevaluated operands (decltype) only; never defined.
+template <class X>
+X arg();
+}  // namespace detail
+
+/// True when backend<Device> has every primitive of the contract above with its signature for
+/// element type T; a missing or mistyped one fails to compile, naming it.
+template <class Device, class T>
+constexpr bool backend_contract_holds() {
+  using be = backend<Device>;
+  using detail::arg;
+  using Ctx = Context<Device>&;
+  using W = View<T, Device>;
+  using R = InView<T, Device>;
+  using Wi = View<std::int32_t, Device>;
+  using Ri = InView<std::int32_t, Device>;
+  using Step = const AdamWStep&;
+  using V = void;
+  return std::is_same_v<decltype(be::template gemm<T>(arg<Ctx>(), false, false, T(), arg<R>(), arg<R>(), T(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template bias_activation<T>(arg<Ctx>(), Activation(), arg<W>(), arg<R>(), arg<W>(), arg<R>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template gate_topk<T>(arg<Ctx>(), arg<W>(), arg<R>(), index_t(), arg<Wi>(), arg<W>(), index_t())), V> &&
+         std::is_same_v<decltype(be::template mix_experts<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), arg<W>(), false)), V> &&
+         std::is_same_v<decltype(be::template col_sum<T>(arg<Ctx>(), arg<R>(), T(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template output_backward<T>(arg<Ctx>(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template expert_coefficient_grad<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<R>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::group_by_expert(arg<Ctx>(), arg<Ri>(), index_t(), arg<Wi>(), arg<Wi>())), V> &&
+         std::is_same_v<decltype(be::template expert_weight_grads<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<Ri>(), arg<Ri>(), arg<R>(), arg<R>(), arg<W>(), arg<W>(), arg<W>(), false)), V> &&
+         std::is_same_v<decltype(be::template gather_rows_add<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template activation_backward<T>(arg<Ctx>(), Activation(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template find_non_finite<T>(arg<Ctx>(), arg<R>())), index_t> &&
+         std::is_same_v<decltype(be::template adamw_update<T>(arg<Ctx>(), arg<W>(), arg<R>(), arg<W>(), arg<W>(), arg<Step>())), V> &&
+         std::is_same_v<decltype(be::template remove_parallel_rows<T>(arg<Ctx>(), arg<R>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template normalize_rows<T>(arg<Ctx>(), arg<W>())), V>;
+}
+
+}  // namespace mxd
