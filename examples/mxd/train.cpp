@@ -866,9 +866,8 @@ int train_command(int argc, char** argv, Dist& dist) {
   MXD_CHECK(args.positional().empty(), "mxd train takes no positional argument, got '",
             args.positional().front(), "'");
   Options o;
-  o.expansion = args.get_int("expansion", 32);
-  MXD_CHECK(o.expansion > 0, "--expansion = ", o.expansion, " must be positive");
-  o.teacher_hidden = args.get_int("teacher-hidden", 256);
+  o.expansion = args.get_int("expansion", 32, 1, max_width);
+  o.teacher_hidden = args.get_int("teacher-hidden", 256, 1, max_width);
   Config defaults;
   defaults.d_in = 64;
   defaults.d_hidden = 256;
@@ -889,10 +888,9 @@ int train_command(int argc, char** argv, Dist& dist) {
   });
   o.ks = parse_ks(args.get("k", "32"));
   Config sized = defaults;
-  sized.d_in = args.get_int("d-in", defaults.d_in);
-  sized.d_hidden = args.get_int("d-hidden", defaults.d_hidden);
-  sized.d_out = args.get_int("d-out", defaults.d_out);
-  MXD_CHECK(sized.d_in > 0 && sized.d_hidden > 0 && sized.d_out > 0, "--d-in, --d-hidden and --d-out must be positive");
+  sized.d_in = args.get_int("d-in", defaults.d_in, 1, max_width);
+  sized.d_hidden = args.get_int("d-hidden", defaults.d_hidden, 1, max_width);
+  sized.d_out = args.get_int("d-out", defaults.d_out, 1, max_width);
   // The matched count is only the default: an explicit --experts needs no match to exist.
   if (!args.has("experts"))
     defaults.n_experts = matched_experts(sized.d_in, sized.d_hidden, sized.d_out, o.expansion,
@@ -910,7 +908,7 @@ int train_command(int argc, char** argv, Dist& dist) {
   MXD_CHECK(o.baseline != "skip" || o.layer.d_in == o.layer.d_out,
             "--baseline skip needs d_in == d_out");
   o.norm_dec = !args.flag("no-norm-dec");
-  o.batch = args.get_int("batch", o.batch);
+  o.batch = args.get_int("batch", o.batch, 1, INT32_MAX);
   o.steps = args.get_int("steps", o.steps);
   o.warmup = args.get_int("warmup", o.warmup);
   o.log_every = args.get_int("log-every", o.log_every);
@@ -920,18 +918,16 @@ int train_command(int argc, char** argv, Dist& dist) {
   o.lr = args.get_double("lr", o.lr);
   o.progress_every = args.get_double("progress-every", o.progress_every);
   MXD_CHECK(o.progress_every >= 0, "--progress-every = ", o.progress_every, " must be >= 0");
-  o.seed = static_cast<std::uint64_t>(args.get_int("seed", 0));
+  o.seed = static_cast<std::uint64_t>(args.get_int("seed", 0, 0));
   o.threads = threads_arg(args);
   o.out = args.get("out", o.out);
   o.resume = args.get("resume", "");
-  MXD_CHECK(o.batch > 0, "--batch = ", o.batch, " must be positive");
   MXD_CHECK(o.steps > 0, "--steps = ", o.steps, " must be positive");
   MXD_CHECK(o.warmup >= 0, "--warmup = ", o.warmup, " must be >= 0");
   MXD_CHECK(o.log_every > 0, "--log-every = ", o.log_every, " must be positive");
   MXD_CHECK(o.checkpoint_every >= 0, "--checkpoint-every = ", o.checkpoint_every,
             " must be >= 0 (0: at the end only)");
   MXD_CHECK(o.eval_rows > 0, "--eval-rows = ", o.eval_rows, " must be positive");
-  MXD_CHECK(o.teacher_hidden > 0, "--teacher-hidden = ", o.teacher_hidden, " must be positive");
   MXD_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr = ", o.lr, " must be positive");
   MXD_CHECK(!o.out.empty(), "--out must not be empty");
   const std::string device = args.get("device", "cpu");
