@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <set>
 #include <string>
@@ -14,6 +15,23 @@
 #include <mxd/error.hpp>
 
 namespace mxd::cli {
+
+// Every error is exactly one line: whatever a message echoes (the library escapes what it
+// takes from files; paths come from the command line) cannot start a second one.
+inline std::string one_line(const char* what) {
+  std::string out;
+  for (const char* p = what; *p && out.size() < 4000; ++p) {
+    const unsigned char ch = static_cast<unsigned char>(*p);
+    if (ch >= 0x20 && ch != 0x7f) {
+      out += *p;
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", ch);
+      out += buf;
+    }
+  }
+  return out;
+}
 
 class Args {
 public:

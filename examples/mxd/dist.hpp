@@ -2,8 +2,8 @@
 // The tool's side of multi-process training (`mxd train --parallel data|experts` under
 // mpirun): starting the communicator before anything can fail, the check that every rank was
 // given the same command, and the error policy (an error every rank agreed on is printed by
-// each rank as usual; an error only one rank saw, in the middle of a collective sequence the
-// others already wait in, is printed and ends every rank through the launcher).
+// each rank as usual; any other exception one rank saw, in the middle of a collective
+// sequence the others already wait in, is printed and ends every rank through the launcher).
 #pragma once
 
 #include <sys/resource.h>
@@ -12,7 +12,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <new>
 #include <string>
 #include <unistd.h>
 
@@ -20,6 +22,8 @@
 #if defined(MXD_HAS_MPI)
 #include <mxd/dist/mpi.hpp>
 #endif
+
+#include "cli.hpp"
 
 namespace mxd::cli {
 
@@ -96,17 +100,31 @@ inline Dist start_dist(int argc, char** argv) {
   return d;
 }
 
-// Runs f() under the error policy of the file comment; returns its status.
+// Runs f() under the error policy of the file comment; returns its status. An exception
+// that is not an mxd::Error (a file system error, bad_alloc) is one rank's by nature: letting
+// it unwind would leave this rank in MPI_Finalize and the others in a collective, forever.
 template <class F>
 int run_distributed(Dist& d, F&& f) {
+  std::string cause;
   try {
     return f();
   } catch (const Error& e) {
     if (d.size() == 1 || d.comm->failed_together || d.same_everywhere) throw;  // every rank reports it
-    std::fprintf(stderr, "mxd: error: rank %d: %s (ending every rank)\n", d.rank(), e.what());
-    std::fflush(stderr);
-    d.comm->abort(1);
+    cause = e.what();
+  } catch (const std::bad_alloc&) {
+    if (d.size() == 1) throw;
+    cause = "out of memory";
+  } catch (const std::exception& e) {
+    if (d.size() == 1) throw;
+    cause = e.what();
+  } catch (...) {
+    if (d.size() == 1) throw;
+    cause = "an exception that is not a std::exception";
   }
+  std::fprintf(stderr, "mxd: error: rank %d: %s (ending every rank)\n", d.rank(),
+               one_line(cause.c_str()).c_str());
+  std::fflush(stderr);
+  d.comm->abort(1);
   return 1;  // not reached: abort() ends the process
 }
 

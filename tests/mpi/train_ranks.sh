@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# `mxd train --parallel` when a rank fails outside mxd's own errors; each case bounds the
+# whole job by a timeout.
+#
+#   train_ranks.sh CASE MXD WORK MPIEXEC...
+#   exception: a std::bad_alloc (rank 1 under an address-space limit) and a file system error
+#              (rank 1's --resume path is a symlink loop): every rank ends within seconds with
+#              an "mxd: error: rank 1: <cause>" line
+set -u
+case=$1 mxd=$(realpath "$2") work=$(realpath -m "$3")
+shift 3
+mpiexec=("$@")
+rm -rf "$work" && mkdir -p "$work" || exit 2
+tiny=(--d-in 16 --d-hidden 32 --d-out 16 --experts 300 --expansion 8 --k 4 --batch 64
+      --eval-rows 64 --threads 1)
+fail=0
+bad() { echo "FAIL: $*"; fail=1; }
+# Starts `mpirun -n 2 mxd train ARGS...` in the background (pid in $job), each rank's pid in
+# $work/pid.R; RANK1_PREFIX (a command) runs rank 1's mxd through it.
+launch() {
+  local out=$1
+  shift
+  rm -f "$work"/pid.*
+  "${mpiexec[@]}" -n 2 bash -c 'echo $$ >"$0/pid.$OMPI_COMM_WORLD_RANK"
+    if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then eval "${RANK1_PREFIX:-}"; fi; exec "$@"' \
+    "$work" "$mxd" train "${tiny[@]}" "$@" >"$out" 2>&1 &
+  job=$!
+}
+# Waits for the job, at most `limit` seconds; sets rc and took (seconds).
+finish() {
+  local limit=$1 start=$SECONDS
+  for _ in $(seq 1 $((limit * 10))); do kill -0 "$job" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$job" 2>/dev/null; then
+    bad "$2: the job still runs after $limit s"
+    for f in "$work"/pid.*; do kill -9 "$(cat "$f")" 2>/dev/null; done
+    kill -9 "$job"
+  fi
+  wait "$job"
+  rc=$?
+  took=$((SECONDS - start))
+}
+
+case $case in
+exception)
+  # 1. rank 1 cannot allocate its models: an address-space limit well above what starting
+  #    MPI takes, far below the MxD's 512 MB of parameters, gradients and moments.
+  out=$work/bad_alloc.txt
+  RANK1_PREFIX='ulimit -v 600000' launch "$out" --parallel data --steps 5 --d-hidden 1000000 \
+    --out "$work/o1"
+  finish 60 bad_alloc
+  grep -q '^mxd: error: rank 1: out of memory' "$out" || { bad "bad_alloc: no 'mxd: error: rank 1: out of memory' line (status $rc)"; tail -n 20 "$out"; }
+  echo "bad_alloc: mpirun exit $rc after $took s: $(grep -m1 '^mxd: error: rank 1' "$out")"
+  # 2. rank 1 finds a symlink loop where rank 0 finds the checkpoint to resume from.
+  mkdir -p "$work/a" "$work/b"
+  "$mxd" train "${tiny[@]}" --steps 2 --out "$work/a/ckpt" >/dev/null 2>&1 || bad "the checkpoint to resume from was not written"
+  ln -s loop "$work/b/loop" && ln -s loop/ckpt "$work/b/ckpt"
+  out=$work/filesystem.txt
+  cd "$work/a" || exit 2  # rank 0 finds ckpt here, rank 1 in b
+  RANK1_PREFIX='cd "$0/b"' launch "$out" --parallel data --steps 4 --resume ckpt --out "$work/o2"
+  finish 60 filesystem
+  grep -q '^mxd: error: rank 1: .*ckpt' "$out" || { bad "filesystem: no 'mxd: error: rank 1: ... ckpt' line (status $rc)"; tail -n 20 "$out"; }
+  echo "filesystem: mpirun exit $rc after $took s: $(grep -m1 '^mxd: error: rank 1' "$out")"
+  [ "$fail" = 0 ] && echo "every exception ended every rank with its cause"
+  ;;
+*)
+  echo "unknown case $case"
+  exit 2
+  ;;
+esac
+exit "$fail"
