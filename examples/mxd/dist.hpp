@@ -71,6 +71,9 @@ inline void on_terminate(int) {
   _exit(1);
 }
 
+// Seconds a collective waits for a silent rank until --timeout is read (its default).
+inline constexpr double default_timeout = 600;
+
 // Starts the communicator for --parallel MODE (MPI where built with it, else this process
 // alone). Without --parallel, a job that a launcher started as several processes is refused
 // (each would train the whole job and write the same files).
@@ -91,6 +94,7 @@ inline Dist start_dist(int argc, char** argv) {
     std::signal(SIGTERM, on_terminate);
     std::signal(SIGINT, on_terminate);
   }
+  d.comm->timeout = default_timeout;
 #else
   MXD_CHECK(launched_processes() == 1, "--parallel: this mxd was built without MPI (configure "
             "with -DMXD_MPI=ON, OpenMPI installed), so it cannot join ", launched_processes(),

@@ -70,6 +70,9 @@ const char* const train_help =
     "                    its dense part and the baseline data-parallel); the result is the\n"
     "                    single process's with the same --batch. Rank 0 prints and writes\n"
     "                    DIR; --data files must be readable by every rank (each reads its rows)\n"
+    "  --timeout S       with --parallel: a rank that waits S seconds for another in a\n"
+    "                    collective ends every rank, naming the silent ones (default 600;\n"
+    "                    0: wait forever); more than the longest checkpoint write\n"
     "  --dtype f32|f64   precision (default f32)\n"
     "  --device cpu|cuda where both models train (default cpu; cuda needs a CUDA build)\n"
     "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
@@ -626,6 +629,8 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
         l_tc = tc->train_step(x, y);
         time_tc += std::chrono::duration<double>(clock::now() - t1).count();
       }
+    } catch (const dist::TimeoutError& e) {  // a silent rank, not the learning rate
+      throw stopped(step, std::string(model) + ": " + e.what(), "");
     } catch (const Error& e) {
       throw stopped(step, std::string(model) + ": " + e.what(), lr_hint);
     }
@@ -854,7 +859,7 @@ int train_command(int argc, char** argv, Dist& dist) {
                         "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
                         "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
                         "aux-k", "aux-coef", "dead-window",
-                        "parallel"})
+                        "parallel", "timeout"})
     flags.insert(f);
   std::set<std::string> switches = layer_switches();
   switches.insert({"no-norm-dec", "tf32"});
@@ -951,6 +956,9 @@ int train_command(int argc, char** argv, Dist& dist) {
   MXD_CHECK(!(dist.comm && o.aux.enabled()),
             "--aux-k is not supported with --parallel yet (each rank would count dead units alone)");
   if (dist.comm) o.dist = &dist;
+  const double timeout = args.get_double("timeout", default_timeout);
+  MXD_CHECK(timeout >= 0, "--timeout = ", timeout, " must be >= 0 (0: wait forever)");
+  if (dist.comm) dist.comm->timeout = timeout;
   together(dist, [&] {
     if (dist.root()) prepare_out_dir(o.out);
   });

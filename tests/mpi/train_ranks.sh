@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
-# `mxd train --parallel` when a rank fails outside mxd's own errors; each case bounds the
-# whole job by a timeout.
+# `mxd train --parallel` when a rank fails outside mxd's own errors or falls silent; each case
+# bounds the whole job by a timeout.
 #
 #   train_ranks.sh CASE MXD WORK MPIEXEC...
 #   exception: a std::bad_alloc (rank 1 under an address-space limit) and a file system error
 #              (rank 1's --resume path is a symlink loop): every rank ends within seconds with
 #              an "mxd: error: rank 1: <cause>" line
+#   silent:    rank 1 is stopped (SIGSTOP) mid-run with --timeout 3: every rank ends within
+#              seconds with an error naming rank 1, and only rank 1
 set -u
 case=$1 mxd=$(realpath "$2") work=$(realpath -m "$3")
 shift 3
@@ -26,6 +28,10 @@ launch() {
     if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then eval "${RANK1_PREFIX:-}"; fi; exec "$@"' \
     "$work" "$mxd" train "${tiny[@]}" "$@" >"$out" 2>&1 &
   job=$!
+}
+wait_for() {  # wait_for FILE PATTERN: up to 60 s
+  for _ in $(seq 1 6000); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.01; done
+  return 1
 }
 # Waits for the job, at most `limit` seconds; sets rc and took (seconds).
 finish() {
@@ -62,6 +68,19 @@ exception)
   grep -q '^mxd: error: rank 1: .*ckpt' "$out" || { bad "filesystem: no 'mxd: error: rank 1: ... ckpt' line (status $rc)"; tail -n 20 "$out"; }
   echo "filesystem: mpirun exit $rc after $took s: $(grep -m1 '^mxd: error: rank 1' "$out")"
   [ "$fail" = 0 ] && echo "every exception ended every rank with its cause"
+  ;;
+silent)
+  out=$work/silent.txt
+  launch "$out" --parallel experts --steps 1000000 --progress-every 0 --timeout 3 --out "$work/o3"
+  wait_for "$out" '^step 3/' || bad "no progress line"
+  kill -STOP "$(cat "$work/pid.1")"
+  finish 30 silent
+  kill -9 "$(cat "$work/pid.1")" 2>/dev/null
+  grep -q '^mxd: error: rank 0: .*no word from rank 1 in [0-9]* s (collective timeout 3 s)' "$out" ||
+    { bad "no error naming rank 1 as silent (status $rc)"; tail -n 20 "$out"; }
+  [ "$took" -le 15 ] || bad "the job took $took s to end after rank 1 was stopped"
+  echo "silent: mpirun exit $rc, $took s after rank 1 was stopped: $(grep -m1 'no word from' "$out")"
+  [ "$fail" = 0 ] && echo "the silent rank was named and every rank ended"
   ;;
 *)
   echo "unknown case $case"
