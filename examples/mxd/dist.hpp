@@ -8,7 +8,6 @@
 
 #include <sys/resource.h>
 
-#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -16,7 +15,6 @@
 #include <memory>
 #include <new>
 #include <string>
-#include <unistd.h>
 
 #include <mxd/dist/communicator.hpp>
 #if defined(MXD_HAS_MPI)
@@ -24,6 +22,7 @@
 #endif
 
 #include "cli.hpp"
+#include "signals.hpp"
 
 namespace mxd::cli {
 
@@ -63,14 +62,6 @@ inline int launched_processes() {
   return 1;
 }
 
-// A rank that the launcher ends because another rank failed says so before it goes.
-inline void on_terminate(int) {
-  static const char msg[] = "mxd: error: this rank was stopped by the launcher (another rank failed or was killed)\n";
-  ssize_t ignored = ::write(2, msg, sizeof msg - 1);
-  (void)ignored;
-  _exit(1);
-}
-
 // Seconds a collective waits for a silent rank until --timeout is read (its default).
 inline constexpr double default_timeout = 600;
 
@@ -90,10 +81,6 @@ inline Dist start_dist(int argc, char** argv) {
   d.mode = mode == "data" ? Parallel::data : Parallel::experts;
 #if defined(MXD_HAS_MPI)
   d.comm = std::make_unique<dist::MpiCommunicator>(&argc, &argv);
-  if (d.comm->size() > 1) {
-    std::signal(SIGTERM, on_terminate);
-    std::signal(SIGINT, on_terminate);
-  }
   d.comm->timeout = default_timeout;
 #else
   MXD_CHECK(launched_processes() == 1, "--parallel: this mxd was built without MPI (configure "
@@ -112,6 +99,8 @@ int run_distributed(Dist& d, F&& f) {
   std::string cause;
   try {
     return f();
+  } catch (const Interrupted&) {
+    throw;  // every rank stops at the same step
   } catch (const Error& e) {
     if (d.size() == 1 || d.comm->failed_together || d.same_everywhere) throw;  // every rank reports it
     cause = e.what();

@@ -81,6 +81,8 @@ const char* const train_help =
     "  --progress-every S  when stderr is not a terminal, a progress line (step, loss, tokens/s,\n"
     "                    ETA) every S seconds (default 10; 0: every step)\n"
     "  --checkpoint-every N  commit a checkpoint pair every N steps (default 500; 0: at the end only)\n"
+    "                    and when SIGINT or SIGTERM ends the run after the current step (a\n"
+    "                    second one stops at once)\n"
     "  --aux-k K         AuxK auxiliary loss for dead experts/latents (both models; default 0:\n"
     "                    off, the authors' recipe): per row the K dead units with the largest\n"
     "                    gate scores model the residual (Gao et al. 2024 use about d_in / 2)\n"
@@ -604,6 +606,11 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
                                  ") is unchanged";
     return Error(detail::concat("training stopped at step ", step, ": ", what, hint, last));
   };
+  // The stop signal any rank received (signals.hpp), the same on every rank; 0: none.
+  auto interrupted = [&] {
+    const int sig = stop_signal();
+    return par ? -d->comm->all_min(-sig) : sig;
+  };
   const char* lr_hint = " (try a smaller --lr)";
   for (index_t step = start; step < o.steps; ++step) {
     try {
@@ -663,9 +670,20 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
         throw stopped(step, e.what(), lr_hint);
       }
     }
+    if (step + 1 < o.steps) {
+      if (const int sig = interrupted()) {
+        try {
+          if (committed != step + 1) commit(step + 1);
+        } catch (const Error& e) {
+          throw stopped(step, e.what(), "");
+        }
+        throw Interrupted{sig, step + 1, sweep ? k : 0, o.out};
+      }
+    }
   }
 
   commit(o.steps);
+  if (const int sig = interrupted()) throw Interrupted{sig, o.steps, sweep ? k : 0, o.out};
   mxd->trained_memory = mxd->memory_bytes();
   if (tc) tc->trained_memory = tc->memory_bytes();
   const double tokens = double(o.steps - start) * double(B);
@@ -973,8 +991,23 @@ int train_command(int argc, char** argv, Dist& dist) {
 
 int run_train(int argc, char** argv) {
   Dist dist = start_dist(argc, argv);
-  if (!dist.comm) return train_command(argc, argv, dist);
-  return run_distributed(dist, [&] { return train_command(argc, argv, dist); });
+  install_stop_signals();
+  try {
+    if (!dist.comm) return train_command(argc, argv, dist);
+    return run_distributed(dist, [&] { return train_command(argc, argv, dist); });
+  } catch (const Interrupted& i) {
+    if (dist.root()) {
+      if (i.sweep_k)
+        std::fprintf(stderr, "%smxd: interrupted at step %lld of k = %lld; its checkpoints are in "
+                     "%s (a k sweep cannot be resumed)\n", isatty(2) ? "\n" : "",
+                     (long long)i.step, (long long)i.sweep_k, i.out.c_str());
+      else
+        std::fprintf(stderr, "%smxd: interrupted at step %lld; resume with --resume %s\n",
+                     isatty(2) ? "\n" : "", (long long)i.step, i.out.c_str());
+    }
+    end_of_interrupted_run(128 + i.signal);
+    return 128 + i.signal;
+  }
 }
 
 }  // namespace mxd::cli

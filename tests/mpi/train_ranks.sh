@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
-# `mxd train --parallel` when a rank fails outside mxd's own errors or falls silent; each case
-# bounds the whole job by a timeout.
+# `mxd train --parallel` when a rank is interrupted, fails outside mxd's own errors, or falls
+# silent; each case bounds the whole job by a timeout.
 #
 #   train_ranks.sh CASE MXD WORK MPIEXEC...
+#   interrupt: SIGTERM to mpirun, then SIGINT to rank 1 alone: every rank stops at the same
+#              step, which is committed; one "mxd: interrupted at step N" line, no error
 #   exception: a std::bad_alloc (rank 1 under an address-space limit) and a file system error
 #              (rank 1's --resume path is a symlink loop): every rank ends within seconds with
 #              an "mxd: error: rank 1: <cause>" line
@@ -18,6 +20,11 @@ tiny=(--d-in 16 --d-hidden 32 --d-out 16 --experts 300 --expansion 8 --k 4 --bat
       --eval-rows 64 --threads 1)
 fail=0
 bad() { echo "FAIL: $*"; fail=1; }
+committed() {  # the step DIR/checkpoint.json names, or -1
+  local s
+  s=$(grep -o '"step": *[0-9]*' "$1/checkpoint.json" 2>/dev/null | grep -o '[0-9]*$')
+  echo "${s:--1}"
+}
 # Starts `mpirun -n 2 mxd train ARGS...` in the background (pid in $job), each rank's pid in
 # $work/pid.R; RANK1_PREFIX (a command) runs rank 1's mxd through it.
 launch() {
@@ -48,6 +55,29 @@ finish() {
 }
 
 case $case in
+interrupt)
+  # The launcher sends SIGTERM, then SIGKILL odls_base_sigkill_timeout seconds later (default
+  # 1 s): 3 s here, so that two ranks on busy cores surely finish their step and commit.
+  # Progress lines once a second: an aborting mpirun stops reading the ranks' output, and a
+  # line every step would fill the pipe and block rank 0 before it gets to the check.
+  export OMPI_MCA_odls_base_sigkill_timeout=3
+  for how in mpirun rank1; do
+    out=$work/$how.txt dir=$work/$how
+    launch "$out" --parallel data --steps 1000000 --checkpoint-every 0 --progress-every 1 --out "$dir"
+    wait_for "$out" '^step ' || bad "$how: no progress line"
+    if [ "$how" = mpirun ]; then kill -TERM "$job"; else kill -INT "$(cat "$work/pid.1")"; fi
+    finish 30 "$how"
+    n=$(sed -n 's/^mxd: interrupted at step \([0-9]*\); resume with --resume .*$/\1/p' "$out")
+    lines=$(grep -c '^mxd: ' "$out")
+    [ -n "$n" ] && [ "$lines" = 1 ] || { bad "$how: want one 'mxd: interrupted' line and nothing else from mxd:"; tail -n 20 "$out"; }
+    grep -q 'another rank' "$out" && bad "$how: a rank says another failed"
+    [ "$(committed "$dir")" = "${n:-x}" ] || bad "$how: checkpoint.json names step $(committed "$dir"), not '$n'"
+    # mpirun reports the ranks' status when it did not end the job itself
+    [ "$how" = mpirun ] || [ "$rc" = 130 ] || bad "$how: mpirun exit status $rc, want 130"
+    echo "$how: mpirun exit $rc after $took s; $(grep '^mxd: ' "$out"); checkpoint at step $(committed "$dir")"
+  done
+  [ "$fail" = 0 ] && echo "every rank stopped at the same step and committed it"
+  ;;
 exception)
   # 1. rank 1 cannot allocate its models: an address-space limit well above what starting
   #    MPI takes, far below the MxD's 512 MB of parameters, gradients and moments.
