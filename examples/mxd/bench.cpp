@@ -20,6 +20,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "cuda.hpp"
+#include "memory.hpp"
 
 namespace mxd::cli {
 namespace {
@@ -154,6 +155,17 @@ int run_bench(int argc, char** argv) {
   MXD_CHECK(dtype != "bf16" || gpu, "--dtype bf16 needs --device cuda");
   // How the GPU's float GEMMs run (mxd::MathMode); bf16 keeps float tensors.
   const std::string math = dtype == "bf16" ? "bf16" : tf32 ? "tf32" : "fp32";
+
+  // The host holds the layer, x and dy; on the CPU also the gradients, AdamW moments, y, dx
+  // and the workspace (the GPU's own memory is the CUDA allocator's to refuse).
+  const double scalar_bytes = dtype == "f64" ? 8 : 4;
+  const double inputs = scalar_bytes * (double(cfg.n_params()) + double(B) * double(cfg.d_in + cfg.d_out));
+  check_memory(gpu ? inputs
+                   : 2 * inputs + 2 * scalar_bytes * double(cfg.n_params()) +
+                         (dtype == "f64" ? workspace_bytes<double>(cfg, double(B), tile_rows)
+                                         : workspace_bytes<float>(cfg, double(B), tile_rows)),
+               gpu ? "the layer, x and dy on the host"
+                   : "parameters, gradients, AdamW moments, x, y, dy, dx and the workspace");
 
   Context<cpu> probe;
   probe.threads = static_cast<int>(threads);

@@ -62,6 +62,17 @@ inline int launched_processes() {
   return 1;
 }
 
+// How many of this job's processes the launcher started on this machine (1 when unknown).
+inline int ranks_on_this_machine() {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"}) {
+    if (const char* v = std::getenv(var)) {
+      const int n = std::atoi(v);
+      if (n > 0) return n;
+    }
+  }
+  return 1;
+}
+
 // Seconds a collective waits for a silent rank until --timeout is read (its default).
 inline constexpr double default_timeout = 600;
 

@@ -30,6 +30,7 @@
 #include "commands.hpp"
 #include "cuda.hpp"
 #include "dist.hpp"
+#include "memory.hpp"
 #include "progress.hpp"
 #include "svg.hpp"
 
@@ -728,8 +729,48 @@ std::vector<index_t> parse_ks(const std::string& s) {
   return ks;
 }
 
+// Refuses sizes that this machine cannot hold, before anything is allocated (memory.hpp).
+// Counted per rank: both models' parameters, gradients and AdamW moments, their workspaces
+// for the rank's rows of a batch, the batch and the teacher's held-out rows; under
+// --parallel experts only the rank's share of the experts, but rank 0 also gathers the whole
+// set to save it. The ranks that share the machine are counted together.
+template <class T>
+void check_train_memory(const Options& o) {
+  Config c = o.layer;
+  c.k = *std::max_element(o.ks.begin(), o.ks.end());
+  TranscoderConfig tcc{c.d_in, c.d_out, o.expansion * c.d_in, c.k, o.baseline == "skip"};
+  if (!o.resume.empty()) {  // the checkpoint's sizes, whatever the flags say
+    const auto files = resume_files(o.resume, std::string(tcc.skip ? "skip" : "topk") +
+                                                  "_transcoder.safetensors");
+    io::SafetensorsReader f(files.first);
+    c = io::read_config(f);
+    if (!files.second.empty()) {
+      io::SafetensorsReader b(files.second);
+      tcc = io::read_transcoder_config(b);
+    }
+  }
+  const Dist* d = o.dist;
+  const int P = d && d->comm ? d->size() : 1;
+  const bool experts = P > 1 && d->mode == Parallel::experts;
+  const double s = sizeof(T), rows = std::ceil(double(o.batch) / P);
+  const double expert_params = double(c.n_experts) * double(c.d_in + 1 + c.d_out);
+  const double dense = double(c.n_params()) - expert_params;
+  double rank = 4 * s * (dense + (experts ? std::ceil(expert_params / P) : expert_params)) +
+                workspace_bytes<T>(c, rows) + 2 * s * double(o.batch) * double(c.d_in + c.d_out);
+  if (o.baseline != "none")
+    rank += 4 * s * double(tcc.n_params()) + s * rows * double(tcc.n_latents + 2 * c.d_out);
+  if (o.data.empty()) rank += s * double(o.eval_rows) * double(c.d_in + c.d_out);
+  const double gather = experts && d->root() ? 3 * s * double(c.n_params()) : 0;
+  const int here = P > 1 ? ranks_on_this_machine() : 1;
+  check_memory(here * rank + gather,
+               "parameters, gradients, AdamW moments and workspaces of both models, and the data" +
+                   (here > 1 ? ", for the " + std::to_string(here) + " ranks on this machine" : std::string()));
+}
+
 template <class T>
 int run(const Options& o) {
+  if (o.dist && o.dist->comm) together(*o.dist, [&] { check_train_memory<T>(o); });
+  else check_train_memory<T>(o);
   std::unique_ptr<train::DataSource<T>> src;
   if (o.dist && o.dist->comm) {
     // Each rank opens the data itself; they must all see the same rows.
