@@ -20,6 +20,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "cuda.hpp"
+#include "memory.hpp"
 
 namespace mxd::cli {
 namespace {
@@ -149,13 +150,11 @@ int run_bench(int argc, char** argv) {
   defaults.k = 32;
   defaults.activation = Activation::gelu;
   const Config cfg = layer_config(args, defaults);
-  const long long B = args.get_int("batch", 1024), iters = args.get_int("iters", 10);
-  const long long warmup = args.get_int("warmup", 2), threads = threads_arg(args);
-  const long long tile_rows = args.get_int("tile-rows", 0);
-  MXD_CHECK(tile_rows >= 0, "--tile-rows = ", tile_rows, " must be >= 0");
-  MXD_CHECK(B > 0, "--batch = ", B, " must be > 0");
-  MXD_CHECK(iters > 0, "--iters = ", iters, " must be > 0");
-  MXD_CHECK(warmup >= 0, "--warmup = ", warmup, " must be >= 0");
+  // The timing loop counts warmup + iters in an int; batch rows and tiles are int32 row counts.
+  const long long B = args.get_int("batch", 1024, 1, INT32_MAX);
+  const long long iters = args.get_int("iters", 10, 1, 1000000000);
+  const long long warmup = args.get_int("warmup", 2, 0, 1000000000), threads = threads_arg(args);
+  const long long tile_rows = args.get_int("tile-rows", 0, 0, INT32_MAX);
   // f32 / f64 as in `mxd train` and `mxd eval`; float / double accepted as synonyms.
   std::string dtype = args.get("dtype", "f32");
   if (dtype == "float") dtype = "f32";
@@ -170,6 +169,17 @@ int run_bench(int argc, char** argv) {
   MXD_CHECK(dtype != "bf16" || gpu, "--dtype bf16 needs --device cuda");
   // How the GPU's float GEMMs run (mxd::MathMode); bf16 keeps float tensors.
   const std::string math = dtype == "bf16" ? "bf16" : tf32 ? "tf32" : "fp32";
+
+  // The host holds the layer, x and dy; on the CPU also the gradients, AdamW moments, y, dx
+  // and the workspace (the GPU's own memory is the CUDA allocator's to refuse).
+  const double scalar_bytes = dtype == "f64" ? 8 : 4;
+  const double inputs = scalar_bytes * (double(cfg.n_params()) + double(B) * double(cfg.d_in + cfg.d_out));
+  check_memory(gpu ? inputs
+                   : 2 * inputs + 2 * scalar_bytes * double(cfg.n_params()) +
+                         (dtype == "f64" ? workspace_bytes<double>(cfg, double(B), tile_rows)
+                                         : workspace_bytes<float>(cfg, double(B), tile_rows)),
+               gpu ? "the layer, x and dy on the host"
+                   : "parameters, gradients, AdamW moments, x, y, dy, dx and the workspace");
 
   Context<cpu> probe;
   probe.threads = static_cast<int>(threads);

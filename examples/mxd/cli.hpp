@@ -3,7 +3,10 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <map>
 #include <set>
 #include <string>
@@ -12,6 +15,23 @@
 #include <mxd/error.hpp>
 
 namespace mxd::cli {
+
+// Every error is exactly one line: whatever a message echoes (the library escapes what it
+// takes from files; paths come from the command line) cannot start a second one.
+inline std::string one_line(const char* what) {
+  std::string out;
+  for (const char* p = what; *p && out.size() < 4000; ++p) {
+    const unsigned char ch = static_cast<unsigned char>(*p);
+    if (ch >= 0x20 && ch != 0x7f) {
+      out += *p;
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", ch);
+      out += buf;
+    }
+  }
+  return out;
+}
 
 class Args {
 public:
@@ -63,17 +83,24 @@ public:
   }
   bool flag(const std::string& key) const { return get(key, "0") == "1"; }
 
-  long long get_int(const std::string& key, long long fallback) const {
+  /// --key as an integer in [lo, hi]. The range is checked on the text's own value, before
+  /// any caller narrows it, and a value beyond 64 bits is out of range rather than wrapped.
+  long long get_int(const std::string& key, long long fallback, long long lo = LLONG_MIN,
+                    long long hi = LLONG_MAX) const {
     if (!has(key)) return fallback;
     const std::string v = get(key, "");
-    std::size_t used = 0;
+    const std::size_t sign = !v.empty() && (v[0] == '+' || v[0] == '-') ? 1 : 0;
+    MXD_CHECK(v.size() > sign && v.find_first_not_of("0123456789", sign) == std::string::npos,
+              "--", key, " = '", v, "' is not an integer");
     long long out = 0;
+    bool in_range = true;
     try {
-      out = std::stoll(v, &used);
-    } catch (const std::exception&) {
-      used = 0;
+      out = std::stoll(v);
+    } catch (const std::out_of_range&) {
+      in_range = false;
     }
-    MXD_CHECK(used == v.size() && !v.empty(), "--", key, " = '", v, "' is not an integer");
+    MXD_CHECK(in_range && out >= lo && out <= hi, "--", key, " = ", v, " is out of range [", lo,
+              ", ", hi, "]");
     return out;
   }
 
@@ -104,6 +131,12 @@ private:
 
 namespace mxd::cli {
 
+/// The largest width a flag may give (d_in, d_hidden, d_out, hidden units): with experts and
+/// latents below 2^31, every parameter count and shape product stays within 64 bits, so sizes
+/// that cannot be held are refused by the memory check instead of wrapping. Far above any
+/// real layer's.
+inline constexpr long long max_width = 1LL << 20;
+
 /// The layer flags shared by `mxd train` and `mxd bench`.
 inline const std::set<std::string>& layer_flags() {
   static const std::set<std::string> f = {"d-in", "d-hidden", "d-out", "experts", "k", "activation"};
@@ -128,11 +161,11 @@ inline std::string layer_flags_help(bool with_k = true) {
 /// Applies the layer flags present in `args` on top of `defaults` and validates the result
 /// (--k too unless `read_k` is false, for commands that take a list of k).
 inline Config layer_config(const Args& args, Config c, bool read_k = true) {
-  c.d_in = args.get_int("d-in", c.d_in);
-  c.d_hidden = args.get_int("d-hidden", c.d_hidden);
-  c.d_out = args.get_int("d-out", c.d_out);
-  c.n_experts = args.get_int("experts", c.n_experts);
-  if (read_k) c.k = args.get_int("k", c.k);
+  c.d_in = args.get_int("d-in", c.d_in, 1, max_width);
+  c.d_hidden = args.get_int("d-hidden", c.d_hidden, 1, max_width);
+  c.d_out = args.get_int("d-out", c.d_out, 1, max_width);
+  c.n_experts = args.get_int("experts", c.n_experts, 1, INT32_MAX);
+  if (read_k) c.k = args.get_int("k", c.k, 1, INT32_MAX);
   if (args.has("activation")) c.activation = parse_activation(args.get("activation", ""));
   if (args.has("glu")) c.glu = args.flag("glu");
   if (args.has("skip")) c.skip = args.flag("skip");

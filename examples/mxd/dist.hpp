@@ -2,24 +2,27 @@
 // The tool's side of multi-process training (`mxd train --parallel data|experts` under
 // mpirun): starting the communicator before anything can fail, the check that every rank was
 // given the same command, and the error policy (an error every rank agreed on is printed by
-// each rank as usual; an error only one rank saw, in the middle of a collective sequence the
-// others already wait in, is printed and ends every rank through the launcher).
+// each rank as usual; any other exception one rank saw, in the middle of a collective
+// sequence the others already wait in, is printed and ends every rank through the launcher).
 #pragma once
 
 #include <sys/resource.h>
 
-#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <new>
 #include <string>
-#include <unistd.h>
 
 #include <mxd/dist/communicator.hpp>
 #if defined(MXD_HAS_MPI)
 #include <mxd/dist/mpi.hpp>
 #endif
+
+#include "cli.hpp"
+#include "signals.hpp"
 
 namespace mxd::cli {
 
@@ -59,13 +62,19 @@ inline int launched_processes() {
   return 1;
 }
 
-// A rank that the launcher ends because another rank failed says so before it goes.
-inline void on_terminate(int) {
-  static const char msg[] = "mxd: error: this rank was stopped by the launcher (another rank failed or was killed)\n";
-  ssize_t ignored = ::write(2, msg, sizeof msg - 1);
-  (void)ignored;
-  _exit(1);
+// How many of this job's processes the launcher started on this machine (1 when unknown).
+inline int ranks_on_this_machine() {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"}) {
+    if (const char* v = std::getenv(var)) {
+      const int n = std::atoi(v);
+      if (n > 0) return n;
+    }
+  }
+  return 1;
 }
+
+// Seconds a collective waits for a silent rank until --timeout is read (its default).
+inline constexpr double default_timeout = 600;
 
 // Starts the communicator for --parallel MODE (MPI where built with it, else this process
 // alone). Without --parallel, a job that a launcher started as several processes is refused
@@ -83,10 +92,7 @@ inline Dist start_dist(int argc, char** argv) {
   d.mode = mode == "data" ? Parallel::data : Parallel::experts;
 #if defined(MXD_HAS_MPI)
   d.comm = std::make_unique<dist::MpiCommunicator>(&argc, &argv);
-  if (d.comm->size() > 1) {
-    std::signal(SIGTERM, on_terminate);
-    std::signal(SIGINT, on_terminate);
-  }
+  d.comm->timeout = default_timeout;
 #else
   MXD_CHECK(launched_processes() == 1, "--parallel: this mxd was built without MPI (configure "
             "with -DMXD_MPI=ON, OpenMPI installed), so it cannot join ", launched_processes(),
@@ -96,17 +102,33 @@ inline Dist start_dist(int argc, char** argv) {
   return d;
 }
 
-// Runs f() under the error policy of the file comment; returns its status.
+// Runs f() under the error policy of the file comment; returns its status. An exception
+// that is not an mxd::Error (a file system error, bad_alloc) is one rank's by nature: letting
+// it unwind would leave this rank in MPI_Finalize and the others in a collective, forever.
 template <class F>
 int run_distributed(Dist& d, F&& f) {
+  std::string cause;
   try {
     return f();
+  } catch (const Interrupted&) {
+    throw;  // every rank stops at the same step
   } catch (const Error& e) {
     if (d.size() == 1 || d.comm->failed_together || d.same_everywhere) throw;  // every rank reports it
-    std::fprintf(stderr, "mxd: error: rank %d: %s (ending every rank)\n", d.rank(), e.what());
-    std::fflush(stderr);
-    d.comm->abort(1);
+    cause = e.what();
+  } catch (const std::bad_alloc&) {
+    if (d.size() == 1) throw;
+    cause = "out of memory";
+  } catch (const std::exception& e) {
+    if (d.size() == 1) throw;
+    cause = e.what();
+  } catch (...) {
+    if (d.size() == 1) throw;
+    cause = "an exception that is not a std::exception";
   }
+  std::fprintf(stderr, "mxd: error: rank %d: %s (ending every rank)\n", d.rank(),
+               one_line(cause.c_str()).c_str());
+  std::fflush(stderr);
+  d.comm->abort(1);
   return 1;  // not reached: abort() ends the process
 }
 

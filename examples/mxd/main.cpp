@@ -9,6 +9,7 @@
 
 #include <mxd/error.hpp>
 
+#include "cli.hpp"
 #include "commands.hpp"
 
 namespace {
@@ -39,23 +40,6 @@ void usage(std::FILE* out) {
   for (const Command& c : commands) std::fprintf(out, "  %-8s %s\n", c.name, c.summary);
 }
 
-// Every error is exactly one line: whatever a message echoes (the library escapes what it
-// takes from files; paths come from the command line) cannot start a second one.
-std::string one_line(const char* what) {
-  std::string out;
-  for (const char* p = what; *p && out.size() < 4000; ++p) {
-    const unsigned char ch = static_cast<unsigned char>(*p);
-    if (ch >= 0x20 && ch != 0x7f) {
-      out += *p;
-    } else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", ch);
-      out += buf;
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -72,16 +56,16 @@ int main(int argc, char** argv) {
     usage(stderr);
     return 2;
   } catch (const mxd::Error& e) {
-    std::fprintf(stderr, "mxd: error: %s\n", one_line(e.what()).c_str());
+    std::fprintf(stderr, "mxd: error: %s\n", mxd::cli::one_line(e.what()).c_str());
     return 1;
   } catch (const std::bad_alloc&) {  // a size the machine cannot hold: the user's to change
     std::fprintf(stderr, "mxd: error: out of memory\n");
     return 1;
   } catch (const std::filesystem::filesystem_error& e) {  // a path the user gave: unusable
-    std::fprintf(stderr, "mxd: error: %s\n", one_line(e.what()).c_str());
+    std::fprintf(stderr, "mxd: error: %s\n", mxd::cli::one_line(e.what()).c_str());
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "mxd: internal error: %s\n", one_line(e.what()).c_str());
+    std::fprintf(stderr, "mxd: internal error: %s\n", mxd::cli::one_line(e.what()).c_str());
     return 3;
   }
 }

@@ -36,6 +36,7 @@
 #include "commands.hpp"
 #include "cuda.hpp"
 #include "dist.hpp"
+#include "memory.hpp"
 #include "progress.hpp"
 #include "svg.hpp"
 
@@ -76,6 +77,9 @@ const char* const train_help =
     "                    its dense part and the baseline data-parallel); the result is the\n"
     "                    single process's with the same --batch. Rank 0 prints and writes\n"
     "                    DIR; --data files must be readable by every rank (each reads its rows)\n"
+    "  --timeout S       with --parallel: a rank that waits S seconds for another in a\n"
+    "                    collective ends every rank, naming the silent ones (default 600;\n"
+    "                    0: wait forever); more than the longest checkpoint write\n"
     "  --dtype f32|f64   precision (default f32)\n"
     "  --device cpu|cuda where both models train (default cpu; cuda needs a CUDA build)\n"
     "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
@@ -84,6 +88,8 @@ const char* const train_help =
     "  --progress-every S  when stderr is not a terminal, a progress line (step, loss, tokens/s,\n"
     "                    ETA) every S seconds (default 10; 0: every step)\n"
     "  --checkpoint-every N  commit a checkpoint pair every N steps (default 500; 0: at the end only)\n"
+    "                    and when SIGINT or SIGTERM ends the run after the current step (a\n"
+    "                    second one stops at once)\n"
     "  --aux-k K         AuxK auxiliary loss for dead experts/latents (both models; default 0:\n"
     "                    off, the authors' recipe): per row the K dead units with the largest\n"
     "                    gate scores model the residual (Gao et al. 2024 use about d_in / 2)\n"
@@ -804,6 +810,11 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
       throw failed_commit(step, steps_done, e.what());
     }
   };
+  // The stop signal any rank received (signals.hpp), the same on every rank; 0: none.
+  auto interrupted = [&] {
+    const int sig = stop_signal();
+    return par ? -d->comm->all_min(-sig) : sig;
+  };
   const char* lr_hint = " (try a smaller --lr)";
   for (index_t step = start; step < o.steps; ++step) {
     try {
@@ -829,6 +840,8 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
         l_tc = tc->train_step(x, y);
         time_tc += std::chrono::duration<double>(clock::now() - t1).count();
       }
+    } catch (const dist::TimeoutError& e) {  // a silent rank, not the learning rate
+      throw stopped(step, std::string(model) + ": " + e.what(), "");
     } catch (const Error& e) {
       throw stopped(step, std::string(model) + ": " + e.what(), lr_hint);
     }
@@ -865,6 +878,12 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     if (!par || d->root()) progress.update(step, B, now);
     if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.steps)
       commit_at(step, step + 1);
+    if (step + 1 < o.steps) {
+      if (const int sig = interrupted()) {
+        if (committed != step + 1) commit_at(step, step + 1);
+        throw Interrupted{sig, step + 1, sweep ? k : 0, o.out};
+      }
+    }
   }
 
   commit_at(o.steps, o.steps);
@@ -873,6 +892,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   } catch (const Error& e) {
     throw stopped(o.steps, e.what(), "");
   }
+  if (const int sig = interrupted()) throw Interrupted{sig, o.steps, sweep ? k : 0, o.out};
   mxd->trained_memory = mxd->memory_bytes();
   if (tc) tc->trained_memory = tc->memory_bytes();
   const double tokens = double(o.steps - start) * double(B);
@@ -931,8 +951,48 @@ void write_sweep_log(const std::string& path, const std::vector<std::string>& na
   io::write_file_durable(path, csv);
 }
 
+// Refuses sizes that this machine cannot hold, before anything is allocated (memory.hpp).
+// Counted per rank: both models' parameters, gradients and AdamW moments, their workspaces
+// for the rank's rows of a batch, the batch and the teacher's held-out rows; under
+// --parallel experts only the rank's share of the experts, but rank 0 also gathers the whole
+// set to save it. The ranks that share the machine are counted together.
+template <class T>
+void check_train_memory(const Options& o) {
+  Config c = o.layer;
+  c.k = *std::max_element(o.ks.begin(), o.ks.end());
+  TranscoderConfig tcc{c.d_in, c.d_out, o.expansion * c.d_in, c.k, o.baseline == "skip"};
+  if (!o.resume.empty()) {  // the checkpoint's sizes, whatever the flags say
+    const auto files = resume_files(o.resume, std::string(tcc.skip ? "skip" : "topk") +
+                                                  "_transcoder.safetensors");
+    io::SafetensorsReader f(files.first);
+    c = io::read_config(f);
+    if (!files.second.empty()) {
+      io::SafetensorsReader b(files.second);
+      tcc = io::read_transcoder_config(b);
+    }
+  }
+  const Dist* d = o.dist;
+  const int P = d && d->comm ? d->size() : 1;
+  const bool experts = P > 1 && d->mode == Parallel::experts;
+  const double s = sizeof(T), rows = std::ceil(double(o.batch) / P);
+  const double expert_params = double(c.n_experts) * double(c.d_in + 1 + c.d_out);
+  const double dense = double(c.n_params()) - expert_params;
+  double rank = 4 * s * (dense + (experts ? std::ceil(expert_params / P) : expert_params)) +
+                workspace_bytes<T>(c, rows) + 2 * s * double(o.batch) * double(c.d_in + c.d_out);
+  if (o.baseline != "none")
+    rank += 4 * s * double(tcc.n_params()) + s * rows * double(tcc.n_latents + 2 * c.d_out);
+  if (o.data.empty()) rank += s * double(o.eval_rows) * double(c.d_in + c.d_out);
+  const double gather = experts && d->root() ? 3 * s * double(c.n_params()) : 0;
+  const int here = P > 1 ? ranks_on_this_machine() : 1;
+  check_memory(here * rank + gather,
+               "parameters, gradients, AdamW moments and workspaces of both models, and the data" +
+                   (here > 1 ? ", for the " + std::to_string(here) + " ranks on this machine" : std::string()));
+}
+
 template <class T>
 int run(const Options& o) {
+  if (o.dist && o.dist->comm) together(*o.dist, [&] { check_train_memory<T>(o); });
+  else check_train_memory<T>(o);
   std::unique_ptr<train::DataSource<T>> src;
   if (o.dist && o.dist->comm) {
     // Each rank opens the data itself; they must all see the same rows.
@@ -1070,7 +1130,7 @@ int train_command(int argc, char** argv, Dist& dist) {
                         "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
                         "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
                         "aux-k", "aux-coef", "dead-window",
-                        "parallel"})
+                        "parallel", "timeout"})
     flags.insert(f);
   std::set<std::string> switches = layer_switches();
   switches.insert({"no-norm-dec", "tf32", "overwrite"});
@@ -1082,9 +1142,8 @@ int train_command(int argc, char** argv, Dist& dist) {
   MXD_CHECK(args.positional().empty(), "mxd train takes no positional argument, got '",
             args.positional().front(), "'");
   Options o;
-  o.expansion = args.get_int("expansion", 32);
-  MXD_CHECK(o.expansion > 0, "--expansion = ", o.expansion, " must be positive");
-  o.teacher_hidden = args.get_int("teacher-hidden", 256);
+  o.expansion = args.get_int("expansion", 32, 1, max_width);
+  o.teacher_hidden = args.get_int("teacher-hidden", 256, 1, max_width);
   Config defaults;
   defaults.d_in = 64;
   defaults.d_hidden = 256;
@@ -1105,10 +1164,9 @@ int train_command(int argc, char** argv, Dist& dist) {
   });
   o.ks = parse_ks(args.get("k", "32"));
   Config sized = defaults;
-  sized.d_in = args.get_int("d-in", defaults.d_in);
-  sized.d_hidden = args.get_int("d-hidden", defaults.d_hidden);
-  sized.d_out = args.get_int("d-out", defaults.d_out);
-  MXD_CHECK(sized.d_in > 0 && sized.d_hidden > 0 && sized.d_out > 0, "--d-in, --d-hidden and --d-out must be positive");
+  sized.d_in = args.get_int("d-in", defaults.d_in, 1, max_width);
+  sized.d_hidden = args.get_int("d-hidden", defaults.d_hidden, 1, max_width);
+  sized.d_out = args.get_int("d-out", defaults.d_out, 1, max_width);
   // The matched count is only the default: an explicit --experts needs no match to exist.
   if (!args.has("experts"))
     defaults.n_experts = matched_experts(sized.d_in, sized.d_hidden, sized.d_out, o.expansion,
@@ -1126,7 +1184,7 @@ int train_command(int argc, char** argv, Dist& dist) {
   MXD_CHECK(o.baseline != "skip" || o.layer.d_in == o.layer.d_out,
             "--baseline skip needs d_in == d_out");
   o.norm_dec = !args.flag("no-norm-dec");
-  o.batch = args.get_int("batch", o.batch);
+  o.batch = args.get_int("batch", o.batch, 1, INT32_MAX);
   o.steps = args.get_int("steps", o.steps);
   o.warmup = args.get_int("warmup", o.warmup);
   o.log_every = args.get_int("log-every", o.log_every);
@@ -1136,7 +1194,7 @@ int train_command(int argc, char** argv, Dist& dist) {
   o.lr = args.get_double("lr", o.lr);
   o.progress_every = args.get_double("progress-every", o.progress_every);
   MXD_CHECK(o.progress_every >= 0, "--progress-every = ", o.progress_every, " must be >= 0");
-  o.seed = static_cast<std::uint64_t>(args.get_int("seed", 0));
+  o.seed = static_cast<std::uint64_t>(args.get_int("seed", 0, 0));
   o.threads = threads_arg(args);
   o.out = args.get("out", o.out);
   o.resume = args.get("resume", "");
@@ -1145,14 +1203,12 @@ int train_command(int argc, char** argv, Dist& dist) {
             "--overwrite starts a fresh run and --resume continues one: give one of them");
   for (const char* f : {"d-in", "d-hidden", "d-out", "experts", "k", "activation", "glu", "skip", "expansion"})
     if (args.has(f)) o.layer_given.insert(f);
-  MXD_CHECK(o.batch > 0, "--batch = ", o.batch, " must be positive");
   MXD_CHECK(o.steps > 0, "--steps = ", o.steps, " must be positive");
   MXD_CHECK(o.warmup >= 0, "--warmup = ", o.warmup, " must be >= 0");
   MXD_CHECK(o.log_every > 0, "--log-every = ", o.log_every, " must be positive");
   MXD_CHECK(o.checkpoint_every >= 0, "--checkpoint-every = ", o.checkpoint_every,
             " must be >= 0 (0: at the end only)");
   MXD_CHECK(o.eval_rows > 0, "--eval-rows = ", o.eval_rows, " must be positive");
-  MXD_CHECK(o.teacher_hidden > 0, "--teacher-hidden = ", o.teacher_hidden, " must be positive");
   MXD_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr = ", o.lr, " must be positive");
   MXD_CHECK(!o.out.empty(), "--out must not be empty");
   const std::string device = args.get("device", "cpu");
@@ -1176,6 +1232,9 @@ int train_command(int argc, char** argv, Dist& dist) {
   MXD_CHECK(!(dist.comm && o.aux.enabled()),
             "--aux-k is not supported with --parallel yet (each rank would count dead units alone)");
   if (dist.comm) o.dist = &dist;
+  const double timeout = args.get_double("timeout", default_timeout);
+  MXD_CHECK(timeout >= 0, "--timeout = ", timeout, " must be >= 0 (0: wait forever)");
+  if (dist.comm) dist.comm->timeout = timeout;
   std::unique_ptr<OutLock> out_lock;  // held until the run returns
   together(dist, [&] {
     if (dist.root()) out_lock = prepare_out_dir(o);
@@ -1191,8 +1250,23 @@ int train_command(int argc, char** argv, Dist& dist) {
 
 int run_train(int argc, char** argv) {
   Dist dist = start_dist(argc, argv);
-  if (!dist.comm) return train_command(argc, argv, dist);
-  return run_distributed(dist, [&] { return train_command(argc, argv, dist); });
+  install_stop_signals();
+  try {
+    if (!dist.comm) return train_command(argc, argv, dist);
+    return run_distributed(dist, [&] { return train_command(argc, argv, dist); });
+  } catch (const Interrupted& i) {
+    if (dist.root()) {
+      if (i.sweep_k)
+        std::fprintf(stderr, "%smxd: interrupted at step %lld of k = %lld; its checkpoints are in "
+                     "%s (a k sweep cannot be resumed)\n", isatty(2) ? "\n" : "",
+                     (long long)i.step, (long long)i.sweep_k, i.out.c_str());
+      else
+        std::fprintf(stderr, "%smxd: interrupted at step %lld; resume with --resume %s\n",
+                     isatty(2) ? "\n" : "", (long long)i.step, i.out.c_str());
+    }
+    end_of_interrupted_run(128 + i.signal);
+    return 128 + i.signal;
+  }
 }
 
 }  // namespace mxd::cli

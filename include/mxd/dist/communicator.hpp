@@ -83,6 +83,13 @@ inline std::vector<index_t> offsets(const std::vector<index_t>& counts) {
   return o;
 }
 
+/// What a collective throws when its wait runs past Communicator::timeout: a rank is silent
+/// and the others are left waiting, so the group cannot go on (end it with abort()).
+class TimeoutError : public Error {
+public:
+  using Error::Error;
+};
+
 /// The collectives of one group of P processes ("ranks"). Every rank must call the same
 /// collectives in the same order with matching shapes; a rank that cannot go on says so
 /// through agree() rather than leaving the others waiting.
@@ -116,6 +123,9 @@ public:
   /// Set when agree() has thrown: every rank is throwing the same error (nobody is left
   /// waiting in a collective), so each may end normally.
   bool failed_together = false;
+  /// Seconds a collective may wait for the other ranks (0: no limit). A transport whose wait
+  /// runs past it throws TimeoutError, naming the ranks that did not answer.
+  double timeout = 0;
 
   // ---- Collectives over views (host, contiguous). -----------------------------------------
 
