@@ -80,10 +80,16 @@ interrupt)
   ;;
 exception)
   # 1. rank 1 cannot allocate its models: an address-space limit well above what starting
-  #    MPI takes, far below the MxD's 512 MB of parameters, gradients and moments.
+  #    the tool and MPI takes (a CUDA build maps cuBLAS, over 1 GB: the smallest of these
+  #    limits under which the tool starts, plus 600 MB), below the MxD's parameters, gradients
+  #    and moments: 528 bytes per expert at these widths, for 1.5 times the limit.
+  for start in 100000 200000 400000 800000 1600000 3200000 6400000; do
+    (ulimit -v $start && "$mxd" --help >/dev/null 2>&1) && break
+  done
+  limit=$((start + 600000))
   out=$work/bad_alloc.txt
-  RANK1_PREFIX='ulimit -v 600000' launch "$out" --parallel data --steps 5 --d-hidden 1000000 \
-    --out "$work/o1"
+  RANK1_PREFIX="ulimit -v $limit" launch "$out" --parallel data --steps 5 \
+    --experts $((limit * 1024 / 528 * 3 / 2)) --out "$work/o1"
   finish 60 bad_alloc
   grep -q '^mxd: error: rank 1: out of memory' "$out" || { bad "bad_alloc: no 'mxd: error: rank 1: out of memory' line (status $rc)"; tail -n 20 "$out"; }
   echo "bad_alloc: mpirun exit $rc after $took s: $(grep -m1 '^mxd: error: rank 1' "$out")"
