@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """On-paper scaling of `mxd train --parallel`: memory per rank and communication time per
-step, from the byte counts of include/mxd/dist/ (the formulas below are what the
+step, from the byte counts of include/mxd/parallel/ (the formulas below are what the
 Communicator's bytes_sent counts; bench/mpi_steps.sh measures them) and interconnect
 bandwidths (bench/RESULTS.md cites them).
 

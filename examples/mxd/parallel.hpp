@@ -16,9 +16,9 @@
 #include <new>
 #include <string>
 
-#include <mxd/dist/communicator.hpp>
+#include <mxd/parallel/communicator.hpp>
 #if defined(MXD_HAS_MPI)
-#include <mxd/dist/mpi.hpp>
+#include <mxd/parallel/mpi.hpp>
 #endif
 
 #include "cli.hpp"
@@ -29,7 +29,7 @@ namespace mxd::cli {
 enum class Parallel { none, data, experts };
 
 struct Dist {
-  std::unique_ptr<dist::Communicator> comm;
+  std::unique_ptr<parallel::Communicator> comm;
   Parallel mode = Parallel::none;
   // True while every rank runs the same local code on the same command line (option
   // parsing): an error there is every rank's, and each may report it and end normally.
@@ -91,13 +91,13 @@ inline Dist start_dist(int argc, char** argv) {
   MXD_CHECK(mode == "data" || mode == "experts", "--parallel = '", mode, "' is not data or experts");
   d.mode = mode == "data" ? Parallel::data : Parallel::experts;
 #if defined(MXD_HAS_MPI)
-  d.comm = std::make_unique<dist::MpiCommunicator>(&argc, &argv);
+  d.comm = std::make_unique<parallel::MpiCommunicator>(&argc, &argv);
   d.comm->timeout = default_timeout;
 #else
   MXD_CHECK(launched_processes() == 1, "--parallel: this mxd was built without MPI (configure "
             "with -DMXD_MPI=ON, OpenMPI installed), so it cannot join ", launched_processes(),
             " processes");
-  d.comm = std::make_unique<dist::SelfCommunicator>();
+  d.comm = std::make_unique<parallel::SelfCommunicator>();
 #endif
   return d;
 }

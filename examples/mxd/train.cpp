@@ -22,8 +22,8 @@
 #include <nlohmann/json.hpp>
 
 #include <mxd/baselines/transcoder.hpp>
-#include <mxd/dist/data_parallel.hpp>
-#include <mxd/dist/expert_parallel.hpp>
+#include <mxd/parallel/data_parallel.hpp>
+#include <mxd/parallel/expert_parallel.hpp>
 #include <mxd/init.hpp>
 #include <mxd/io/checkpoint.hpp>
 #include <mxd/train/dead_units_io.hpp>
@@ -35,7 +35,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "cuda.hpp"
-#include "dist.hpp"
+#include "parallel.hpp"
 #include "memory.hpp"
 #include "progress.hpp"
 #include "svg.hpp"
@@ -199,9 +199,9 @@ struct Model {
   train::AuxKWorkspace<T> aux_ws;
   // --parallel: the ranks' communicator (null for one process), every rank's rows of the
   // current batch, the gradient sums, and the bytes this rank sent during the model's steps.
-  dist::Communicator* comm = nullptr;
+  parallel::Communicator* comm = nullptr;
   std::vector<index_t> rows;
-  dist::GradientReducer<T> reduce;
+  parallel::GradientReducer<T> reduce;
   double bytes_sent = 0;
   double trained_memory = 0;  // memory_bytes() after the last training step (workspaces shrink for evaluation)
 
@@ -224,7 +224,7 @@ struct Model {
     dy.resize(x.rows(), target.cols(), false);
     layer.forward(x, pred);
     double l = loss<T>(Loss::nmse_ref, pred.view(), target.view(), dy.view(),
-                       comm ? dist::offsets(rows).back() : 0);
+                       comm ? parallel::offsets(rows).back() : 0);
     if (comm) {
       comm->agree(std::isfinite(l), detail::concat("the loss became ", l, " (no weight was updated)"));
       Tensor<double> sum(1, 1);
@@ -287,7 +287,7 @@ template <class T>
 struct MxdModel : Model<T, Params, Workspace<T>> {
   static constexpr const char* name = "mxd";
   using Model<T, Params, Workspace<T>>::Model;
-  std::unique_ptr<dist::ExpertParallel<T>> ep;   // --parallel experts
+  std::unique_ptr<parallel::ExpertParallel<T>> ep;   // --parallel experts
   Params<T> full;                                // rank 0: the gathered set, to save
   std::unique_ptr<AdamW<T>> full_opt;
   bool collective_forward() const { return ep != nullptr; }
@@ -295,12 +295,12 @@ struct MxdModel : Model<T, Params, Workspace<T>> {
   // --parallel experts: keeps this rank's shard of the experts (weights and moments).
   void shard_experts() {
     auto& m = *this;
-    ep = std::make_unique<dist::ExpertParallel<T>>(*m.comm, m.p.config);
+    ep = std::make_unique<parallel::ExpertParallel<T>>(*m.comm, m.p.config);
     const index_t first = ep->first_expert(), n = ep->shards()[m.comm->rank()];
-    Params<T> local = dist::shard_params(m.p, first, n);
+    Params<T> local = parallel::shard_params(m.p, first, n);
     AdamW<T> lopt(local, m.opt.config());
-    lopt.m = dist::shard_params(m.opt.m, first, n);
-    lopt.v = dist::shard_params(m.opt.v, first, n);
+    lopt.m = parallel::shard_params(m.opt.m, first, n);
+    lopt.v = parallel::shard_params(m.opt.v, first, n);
     lopt.t = m.opt.t;
     m.p = std::move(local);
     m.opt = std::move(lopt);
@@ -316,9 +316,9 @@ struct MxdModel : Model<T, Params, Workspace<T>> {
       full_opt = std::make_unique<AdamW<T>>(full, m.opt.config());
     }
     Params<T> none;
-    dist::gather_experts(*m.comm, m.p, root ? full : none, ep->shards());
-    dist::gather_experts(*m.comm, m.opt.m, root ? full_opt->m : none, ep->shards());
-    dist::gather_experts(*m.comm, m.opt.v, root ? full_opt->v : none, ep->shards());
+    parallel::gather_experts(*m.comm, m.p, root ? full : none, ep->shards());
+    parallel::gather_experts(*m.comm, m.opt.m, root ? full_opt->m : none, ep->shards());
+    parallel::gather_experts(*m.comm, m.opt.v, root ? full_opt->v : none, ep->shards());
     if (root) full_opt->t = m.opt.t;
   }
   void save(const std::string& path) {
@@ -347,7 +347,7 @@ struct MxdModel : Model<T, Params, Workspace<T>> {
     if (ep) ep->backward(m.p, x.view(), dy.view(), m.ws, m.g);
     else mxd::backward(m.p, x.view(), dy.view(), m.ws, m.g);
     m.aux_step(x, target);
-    if (ep) m.reduce(*m.comm, m.g, dist::dense_only);  // expert gradients are complete per shard
+    if (ep) m.reduce(*m.comm, m.g, parallel::dense_only);  // expert gradients are complete per shard
     else if (m.comm) m.reduce(*m.comm, m.g);
     if (m.norm_dec) project_expert_grads(m.p, m.g, m.ws.ctx);
     m.step();
@@ -412,8 +412,8 @@ Eval evaluate(Model& m, train::DataSource<T>& src, index_t batch, Dist* d = null
       acc.add(y, t, m.idx(), m.val());
       continue;
     }
-    m.rows = dist::split(n, d->size(), dist::row_align);
-    const index_t r0 = dist::offsets(m.rows)[d->rank()], Br = m.rows[d->rank()], k = m.k();
+    m.rows = parallel::split(n, d->size(), parallel::row_align);
+    const index_t r0 = parallel::offsets(m.rows)[d->rank()], Br = m.rows[d->rank()], k = m.k();
     xr.resize(Br, x.cols(), false);
     std::copy(x.data() + r0 * x.cols(), x.data() + (r0 + Br) * x.cols(), xr.data());
     y.resize(Br, src.d_out(), false);
@@ -727,8 +727,8 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   else build();
   // This rank's rows of every batch.
   std::vector<index_t> batch_rows{o.batch};
-  if (par) together(*d, [&] { batch_rows = dist::batch_rows(o.batch, d->size()); });
-  const index_t row0 = par ? dist::offsets(batch_rows)[d->rank()] : 0;
+  if (par) together(*d, [&] { batch_rows = parallel::batch_rows(o.batch, d->size()); });
+  const index_t row0 = par ? parallel::offsets(batch_rows)[d->rank()] : 0;
   const index_t my_rows = batch_rows[par ? d->rank() : 0];
   mxd->rows = batch_rows;
   if (tc) tc->rows = batch_rows;
@@ -840,7 +840,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
         l_tc = tc->train_step(x, y);
         time_tc += std::chrono::duration<double>(clock::now() - t1).count();
       }
-    } catch (const dist::TimeoutError& e) {  // a silent rank, not the learning rate
+    } catch (const parallel::TimeoutError& e) {  // a silent rank, not the learning rate
       throw stopped(step, std::string(model) + ": " + e.what(), "");
     } catch (const Error& e) {
       throw stopped(step, std::string(model) + ": " + e.what(), lr_hint);

@@ -11,16 +11,16 @@
 #include <string>
 #include <vector>
 
-#include <mxd/dist/data_parallel.hpp>
-#include <mxd/dist/expert_parallel.hpp>
-#include <mxd/dist/mpi.hpp>
+#include <mxd/parallel/data_parallel.hpp>
+#include <mxd/parallel/expert_parallel.hpp>
+#include <mxd/parallel/mpi.hpp>
 #include <mxd/train/data.hpp>
 
 #include "../testing.hpp"
 
 namespace {
 
-mxd::dist::Communicator* world = nullptr;
+mxd::parallel::Communicator* world = nullptr;
 
 using mxd::index_t;
 using mxd::Tensor;
@@ -99,15 +99,15 @@ Run<T> train_single(const mxd::Config& c, int steps, std::uint64_t seed) {
 // The same run on P ranks; this rank's part of it.
 template <class T>
 Run<T> train_parallel(Mode mode, const mxd::Config& c, int steps, std::uint64_t seed) {
-  mxd::dist::Communicator& comm = *world;
+  mxd::parallel::Communicator& comm = *world;
   const int r = comm.rank();
-  const auto rows = mxd::dist::batch_rows(batch, comm.size());
-  const index_t r0 = mxd::dist::offsets(rows)[r], Br = rows[r];
+  const auto rows = mxd::parallel::batch_rows(batch, comm.size());
+  const index_t r0 = mxd::parallel::offsets(rows)[r], Br = rows[r];
   mxd::Params<T> full = mxd_test::random_params<T>(c, seed);
-  mxd::dist::ExpertParallel<T> ep(comm, c);
+  mxd::parallel::ExpertParallel<T> ep(comm, c);
   mxd::Params<T> p = mode == Mode::data
                          ? full
-                         : mxd::dist::shard_params(full, ep.first_expert(), ep.shards()[r]);
+                         : mxd::parallel::shard_params(full, ep.first_expert(), ep.shards()[r]);
   mxd::train::Teacher<T> data(c.d_in, 24, c.d_out, seed, 0);
   mxd::AdamWConfig oc;
   oc.lr = 1e-3;
@@ -116,7 +116,7 @@ Run<T> train_parallel(Mode mode, const mxd::Config& c, int steps, std::uint64_t 
   mxd::Grads<T> g(p.config);
   mxd::Workspace<T> ws;
   ws.tile_rows = 128;  // gate scores in several row tiles, against the single process's one
-  mxd::dist::GradientReducer<T> reduce(1000);  // small buckets: tensors span several
+  mxd::parallel::GradientReducer<T> reduce(1000);  // small buckets: tensors span several
   Run<T> run;
   Tensor<T> x, t, y(Br, c.d_out), dy(Br, c.d_out), dx(Br, c.d_in);
   for (int s = 0; s < steps; ++s) {
@@ -134,7 +134,7 @@ Run<T> train_parallel(Mode mode, const mxd::Config& c, int steps, std::uint64_t 
       reduce(comm, g);
     } else {
       ep.backward(p, xr.view(), dy.view(), ws, g, dx.view());
-      reduce(comm, g, mxd::dist::dense_only);
+      reduce(comm, g, mxd::parallel::dense_only);
     }
     run.idx.push_back(ws.topk_idx);
     run.val.push_back(ws.topk_val);
@@ -159,7 +159,7 @@ std::vector<T> part_of(const mxd::Params<T>& full, const std::string& name, bool
   std::vector<T> out;
   full.for_each([&](const char* nm, const Tensor<T>& t) {
     if (name != nm) return;
-    if (!sharded || mxd::dist::dense_only(name)) {
+    if (!sharded || mxd::parallel::dense_only(name)) {
       out.assign(t.data(), t.data() + t.size());
     } else {
       const index_t cols = name == "gate_bias" ? 1 : t.cols();
@@ -209,9 +209,9 @@ void check_against_single(Mode mode, bool variant, int steps) {
   const Run<T> ref = train_single<T>(c, steps, 7);
   const Run<T> got = train_parallel<T>(mode, c, steps, 7);
   const int r = world->rank();
-  const auto rows = mxd::dist::batch_rows(batch, world->size());
-  const index_t r0 = mxd::dist::offsets(rows)[r], Br = rows[r];
-  mxd::dist::ExpertParallel<T> ep(*world, c);
+  const auto rows = mxd::parallel::batch_rows(batch, world->size());
+  const index_t r0 = mxd::parallel::offsets(rows)[r], Br = rows[r];
+  mxd::parallel::ExpertParallel<T> ep(*world, c);
   const bool sharded = mode == Mode::experts;
   const index_t first = sharded ? ep.first_expert() : 0;
   CAPTURE(world->size());
@@ -245,7 +245,7 @@ void check_against_single(Mode mode, bool variant, int steps) {
   CHECK(same_bits(got.weights, again.weights));
   bool replicated_same = true;
   got.weights.for_each([&](const char* name, const Tensor<T>& t) {
-    if (sharded && !mxd::dist::dense_only(name)) return;
+    if (sharded && !mxd::parallel::dense_only(name)) return;
     Tensor<T> root = t;
     world->broadcast(root.view(), 0);
     replicated_same = replicated_same && std::memcmp(root.data(), t.data(), t.bytes()) == 0;
@@ -256,17 +256,17 @@ void check_against_single(Mode mode, bool variant, int steps) {
 }  // namespace
 
 TEST_CASE("split: shares cover n, start at multiples of align where n allows") {
-  using mxd::dist::split;
+  using mxd::parallel::split;
   CHECK(split(700, 3, 256) == std::vector<index_t>{256, 256, 188});
   CHECK(split(700, 2, 256) == std::vector<index_t>{512, 188});
   CHECK(split(384, 2, 128) == std::vector<index_t>{256, 128});
   CHECK(split(10, 3, 256) == std::vector<index_t>{4, 3, 3});      // fewer blocks than ranks
   CHECK(split(300, 2, 256) == std::vector<index_t>{256, 44});     // a short last block
-  CHECK(mxd_test::error_of([] { mxd::dist::batch_rows(2, 3); }).find("2 rows") != std::string::npos);
+  CHECK(mxd_test::error_of([] { mxd::parallel::batch_rows(2, 3); }).find("2 rows") != std::string::npos);
 }
 
 TEST_CASE("collectives: rank-order sums with the same bits on every rank; gathers in rank order") {
-  mxd::dist::Communicator& comm = *world;
+  mxd::parallel::Communicator& comm = *world;
   const int P = comm.size(), r = comm.rank();
   Tensor<double> v(3, 5);
   for (index_t i = 0; i < v.size(); ++i) v[i] = 0.1 * (r + 1) + 1e-17 * i + (i % 3) / 7.0;
@@ -282,18 +282,18 @@ TEST_CASE("collectives: rank-order sums with the same bits on every rank; gather
 
   std::vector<index_t> rows(static_cast<std::size_t>(P));
   for (int q = 0; q < P; ++q) rows[q] = q + 1;  // uneven: 1, 2, 3 rows
-  const index_t total = mxd::dist::offsets(rows).back();
+  const index_t total = mxd::parallel::offsets(rows).back();
   Tensor<float> mine(r + 1, 2), all(total, 2);
   for (index_t i = 0; i < mine.size(); ++i) mine[i] = float(100 * r + i);
   comm.all_gather<float>(mine.view(), all.view(), rows);
   for (int q = 0; q < P; ++q)
     for (index_t i = 0; i < (q + 1) * 2; ++i)
-      CHECK(all[mxd::dist::offsets(rows)[q] * 2 + i] == float(100 * q + i));
+      CHECK(all[mxd::parallel::offsets(rows)[q] * 2 + i] == float(100 * q + i));
 
   Tensor<float> part(total, 2), out(r + 1, 2);
   for (index_t i = 0; i < part.size(); ++i) part[i] = float(r + 1) * float(i);
   comm.reduce_scatter<float>(part.view(), out.view(), rows);
-  const index_t at = mxd::dist::offsets(rows)[r] * 2;
+  const index_t at = mxd::parallel::offsets(rows)[r] * 2;
   for (index_t i = 0; i < out.size(); ++i) CHECK(out[i] == float(P * (P + 1) / 2) * float(at + i));
 
   CHECK(comm.broadcast(std::string(r == 0 ? "from rank 0" : "x")) == "from rank 0");
@@ -309,7 +309,7 @@ TEST_CASE("collectives: rank-order sums with the same bits on every rank; gather
 TEST_CASE("gradient buckets: the sum does not depend on the bucket size") {
   const mxd::Config c = small_config(true);
   mxd::Params<double> a = mxd_test::random_params<double>(c, 40 + world->rank()), b = a;
-  mxd::dist::GradientReducer<double> small(7), large;
+  mxd::parallel::GradientReducer<double> small(7), large;
   small(*world, a);
   large(*world, b);
   CHECK(same_bits(a, b));
@@ -334,16 +334,16 @@ TEST_CASE("expert parallel, float: 1 and 10 steps equal one process") {
 TEST_CASE("expert shards: gathered back, they are the full set") {
   const mxd::Config c = small_config(true);
   const mxd::Params<float> full = mxd_test::random_params<float>(c, 3);
-  mxd::dist::ExpertParallel<float> ep(*world, c);
+  mxd::parallel::ExpertParallel<float> ep(*world, c);
   const mxd::Params<float> mine =
-      mxd::dist::shard_params(full, ep.first_expert(), ep.shards()[world->rank()]);
+      mxd::parallel::shard_params(full, ep.first_expert(), ep.shards()[world->rank()]);
   mxd::Params<float> back(c);
-  mxd::dist::gather_experts(*world, mine, back, ep.shards(), 0);
+  mxd::parallel::gather_experts(*world, mine, back, ep.shards(), 0);
   if (world->rank() == 0) CHECK(same_bits(back, full));
 }
 
 int main(int argc, char** argv) {
-  mxd::dist::MpiCommunicator comm(&argc, &argv);
+  mxd::parallel::MpiCommunicator comm(&argc, &argv);
   world = &comm;
   doctest::Context ctx(argc, argv);
   if (comm.rank() != 0) ctx.setOption("minimal", true);  // rank 0 reports; others only failures

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The staged device collectives (dist/cuda.cuh) against the host ones under mpirun: the same
+// The staged device collectives (parallel/cuda.cuh) against the host ones under mpirun: the same
 // bits for all-reduce, all-gather, reduce-scatter, broadcast and a device gradient set.
 // Exits 77 (ctest: skipped) where no CUDA device is visible.
 #include <cstdio>
@@ -7,9 +7,9 @@
 #include <vector>
 
 #include <mxd/cuda.cuh>
-#include <mxd/dist/cuda.cuh>
-#include <mxd/dist/data_parallel.hpp>
-#include <mxd/dist/mpi.hpp>
+#include <mxd/parallel/cuda.cuh>
+#include <mxd/parallel/data_parallel.hpp>
+#include <mxd/parallel/mpi.hpp>
 
 namespace {
 
@@ -46,14 +46,14 @@ bool same_set(const mxd::Params<T>& a, const mxd::Params<T>& b) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mxd::dist::MpiCommunicator comm(&argc, &argv);
+  mxd::parallel::MpiCommunicator comm(&argc, &argv);
   const int r = comm.rank(), P = comm.size();
   if (mxd::cuda_device_count() == 0) {
     if (r == 0) std::printf("skipped: no CUDA device is visible\n");
     return 77;
   }
   try {
-    mxd::dist::DeviceStaging<double> stage;
+    mxd::parallel::DeviceStaging<double> stage;
     using mxd::Tensor;
     using mxd::cuda;
     // all_reduce
@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
     // all_gather and reduce_scatter with uneven rows
     std::vector<mxd::index_t> rows(P);
     for (int q = 0; q < P; ++q) rows[q] = q + 1;
-    const mxd::index_t total = mxd::dist::offsets(rows).back();
+    const mxd::index_t total = mxd::parallel::offsets(rows).back();
     Tensor<double> mine = filled<double>(r + 1, 3, r, 1.0), all_ref(total, 3);
     Tensor<double, cuda> all_d(total, 3);
     stage.all_gather(comm, mxd::to_device(mine).view(), all_d.view(), rows);
@@ -87,8 +87,8 @@ int main(int argc, char** argv) {
     int i = 0;
     g.for_each([&](const char*, Tensor<double>& t) { t = filled<double>(t.rows(), t.cols(), r, 0.01 * ++i); });
     mxd::Params<double, cuda> gd = mxd::to_device(g);
-    stage.all_reduce_grads(comm, gd, mxd::dist::dense_only);
-    mxd::dist::GradientReducer<double>()(comm, g, mxd::dist::dense_only);
+    stage.all_reduce_grads(comm, gd, mxd::parallel::dense_only);
+    mxd::parallel::GradientReducer<double>()(comm, g, mxd::parallel::dense_only);
     check(same_set(mxd::to_host(gd), g), "all_reduce_grads", r);
   } catch (const mxd::Error& e) {
     std::printf("rank %d: error: %s\n", r, e.what());

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-/// @file dist/communicator.hpp
-/// @brief dist::Communicator: the collectives that data- and expert-parallel training need
+/// @file parallel/communicator.hpp
+/// @brief parallel::Communicator: the collectives that data- and expert-parallel training need
 /// (all-reduce, all-gather, reduce-scatter, gather, broadcast) over mxd's views, and the
 /// agreement that turns one rank's error into the same mxd::Error on every rank.
 ///
@@ -9,12 +9,12 @@
 /// in rank order 0, 1, ..., P-1 by the rank that owns a chunk, so every rank gets the same bits
 /// and a run with the same P repeats bit for bit, whatever the transport's own algorithms.
 ///
-///     mxd::dist::MpiCommunicator comm(argc, argv);          // dist/mpi.hpp
+///     mxd::parallel::MpiCommunicator comm(argc, argv);          // parallel/mpi.hpp
 ///     comm.all_reduce(grads.E.view());                      // sum over ranks, in place
-///     auto rows = mxd::dist::split(B, comm.size(), 128);    // rows[r]: rank r's share of B
+///     auto rows = mxd::parallel::split(B, comm.size(), 128);    // rows[r]: rank r's share of B
 ///     comm.all_gather<float>(x_r.view(), x_all.view(), rows);  // [rows[r], I] -> [B, I]
 ///
-/// Views are host views (Device = cpu); dist/cuda.cuh stages device views through host memory.
+/// Views are host views (Device = cpu); parallel/cuda.cuh stages device views through host memory.
 #pragma once
 
 #include <algorithm>
@@ -28,7 +28,7 @@
 #include "../error.hpp"
 #include "../tensor.hpp"
 
-namespace mxd::dist {
+namespace mxd::parallel {
 
 /// Element types the transports move.
 enum class Type { u8, i32, f32, f64 };
@@ -37,7 +37,7 @@ template <class T>
 constexpr Type type_of() {
   static_assert(std::is_same_v<T, std::uint8_t> || std::is_same_v<T, std::int32_t> ||
                     std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "dist: element type must be uint8_t, int32_t, float or double");
+                "parallel: element type must be uint8_t, int32_t, float or double");
   if constexpr (std::is_same_v<T, std::uint8_t>) return Type::u8;
   else if constexpr (std::is_same_v<T, std::int32_t>) return Type::i32;
   else if constexpr (std::is_same_v<T, float>) return Type::f32;
@@ -58,8 +58,8 @@ inline std::size_t type_size(Type t) {
 /// taking one more), so the GEMM pieces of a share are the single process's; with fewer blocks
 /// than parts the items are split as evenly as possible. Shares may differ by a block.
 inline std::vector<index_t> split(index_t n, int parts, index_t align = 1) {
-  MXD_CHECK(parts > 0, "dist::split: ", parts, " parts");
-  MXD_CHECK(n >= 0 && align > 0, "dist::split: n = ", n, ", align = ", align);
+  MXD_CHECK(parts > 0, "parallel::split: ", parts, " parts");
+  MXD_CHECK(n >= 0 && align > 0, "parallel::split: n = ", n, ", align = ", align);
   std::vector<index_t> counts(static_cast<std::size_t>(parts), 0);
   const index_t blocks = (n + align - 1) / align;
   if (blocks >= parts) {
@@ -279,11 +279,11 @@ private:
   }
   template <class V>
   static void require_contiguous(const V& v, const char* op) {
-    MXD_CHECK(v.contiguous() || v.empty(), "dist::", op, ": the view must be contiguous (ld ",
+    MXD_CHECK(v.contiguous() || v.empty(), "parallel::", op, ": the view must be contiguous (ld ",
               v.ld, " != cols ", v.cols, ")");
   }
   void check_rows(const std::vector<index_t>& rows, const char* op) const {
-    MXD_CHECK(static_cast<int>(rows.size()) == size(), "dist::", op, ": ", rows.size(),
+    MXD_CHECK(static_cast<int>(rows.size()) == size(), "parallel::", op, ": ", rows.size(),
               " row counts for ", size(), " ranks");
   }
 };
@@ -315,4 +315,10 @@ private:
   }
 };
 
-}  // namespace mxd::dist
+}  // namespace mxd::parallel
+
+namespace mxd {
+/// mxd::parallel's name before 0.2 (when include/mxd/parallel/ was include/mxd/dist/), for
+/// one release.
+namespace dist = parallel;
+}  // namespace mxd

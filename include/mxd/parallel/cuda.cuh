@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: MIT
-/// @file dist/cuda.cuh
+/// @file parallel/cuda.cuh
 /// @brief The Communicator's collectives on device (CUDA) views, staged through host memory:
 /// each call copies the device data to a host buffer, runs the host collective (same rank-
 /// order sums, same bits on every rank) and copies the result back. Works with any MPI, also
 /// one that is not CUDA-aware; NCCL is not used.
 ///
-///     mxd::dist::DeviceStaging<float> stage;               // host buffers, reused
+///     mxd::parallel::DeviceStaging<float> stage;               // host buffers, reused
 ///     stage.all_reduce(comm, grads.E.view());             // a View<float, mxd::cuda>
 ///     stage.all_reduce_grads(comm, grads);                // a device gradient set, bucketed
 ///
@@ -18,7 +18,7 @@
 #include "../cuda.cuh"
 #include "communicator.hpp"
 
-namespace mxd::dist {
+namespace mxd::parallel {
 
 template <class T>
 class DeviceStaging {
@@ -95,4 +95,4 @@ private:
   Tensor<T> a_, b_;  // host staging, grown to the largest message
 };
 
-}  // namespace mxd::dist
+}  // namespace mxd::parallel

@@ -1,14 +1,14 @@
 // SPDX-License-Identifier: MIT
-/// @file dist/data_parallel.hpp
+/// @file parallel/data_parallel.hpp
 /// @brief Data parallelism: each rank takes its rows of every global batch, runs the ordinary
 /// forward and backward on them, and the gradients are summed across ranks before AdamW, so
 /// every rank holds the same weights.
 ///
-///     auto rows = mxd::dist::batch_rows(B, comm.size());         // rank r: rows[r] of B
+///     auto rows = mxd::parallel::batch_rows(B, comm.size());         // rank r: rows[r] of B
 ///     mxd::forward(p, x_r, y_r, ws);                              // x_r: [rows[rank], I]
 ///     double l = mxd::loss<float>(Loss::nmse_ref, y_r, t_r, dy_r, B);   // mean over all B rows
 ///     mxd::backward(p, x_r, dy_r, ws, g);
-///     mxd::dist::GradientReducer<float> reduce;
+///     mxd::parallel::GradientReducer<float> reduce;
 ///     reduce(comm, g);                                            // g = sum over ranks
 ///     opt.step(p, g, ws.ctx);
 #pragma once
@@ -21,14 +21,14 @@
 #include "../workspace.hpp"
 #include "communicator.hpp"
 
-namespace mxd::dist {
+namespace mxd::parallel {
 
 /// A rank's slice of a batch starts at a multiple of the gate-score tile height where the batch
 /// allows, so its tiles are as tall as one process's. (Its rows' bits would match one
 /// process's anywhere: the host GEMM computes each element the same way in any tile.)
 constexpr index_t row_align = tile_row_multiple;
 
-/// Each rank's rows of a global batch of B rows, in rank order (dist::split).
+/// Each rank's rows of a global batch of B rows, in rank order (parallel::split).
 inline std::vector<index_t> batch_rows(index_t B, int ranks) {
   MXD_CHECK(B >= ranks, "a batch of ", B, " rows cannot give each of ", ranks,
             " ranks a row (use --batch >= the number of processes)");
@@ -98,4 +98,4 @@ private:
   std::vector<Part> parts_;
 };
 
-}  // namespace mxd::dist
+}  // namespace mxd::parallel

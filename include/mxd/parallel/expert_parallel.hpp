@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/// @file dist/expert_parallel.hpp
+/// @file parallel/expert_parallel.hpp
 /// @brief Expert parallelism for the MxD: rank r owns the contiguous shard of experts
 /// [first_r, first_r + N_r) (their rows of G, b_gate, C, with gradients and AdamW moments);
 /// the dense part (E, b_enc, D, b_out, GLU, skip) is replicated and data-parallel.
@@ -17,10 +17,10 @@
 /// Backward mirrors it: dv of every row is all-gathered, each rank computes ds, dC, dG and
 /// db_gate of its own experts from the (row, slot) pairs that chose them (O(B k) in all, as in
 /// one process), and dx's gate term is reduce-scattered back to the owners. Dense gradients
-/// are then summed across ranks (dist::GradientReducer with dense_only).
+/// are then summed across ranks (parallel::GradientReducer with dense_only).
 ///
 /// Exactness: shard boundaries are multiples of 256 experts where N allows and row slices
-/// start at multiples of 128 rows (dist::split), the pieces of backend<cpu>::gemm, so the gate
+/// start at multiples of 128 rows (parallel::split), the pieces of backend<cpu>::gemm, so the gate
 /// scores and the selection are bit-identical to one process; sums across ranks (v, dx, the
 /// dense gradients) are in another order than one process's: equal up to rounding.
 ///
@@ -39,13 +39,13 @@
 #include "communicator.hpp"
 #include "data_parallel.hpp"
 
-namespace mxd::dist {
+namespace mxd::parallel {
 
 /// Expert shards start at multiples of this: the column width of the host GEMM's pieces in
 /// float, so a shard's gate scores split into whole pieces.
 constexpr index_t expert_align = detail::GemmShape<float>::nc;
 
-/// Each rank's number of experts out of N, in rank order (dist::split; N need not divide).
+/// Each rank's number of experts out of N, in rank order (parallel::split; N need not divide).
 inline std::vector<index_t> expert_shards(index_t N, int ranks) {
   MXD_CHECK(N >= ranks, "n_experts = ", N, " cannot give each of ", ranks,
             " ranks an expert (use at least as many experts as processes)");
@@ -348,4 +348,4 @@ private:
   Tensor<T> dxpart_, dxown_;                // [B, I], [Br, I]
 };
 
-}  // namespace mxd::dist
+}  // namespace mxd::parallel

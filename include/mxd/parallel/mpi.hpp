@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: MIT
-/// @file dist/mpi.hpp
-/// @brief dist::MpiCommunicator: the Communicator over MPI (link mxd::mpi).
+/// @file parallel/mpi.hpp
+/// @brief parallel::MpiCommunicator: the Communicator over MPI (link mxd::mpi).
 ///
 ///     int main(int argc, char** argv) {
-///       mxd::dist::MpiCommunicator comm(&argc, &argv);   // MPI_Init unless already done
+///       mxd::parallel::MpiCommunicator comm(&argc, &argv);   // MPI_Init unless already done
 ///       ...                                              // comm.rank(), comm.all_reduce(...)
 ///     }                                                  // MPI_Finalize if it initialised MPI
 ///
@@ -35,7 +35,7 @@
 
 #include "communicator.hpp"
 
-namespace mxd::dist {
+namespace mxd::parallel {
 
 class MpiCommunicator final : public Communicator {
 public:
@@ -236,4 +236,4 @@ private:
   bool owns_mpi_ = false;
 };
 
-}  // namespace mxd::dist
+}  // namespace mxd::parallel
