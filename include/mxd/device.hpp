@@ -11,7 +11,7 @@
 
 namespace mxd {
 
-/// Host memory, Eigen kernels, mxd's worker threads (backend/thread_pool.hpp).
+/// Host memory, mxd's own GEMM (backend/gemm.hpp) and worker threads (backend/thread_pool.hpp).
 struct cpu {};
 /// Device memory, cuBLAS and CUDA kernels (include <mxd/cuda.cuh>).
 struct cuda {};

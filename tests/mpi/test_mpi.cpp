@@ -221,8 +221,8 @@ void check_against_single(Mode mode, bool variant, int steps) {
     const Tensor<std::int32_t> ri = rows_of(ref.idx[s], r0, Br);
     const Tensor<T> rv = rows_of(ref.val[s], r0, Br), ry = rows_of(ref.y[s], r0, Br);
     // The selection is identical. At the first step the gate values are the single process's
-    // bits: backend<cpu>::gemm computes fixed 128 x 256 pieces, and a rank's rows and experts
-    // start on their boundaries. After the first update the weights, and so the values,
+    // bits: backend<cpu>::gemm computes each element the same way whatever rows and columns a
+    // call has (backend/gemm.hpp). After the first update the weights, and so the values,
     // differ by rounding (sums across ranks change their order).
     CHECK(std::memcmp(got.idx[s].data(), ri.data(), ri.bytes()) == 0);
     if (s == 0) CHECK(std::memcmp(got.val[s].data(), rv.data(), rv.bytes()) == 0);

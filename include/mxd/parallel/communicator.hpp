@@ -55,7 +55,7 @@ inline std::size_t type_size(Type t) {
 
 /// Splits n items into `parts` contiguous shares (returned as counts). Share boundaries are
 /// multiples of `align` where n allows (whole blocks of `align` are dealt out, the first ranks
-/// taking one more), so the GEMM pieces of a share are the single process's; with fewer blocks
+/// taking one more), so a share holds whole GEMM pieces and gate-score tiles; with fewer blocks
 /// than parts the items are split as evenly as possible. Shares may differ by a block.
 inline std::vector<index_t> split(index_t n, int parts, index_t align = 1) {
   MXD_CHECK(parts > 0, "parallel::split: ", parts, " parts");
