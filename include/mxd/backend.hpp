@@ -10,7 +10,7 @@
 /// or launch geometry. Shapes: B rows, N experts (or latents), k selected per row.
 ///
 ///     gemm(ctx, trans_a, trans_b, alpha, A, B, beta, C)       C = alpha op(A) op(B) + beta C
-///     bias_activation(ctx, act, hpre, b_enc, g, b_glu, z)      hpre += b_enc; z = act(hpre) (* g + b_glu)
+///     bias_activation(ctx, act, hpre, b_enc, g, b_glu, z)      hpre += b_enc; z = act(hpre) (GLU: g += b_glu, z *= g)
 ///     gate_topk(ctx, scores, b_gate, k, idx, val, row0)        relu(scores + b_gate), top-k per row
 ///     mix_experts(ctx, idx, val, C, u, b_out, v, y, accumulate)  v = val C[idx]; y (+)= u * v + b_out
 ///     col_sum(ctx, A, beta, out)                               out = beta out + sum of A's rows
