@@ -32,9 +32,9 @@ int main() {
     mxd::forward(params, x.view(), y.view(), ws);                 // y = MxD(x)
     const double loss = mxd::loss<float>(mxd::Loss::nmse_ref, y.view(), target.view(), dy.view());
     mxd::backward(params, x.view(), dy.view(), ws, grads);        // grads = dL/dparams
-    mxd::project_expert_grads(params, grads, ws.ctx);             // norm_dec, before the step
+    mxd::project_decoder_grads(params, grads, ws.ctx);             // norm_dec, before the step
     opt.step(params, grads, ws.ctx);
-    mxd::normalize_experts(params, ws.ctx);                       // norm_dec, after the step
+    mxd::normalize_decoder(params, ws.ctx);                       // norm_dec, after the step
     if (step == 0) first = loss;
     if (step >= steps - 10) last += loss / 10;
     if (step % 50 == 0) std::printf("step %4lld  loss %.5f\n", (long long)step, loss);

@@ -40,9 +40,9 @@ int main() try {
     mxd::forward(params, xd.view(), y.view(), ws);
     const double loss = mxd::loss(ws.ctx, mxd::Loss::nmse_ref, y.view(), td.view(), dy.view());
     mxd::backward(params, xd.view(), dy.view(), ws, grads);
-    mxd::project_expert_grads(params, grads, ws.ctx);
+    mxd::project_decoder_grads(params, grads, ws.ctx);
     opt.step(params, grads, ws.ctx);
-    mxd::normalize_experts(params, ws.ctx);
+    mxd::normalize_decoder(params, ws.ctx);
     if (step == 0) first = loss;
     if (step >= steps - 10) last += loss / 10;
     if (step % 50 == 0) std::printf("step %4lld  loss %.5f\n", (long long)step, loss);

@@ -68,9 +68,9 @@ void train_steps(Params<float>& p, AdamW<float>& opt, train::Teacher<float>& tea
     const double l = loss<float>(Loss::nmse_ref, pred.view(), y.view(), dy.view());
     if (losses) losses->push_back(l);
     backward(p, x.view(), dy.view(), ws, g);
-    project_expert_grads(p, g, ws.ctx);
+    project_decoder_grads(p, g, ws.ctx);
     opt.step(p, g, ws.ctx);
-    normalize_experts(p, ws.ctx);
+    normalize_decoder(p, ws.ctx);
   }
 }
 
@@ -185,7 +185,7 @@ TEST_CASE("norm_dec keeps every expert vector at unit norm through training") {
   init_params(pd, 6);
   for (index_t i = 0; i < g.C.size(); ++i) g.C[i] = std::sin(double(i));
   Context<cpu> ctx;
-  project_expert_grads(pd, g, ctx);
+  project_decoder_grads(pd, g, ctx);
   for (index_t n = 0; n < c.n_experts; ++n) {
     double dot = 0;
     for (index_t o = 0; o < c.d_out; ++o) dot += g.C(n, o) * pd.C(n, o);

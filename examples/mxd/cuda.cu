@@ -40,9 +40,9 @@ struct Layer<T, Params> {
     mxd::backward<T>(p, x.view(), dy.view(), ws, g);
   }
   static void project(const Params<T, mxd::cuda>& p, Params<T, mxd::cuda>& g, Workspace& ws) {
-    project_expert_grads(p, g, ws.ctx);
+    project_decoder_grads(p, g, ws.ctx);
   }
-  static void normalize(Params<T, mxd::cuda>& p, Workspace& ws) { normalize_experts(p, ws.ctx); }
+  static void normalize(Params<T, mxd::cuda>& p, Workspace& ws) { normalize_decoder(p, ws.ctx); }
 };
 
 template <class T>

@@ -349,9 +349,9 @@ struct MxdModel : Model<T, Params, Workspace<T>> {
     m.aux_step(x, target);
     if (ep) m.reduce(*m.comm, m.g, parallel::dense_only);  // expert gradients are complete per shard
     else if (m.comm) m.reduce(*m.comm, m.g);
-    if (m.norm_dec) project_expert_grads(m.p, m.g, m.ws.ctx);
+    if (m.norm_dec) project_decoder_grads(m.p, m.g, m.ws.ctx);
     m.step();
-    if (m.norm_dec) normalize_experts(m.p, m.ws.ctx);
+    if (m.norm_dec) normalize_decoder(m.p, m.ws.ctx);
   }
 };
 

@@ -6,9 +6,9 @@
 ///     mxd::AdamWConfig oc;  oc.lr = 4e-4;  oc.warmup_steps = 5000;
 ///     mxd::AdamW<float> opt(params, oc);
 ///     mxd::forward(...); mxd::backward(...);      // grads
-///     mxd::project_expert_grads(params, grads, ws.ctx);   // norm_dec, before the step
+///     mxd::project_decoder_grads(params, grads, ws.ctx);   // norm_dec, before the step
 ///     opt.step(params, grads, ws.ctx);
-///     mxd::normalize_experts(params, ws.ctx);              // norm_dec, after the step
+///     mxd::normalize_decoder(params, ws.ctx);              // norm_dec, after the step
 #pragma once
 
 #include <cmath>
@@ -105,15 +105,17 @@ private:
   AdamWConfig cfg_;
 };
 
-/// norm_dec, before the step: removes from each dC[n] its component along c_n.
+/// norm_dec, before the step: removes from each dC[n] its component along c_n. The MxD's
+/// "decoder" rows here are its expert vectors c_n (rows of C); transcoders overload this and
+/// normalize_decoder for their W_dec rows (baselines/transcoder.hpp).
 template <class T, class Device>
-void project_expert_grads(const Params<T, Device>& p, Grads<T, Device>& g, Context<Device>& ctx) {
+void project_decoder_grads(const Params<T, Device>& p, Grads<T, Device>& g, Context<Device>& ctx) {
   backend<Device>::remove_parallel_rows(ctx, p.C.view(), g.C.view());
 }
 
 /// norm_dec, after the step: rescales every expert vector c_n to unit norm.
 template <class T, class Device>
-void normalize_experts(Params<T, Device>& p, Context<Device>& ctx) {
+void normalize_decoder(Params<T, Device>& p, Context<Device>& ctx) {
   backend<Device>::normalize_rows(ctx, p.C.view());
 }
 

@@ -77,9 +77,9 @@ TrainResult<T> train(const Params<T>& hp, const std::vector<Tensor<T>>& inputs,
     forward<T>(p, x.view(), y.view(), ws);
     losses.push_back(loss<T>(ws.ctx, kind, y.view(), t.view(), dy.view()));
     backward<T>(p, x.view(), dy.view(), ws, g);
-    if (norm_dec) project_expert_grads(p, g, ws.ctx);
+    if (norm_dec) project_decoder_grads(p, g, ws.ctx);
     opt.step(p, g, ws.ctx);
-    if (norm_dec) normalize_experts(p, ws.ctx);
+    if (norm_dec) normalize_decoder(p, ws.ctx);
   }
   ws.ctx.synchronize();
   Params<T> host = to_host(p);

@@ -581,9 +581,9 @@ TEST_CASE("AdamW training with norm_dec on the GPU follows the CPU step for step
     const double l = loss<double>(Loss::nmse_ref, y.view(), ts[s].view(), dy.view());
     CHECK(std::abs(d.losses[s] - l) <= 1e-10 * l);
     backward<double>(p, xs[s].view(), dy.view(), ws, g);
-    project_expert_grads(p, g, ws.ctx);
+    project_decoder_grads(p, g, ws.ctx);
     opt.step(p, g, ws.ctx);
-    normalize_experts(p, ws.ctx);
+    normalize_decoder(p, ws.ctx);
   }
   CHECK(d.opt.t == opt.t);
   const auto pd = tensors_of(d.p), pc = tensors_of(p), md = tensors_of(d.opt.m),

@@ -88,9 +88,9 @@ Run<T> train_single(const mxd::Config& c, int steps, std::uint64_t seed) {
       run.grads_step1 = g;
       run.dx_step1 = dx;
     }
-    mxd::project_expert_grads(p, g, ws.ctx);
+    mxd::project_decoder_grads(p, g, ws.ctx);
     opt.step(p, g, ws.ctx);
-    mxd::normalize_experts(p, ws.ctx);
+    mxd::normalize_decoder(p, ws.ctx);
   }
   run.weights = p;
   return run;
@@ -143,9 +143,9 @@ Run<T> train_parallel(Mode mode, const mxd::Config& c, int steps, std::uint64_t 
       run.grads_step1 = g;
       run.dx_step1 = dx;
     }
-    mxd::project_expert_grads(p, g, ws.ctx);
+    mxd::project_decoder_grads(p, g, ws.ctx);
     opt.step(p, g, ws.ctx);
-    mxd::normalize_experts(p, ws.ctx);
+    mxd::normalize_decoder(p, ws.ctx);
   }
   run.weights = p;
   return run;

@@ -213,4 +213,31 @@ void transcoder_backward(const TranscoderParams<T, Device>& p, InView<T, Device>
   be::gather_rows_add(ctx, ws.topk_idx.view(), ws.ds.view(), p.W_enc.view(), dx);
 }
 
+/// The model interface that train::step (train/step.hpp) and the adapters use for every
+/// model: forward, backward and the decoder norm under the same names as the MxD's.
+template <class T, class Device>
+void forward(const TranscoderParams<T, Device>& p, InView<T, Device> x, View<T, Device> y,
+             TranscoderWorkspace<T, Device>& ws) {
+  transcoder_forward(p, x, y, ws);
+}
+template <class T, class Device>
+void backward(const TranscoderParams<T, Device>& p, InView<T, Device> x, InView<T, Device> dy,
+              TranscoderWorkspace<T, Device>& ws, TranscoderParams<T, Device>& grads,
+              View<T, Device> dx = {}, GradMode mode = GradMode::Overwrite) {
+  transcoder_backward(p, x, dy, ws, grads, dx, mode);
+}
+
+/// norm_dec, before the step: removes from each dW_dec[m] its component along W_dec[m].
+/// Skip transcoders keep free decoder rows (their W_dec starts at zero): nothing to do.
+template <class T, class Device>
+void project_decoder_grads(const TranscoderParams<T, Device>& p, TranscoderParams<T, Device>& g,
+                           Context<Device>& ctx) {
+  if (!p.config.skip) backend<Device>::remove_parallel_rows(ctx, p.W_dec.view(), g.W_dec.view());
+}
+/// norm_dec, after the step: W_dec rows to unit norm (not for skip transcoders).
+template <class T, class Device>
+void normalize_decoder(TranscoderParams<T, Device>& p, Context<Device>& ctx) {
+  if (!p.config.skip) backend<Device>::normalize_rows(ctx, p.W_dec.view());
+}
+
 }  // namespace mxd
