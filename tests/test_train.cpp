@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Training pieces: AdamW against torch, warm-up, norm_dec, the authors' initialisation, the
-// parameter-matched expert count, the transcoder baselines, checkpoints and data sources.
+// parameter-matched expert count, the transcoder baselines, train::step, checkpoints and data
+// sources.
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <mxd/init.hpp>
 #include <mxd/io/checkpoint.hpp>
 #include <mxd/train/data.hpp>
+#include <mxd/train/step.hpp>
 
 #include "testing.hpp"
 
@@ -263,6 +265,88 @@ TEST_CASE("training on a tiny teacher lowers the loss below a third of its start
   CHECK(l1 == l2);
   CHECK(same_bits(a.C, b.C));
   CHECK(same_bits(a.E, b.E));
+}
+
+// The step spelled out, call by call, as train/step.hpp documents it: the oracle of train::step.
+template <class Set, class Workspace>
+void spelled_out_steps(Set& p, const std::vector<Tensor<double>>& xs,
+                       const std::vector<Tensor<double>>& ts, const AdamWConfig& oc,
+                       const train::AuxK& aux, index_t units, std::vector<double>& losses) {
+  Set g(p.config);
+  Workspace ws;
+  AdamW<double, cpu, Set> opt(p, oc);
+  train::DeadUnits dead(units, aux.enabled() ? aux.dead_window : 1);
+  train::AuxKWorkspace<double> aws;
+  for (std::size_t s = 0; s < xs.size(); ++s) {
+    Tensor<double> y(xs[s].rows(), ts[s].cols()), dy(xs[s].rows(), ts[s].cols());
+    forward(p, xs[s].view(), y.view(), ws);
+    losses.push_back(loss<double>(Loss::nmse_ref, y.view(), ts[s].view(), dy.view()));
+    backward(p, xs[s].view(), dy.view(), ws, g);
+    if (aux.enabled()) {
+      train::auxk_backward(p, xs[s].view(), y.view(), ts[s].view(), ws, dead, aux, aws, g);
+      dead.record(ws.topk_idx.view(), ws.topk_val.view());
+    }
+    project_decoder_grads(p, g, ws.ctx);
+    opt.step(p, g, ws.ctx);
+    normalize_decoder(p, ws.ctx);
+  }
+}
+
+TEST_CASE("train::step is the spelled-out step, bit for bit, for the MxD and both transcoders, with and without AuxK") {
+  std::vector<Tensor<double>> xs, ts;
+  for (int s = 0; s < 5; ++s) {
+    xs.push_back(random_matrix<double>(24, 8, 900 + s));
+    ts.push_back(random_matrix<double>(24, 8, 950 + s));
+  }
+  AdamWConfig oc;
+  oc.lr = 1e-2;
+  oc.warmup_steps = 2;
+  for (const index_t aux_k : {0, 6}) {
+    CAPTURE(aux_k);
+    train::StepOptions so;
+    so.aux.k = aux_k;
+    so.aux.dead_window = 48;  // dead after two batches unseen
+    auto check = [&](auto p0, index_t units) {
+      using Set = decltype(p0);
+      std::vector<double> want;
+      Set ref = p0;
+      spelled_out_steps<Set, typename train::workspace_of<Set>::type>(ref, xs, ts, oc, so.aux, units,
+                                                                      want);
+      train::Trainer<Set> m(p0, oc, so);
+      for (std::size_t s = 0; s < xs.size(); ++s)
+        CHECK(train::step(m, xs[s].view(), ts[s].view()) == want[s]);
+      m.p.for_each([&](const char* name, const Tensor<double>& t) {
+        ref.for_each([&](const char* n2, const Tensor<double>& r) {
+          if (std::strcmp(name, n2) == 0) {
+            CAPTURE(name);
+            CHECK(same_bits(t, r));
+          }
+        });
+      });
+      if (aux_k > 0) CHECK(m.dead.count() > 0);
+    };
+    Config c = tiny_config();
+    c.k = 3;
+    Params<double> p = random_params<double>(c, 31);
+    check(p, c.n_experts);
+    for (const bool skip : {false, true}) {
+      CAPTURE(skip);
+      TranscoderParams<double> tp(TranscoderConfig{8, 8, 64, 3, skip});
+      init_transcoder(tp, 32);
+      check(tp, index_t(64));
+    }
+  }
+}
+
+TEST_CASE("a non-finite loss stops train::step before backward: no weight, moment or step count changes") {
+  train::Trainer<Params<double>> m(random_params<double>(tiny_config(), 33), AdamWConfig{});
+  const Params<double> before = m.p;
+  Tensor<double> x = random_matrix<double>(6, 8, 34), t(6, 8);  // zero targets: nmse_ref is Inf
+  CHECK(error_of([&] { train::step(m, x.view(), t.view()); }) ==
+        "the loss became inf (no weight was updated)");
+  CHECK(m.opt.t == 0);
+  CHECK(same_bits(m.p.C, before.C));
+  CHECK(same_bits(m.p.E, before.E));
 }
 
 TEST_CASE("checkpoint round trip is bit-exact and a resumed run equals an uninterrupted one") {

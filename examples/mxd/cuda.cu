@@ -6,6 +6,8 @@
 #include <vector>
 
 #include <mxd/cuda.cuh>
+#include <mxd/train/aux_loss.cuh>
+#include <mxd/train/step.hpp>
 
 #include "cli.hpp"
 
@@ -24,111 +26,58 @@ MathMode math_mode(const std::string& math) {
   throw Error("GEMM math '" + math + "' is not fp32, tf32 or bf16");
 }
 
-// What differs between the two kinds of model: their workspace and layer functions.
-template <class T, template <class, class> class Set>
-struct Layer;
-
-template <class T>
-struct Layer<T, Params> {
-  using Workspace = mxd::Workspace<T, mxd::cuda>;
-  static void forward(const Params<T, mxd::cuda>& p, const Tensor<T, mxd::cuda>& x,
-                      Tensor<T, mxd::cuda>& y, Workspace& ws) {
-    mxd::forward<T>(p, x.view(), y.view(), ws);
-  }
-  static void backward(const Params<T, mxd::cuda>& p, const Tensor<T, mxd::cuda>& x,
-                       const Tensor<T, mxd::cuda>& dy, Workspace& ws, Params<T, mxd::cuda>& g) {
-    mxd::backward<T>(p, x.view(), dy.view(), ws, g);
-  }
-  static void project(const Params<T, mxd::cuda>& p, Params<T, mxd::cuda>& g, Workspace& ws) {
-    project_decoder_grads(p, g, ws.ctx);
-  }
-  static void normalize(Params<T, mxd::cuda>& p, Workspace& ws) { normalize_decoder(p, ws.ctx); }
-};
-
-template <class T>
-struct Layer<T, TranscoderParams> {
-  using Workspace = TranscoderWorkspace<T, mxd::cuda>;
-  using P = TranscoderParams<T, mxd::cuda>;
-  static void forward(const P& p, const Tensor<T, mxd::cuda>& x, Tensor<T, mxd::cuda>& y,
-                      Workspace& ws) {
-    transcoder_forward<T>(p, x.view(), y.view(), ws);
-  }
-  static void backward(const P& p, const Tensor<T, mxd::cuda>& x, const Tensor<T, mxd::cuda>& dy,
-                       Workspace& ws, P& g) {
-    transcoder_backward<T>(p, x.view(), dy.view(), ws, g);
-  }
-  // Skip transcoders keep free decoder rows (as on the CPU).
-  static void project(const P& p, P& g, Workspace& ws) {
-    if (!p.config.skip) backend<mxd::cuda>::remove_parallel_rows<T>(ws.ctx, p.W_dec.view(), g.W_dec.view());
-  }
-  static void normalize(P& p, Workspace& ws) {
-    if (!p.config.skip) backend<mxd::cuda>::normalize_rows<T>(ws.ctx, p.W_dec.view());
-  }
-};
-
 template <class T, template <class, class> class Set>
 class CudaModel final : public DeviceModel<T, Set> {
 public:
-  CudaModel(const Set<T, cpu>& hp, const AdamW<T, cpu, Set<T, cpu>>& hopt, bool nd,
-            MathMode math)
-      : p(to_device(hp)), g(hp.config), opt(to_device(hopt, p)), norm_dec(nd) {
-    ws.ctx.math = math;
+  CudaModel(const train::Trainer<Set<T, cpu>>& host, MathMode math)
+      : t(to_device(host.p), host.opt.config(), host.options) {
+    t.opt = to_device(host.opt, t.p);
+    t.dead = host.dead;
+    t.ws.ctx.math = math;
   }
 
   double train_step(const Tensor<T>& hx, const Tensor<T>& ht) override {
     load_batch(hx);
     target.resize(ht.rows(), ht.cols(), false);
     copy_to_device<T>(ht.view(), target.view());
-    dy.resize(ht.rows(), ht.cols(), false);
-    L::forward(p, x, y, ws);
-    const double l = loss<T>(ws.ctx, Loss::nmse_ref, y.view(), target.view(), dy.view());
-    L::backward(p, x, dy, ws, g);
-    if (norm_dec) L::project(p, g, ws);
-    opt.step(p, g, ws.ctx);
-    if (norm_dec) L::normalize(p, ws);
-    return l;
+    return train::step(t, x.view(), target.view());
   }
 
   void predict(const Tensor<T>& hx, Tensor<T>& hy, Tensor<std::int32_t>& idx,
                Tensor<T>& val) override {
     load_batch(hx);
-    L::forward(p, x, y, ws);
-    ws.ctx.synchronize();
+    y.resize(hx.rows(), t.p.config.d_out, false);
+    forward(t.p, x.view(), y.view(), t.ws);
+    t.ws.ctx.synchronize();
     hy = to_host(y);
-    idx = to_host(ws.topk_idx);
-    val = to_host(ws.topk_val);
+    idx = to_host(t.ws.topk_idx);
+    val = to_host(t.ws.topk_val);
   }
 
-  void download(Set<T, cpu>& hp, AdamW<T, cpu, Set<T, cpu>>& hopt) override {
-    ws.ctx.synchronize();
-    hp = to_host(p);
-    hopt = to_host(opt, hp);
+  void download(train::Trainer<Set<T, cpu>>& host) override {
+    t.ws.ctx.synchronize();
+    host.p = to_host(t.p);
+    host.opt = to_host(t.opt, host.p);
+    host.dead = t.dead;
   }
 
 private:
-  using L = Layer<T, Set>;
-
   void load_batch(const Tensor<T>& hx) {
     x.resize(hx.rows(), hx.cols(), false);
     copy_to_device<T>(hx.view(), x.view());
-    y.resize(hx.rows(), p.config.d_out, false);
   }
 
-  Set<T, mxd::cuda> p, g;
-  AdamW<T, mxd::cuda, Set<T, mxd::cuda>> opt;
-  typename L::Workspace ws;
-  bool norm_dec;
-  Tensor<T, mxd::cuda> x, target, y, dy;
+  train::Trainer<Set<T, mxd::cuda>> t;
+  Tensor<T, mxd::cuda> x, target, y;
 };
 
 }  // namespace
 
 template <class T, template <class, class> class Set>
-std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
-                                                     const AdamW<T, cpu, Set<T, cpu>>& opt,
-                                                     bool norm_dec, const std::string& math) {
+std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const train::Trainer<Set<T, cpu>>& host,
+                                                     const std::string& math) {
   require_cuda();
-  return std::make_unique<CudaModel<T, Set>>(p, opt, norm_dec, math_mode(math));
+  return std::make_unique<CudaModel<T, Set>>(host, math_mode(math));
 }
 
 template <class T>

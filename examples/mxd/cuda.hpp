@@ -12,36 +12,35 @@
 #include <mxd/baselines/transcoder.hpp>
 #include <mxd/optim.hpp>
 #include <mxd/params.hpp>
+#include <mxd/train/step.hpp>
 
 namespace mxd::cli {
 
 /// Throws mxd::Error unless this build has the CUDA backend and a CUDA device is visible.
 void require_cuda();
 
-/// A model trained on the GPU (Set = Params for an MxD, TranscoderParams for a baseline):
-/// parameters, gradients and optimizer state stay on the device; batches go in, losses and
-/// predictions come out, and the state comes back when it is saved.
+/// A model trained on the GPU (Set = Params for an MxD, TranscoderParams for a baseline): a
+/// train::Trainer on the device, whose parameters, gradients, optimizer and dead-unit state
+/// stay there; batches go in, losses and predictions come out, and the state comes back when
+/// it is saved.
 template <class T, template <class, class> class Set>
 class DeviceModel {
 public:
   virtual ~DeviceModel() = default;
-  /// forward, the reference nmse loss (returned, before the update), backward, AdamW (with
-  /// norm_dec when set). x: [B, I], target: [B, O].
+  /// train::step on the batch (returns the loss before the update). x: [B, I], target: [B, O].
   virtual double train_step(const Tensor<T>& x, const Tensor<T>& target) = 0;
   /// y = model(x) with the selection. x: [B, I] -> y: [B, O], idx, val: [B, k].
   virtual void predict(const Tensor<T>& x, Tensor<T>& y, Tensor<std::int32_t>& idx,
                        Tensor<T>& val) = 0;
-  /// Copies parameters and optimizer state back into host sets of the same config.
-  virtual void download(Set<T, cpu>& p, AdamW<T, cpu, Set<T, cpu>>& opt) = 0;
+  /// Copies parameters, optimizer and dead-unit state back into a host trainer of the same config.
+  virtual void download(train::Trainer<Set<T, cpu>>& host) = 0;
 };
 
-/// The model `p` with optimizer state `opt` on the GPU; `math` is how float GEMMs run:
-/// "fp32", "tf32" or "bf16" (mxd::MathMode).
-/// CPU-only builds throw mxd::Error saying so.
+/// The host trainer's model, state and step options on the GPU; `math` is how float GEMMs
+/// run: "fp32", "tf32" or "bf16" (mxd::MathMode). CPU-only builds throw mxd::Error saying so.
 template <class T, template <class, class> class Set>
-std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
-                                                     const AdamW<T, cpu, Set<T, cpu>>& opt,
-                                                     bool norm_dec, const std::string& math);
+std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const train::Trainer<Set<T, cpu>>& host,
+                                                     const std::string& math);
 
 /// The layer and batch that `mxd bench` times (host copies).
 template <class T>
@@ -66,19 +65,15 @@ CudaTimings bench_cuda(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& 
 // The explicit instantiations that cuda.cu and no_cuda.cpp both provide.
 #define MXD_CLI_CUDA_INSTANTIATIONS                                                                   \
   template std::unique_ptr<DeviceModel<float, Params>> make_cuda_model<float, Params>(                \
-      const Params<float, cpu>&, const AdamW<float, cpu, Params<float, cpu>>&, bool,                  \
-      const std::string&);                                                                            \
+      const train::Trainer<Params<float, cpu>>&, const std::string&);                                 \
   template std::unique_ptr<DeviceModel<double, Params>> make_cuda_model<double, Params>(              \
-      const Params<double, cpu>&, const AdamW<double, cpu, Params<double, cpu>>&, bool,               \
-      const std::string&);                                                                            \
+      const train::Trainer<Params<double, cpu>>&, const std::string&);                                \
   template std::unique_ptr<DeviceModel<float, TranscoderParams>>                                      \
-  make_cuda_model<float, TranscoderParams>(                                                           \
-      const TranscoderParams<float, cpu>&,                                                            \
-      const AdamW<float, cpu, TranscoderParams<float, cpu>>&, bool, const std::string&);              \
+  make_cuda_model<float, TranscoderParams>(const train::Trainer<TranscoderParams<float, cpu>>&,       \
+                                           const std::string&);                                       \
   template std::unique_ptr<DeviceModel<double, TranscoderParams>>                                     \
-  make_cuda_model<double, TranscoderParams>(                                                          \
-      const TranscoderParams<double, cpu>&,                                                           \
-      const AdamW<double, cpu, TranscoderParams<double, cpu>>&, bool, const std::string&);            \
+  make_cuda_model<double, TranscoderParams>(const train::Trainer<TranscoderParams<double, cpu>>&,     \
+                                            const std::string&);                                      \
   template CudaTimings bench_cuda<float>(const Params<float>&, const Tensor<float>&,                  \
                                          const Tensor<float>&, int, int, const std::string&, index_t, bool);   \
   template CudaTimings bench_cuda<double>(const Params<double>&, const Tensor<double>&,               \

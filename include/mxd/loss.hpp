@@ -101,4 +101,12 @@ double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
   throw Error("loss: unknown kind");
 }
 
+/// The same, called with the device's context as the CUDA loss (backend/cuda/loss.cuh) is, so
+/// that code written over devices (train/step.hpp) calls loss(ctx, ...) on both.
+template <class T>
+double loss(Context<cpu>&, Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
+            index_t mean_rows = 0) {
+  return loss<T>(kind, y, t, dy, mean_rows);
+}
+
 }  // namespace mxd

@@ -88,6 +88,8 @@ struct memory<cpu> {
   }
   /// Copies host memory into this device's memory (here: also the host).
   static void upload(void* dst, const void* host_src, std::size_t bytes) { copy(dst, host_src, bytes); }
+  /// Copies this device's memory into host memory (here: also the host).
+  static void download(void* host_dst, const void* src, std::size_t bytes) { copy(host_dst, src, bytes); }
 };
 
 /// An owning, contiguous row-major matrix [rows, cols] in Device memory. resize() reallocates

@@ -3,6 +3,8 @@
 #include "runs.hpp"
 
 #include <mxd/cuda.cuh>
+#include <mxd/train/aux_loss.cuh>
+#include <mxd/train/step.hpp>
 
 // The backend contract (backend.hpp): every primitive with its signature, on the GPU.
 static_assert(mxd::backend_contract_holds<mxd::cuda, float>() &&
@@ -61,30 +63,22 @@ TranscoderResult<T> transcoder(const TranscoderParams<T>& hp, const Tensor<T>& h
 
 template <class T>
 TrainResult<T> train(const Params<T>& hp, const std::vector<Tensor<T>>& inputs,
-                     const std::vector<Tensor<T>>& targets, const AdamWConfig& oc, bool norm_dec,
-                     Loss kind) {
-  Params<T, cuda> p = to_device(hp);
-  Grads<T, cuda> g(hp.config);
-  Workspace<T, cuda> ws;
-  AdamW<T, cuda> opt(p, oc);
-  std::vector<double> losses;
-  Tensor<T, cuda> x, t, y, dy;
+                     const std::vector<Tensor<T>>& targets, const AdamWConfig& oc,
+                     const mxd::train::StepOptions& options) {
+  mxd::train::Trainer<Params<T, cuda>> m(to_device(hp), oc, options);
+  TrainResult<T> r;
+  Tensor<T, cuda> x, t;
   for (std::size_t step = 0; step < inputs.size(); ++step) {
     x = to_device(inputs[step]);
     t = to_device(targets[step]);
-    y.resize(x.rows(), hp.config.d_out, false);
-    dy.resize(x.rows(), hp.config.d_out, false);
-    forward<T>(p, x.view(), y.view(), ws);
-    losses.push_back(loss<T>(ws.ctx, kind, y.view(), t.view(), dy.view()));
-    backward<T>(p, x.view(), dy.view(), ws, g);
-    if (norm_dec) project_decoder_grads(p, g, ws.ctx);
-    opt.step(p, g, ws.ctx);
-    if (norm_dec) normalize_decoder(p, ws.ctx);
+    r.losses.push_back(mxd::train::step(m, x.view(), t.view()));
+    r.aux_losses.push_back(m.aux_loss);
   }
-  ws.ctx.synchronize();
-  Params<T> host = to_host(p);
-  AdamW<T> host_opt = to_host(opt, host);
-  return {std::move(host), std::move(host_opt), std::move(losses)};
+  m.ws.ctx.synchronize();
+  r.p = to_host(m.p);
+  r.opt = to_host(m.opt, r.p);
+  r.dead = m.dead;
+  return r;
 }
 
 template <class T>
@@ -216,8 +210,8 @@ std::string adamw_step_error(const Params<T>& p, const Params<T>& g) {
   template LayerResult<T> layer<T>(const Params<T>&, const Tensor<T>&, const Tensor<T>&,       \
                                    const LayerOptions&);                                       \
   template TrainResult<T> train<T>(const Params<T>&, const std::vector<Tensor<T>>&,            \
-                                   const std::vector<Tensor<T>>&, const AdamWConfig&, bool,    \
-                                   Loss);                                                      \
+                                   const std::vector<Tensor<T>>&, const AdamWConfig&,          \
+                                   const mxd::train::StepOptions&);                            \
   template TranscoderResult<T> transcoder<T>(const TranscoderParams<T>&, const Tensor<T>&,     \
                                              const Tensor<T>&);                                \
   template double loss<T>(Loss, const Tensor<T>&, const Tensor<T>&, Tensor<T>&);               \

@@ -13,6 +13,7 @@
 #include <mxd/optim.hpp>
 #include <mxd/params.hpp>
 #include <mxd/steering.hpp>
+#include <mxd/train/step.hpp>
 #include <mxd/tensor.hpp>
 
 namespace mxd_cuda_test {
@@ -63,19 +64,20 @@ template <class T>
 TranscoderResult<T> transcoder(const mxd::TranscoderParams<T>& p, const Tensor<T>& x,
                                const Tensor<T>& dy);
 
-/// Training steps on the device: per step, forward, loss against targets[step], backward,
-/// norm_dec projection (if set), AdamW, renormalisation; then params, optimizer state and
-/// the per-step losses copied back. inputs, targets: one [B, I] / [B, O] batch per step.
+/// train::step on the device, once per batch; then params, optimizer and dead-unit state and
+/// the per-step losses (and AuxK losses) copied back. inputs, targets: one [B, I] / [B, O]
+/// batch per step.
 template <class T>
 struct TrainResult {
   mxd::Params<T> p;
   mxd::AdamW<T> opt;
-  std::vector<double> losses;
+  std::vector<double> losses, aux_losses;
+  mxd::train::DeadUnits dead;
 };
 template <class T>
 TrainResult<T> train(const mxd::Params<T>& p, const std::vector<Tensor<T>>& inputs,
                      const std::vector<Tensor<T>>& targets, const mxd::AdamWConfig& oc,
-                     bool norm_dec, mxd::Loss kind);
+                     const mxd::train::StepOptions& options);
 
 /// Device loss; dy is resized to y's shape and receives dL/dy. y, t: [B, O].
 template <class T>

@@ -438,7 +438,7 @@ TEST_CASE_TEMPLATE("non-finite gate scores are an error naming the first row and
 
   // Training stops at the loss of the step whose batch is bad, before backward and AdamW.
   const std::vector<Tensor<T>> xs{random_matrix<T>(6, 8, 95), x}, ts{dy, dy};
-  CHECK(error_of([&] { cu::train(p, xs, ts, AdamWConfig{}, true, Loss::nmse_ref); }) ==
+  CHECK(error_of([&] { cu::train(p, xs, ts, AdamWConfig{}, {}); }) ==
         "gate scores: non-finite value at row 2 (expert 0)");
 }
 
@@ -569,7 +569,7 @@ TEST_CASE("AdamW training with norm_dec on the GPU follows the CPU step for step
   oc.lr = 1e-2;
   oc.warmup_steps = 2;
   oc.weight_decay = 0.01;
-  const cu::TrainResult<double> d = cu::train(p0, xs, ts, oc, true, Loss::nmse_ref);
+  const cu::TrainResult<double> d = cu::train(p0, xs, ts, oc, {});
 
   Params<double> p = p0;
   Grads<double> g(c);
@@ -597,6 +597,38 @@ TEST_CASE("AdamW training with norm_dec on the GPU follows the CPU step for step
   }
 }
 
+TEST_CASE("train::step with AuxK on the GPU follows the CPU's: losses, dead units, weights") {
+  const Config c = layer_config(16, 40, 12, 200, 4, Activation::gelu);
+  const Params<double> p0 = random_params<double>(c, 43);
+  std::vector<Tensor<double>> xs, ts;
+  for (int s = 0; s < 6; ++s) {
+    xs.push_back(random_matrix<double>(32, 16, 700 + s));
+    ts.push_back(random_matrix<double>(32, 12, 800 + s));
+  }
+  AdamWConfig oc;
+  oc.lr = 1e-2;
+  oc.warmup_steps = 0;
+  mxd::train::StepOptions so;
+  so.aux.k = 8;
+  so.aux.dead_window = 64;  // units unseen for two batches are dead from the third step
+  const cu::TrainResult<double> d = cu::train(p0, xs, ts, oc, so);
+  mxd::train::Trainer<Params<double>> m(p0, oc, so);
+  for (int s = 0; s < 6; ++s) {
+    CAPTURE(s);
+    const double l = mxd::train::step(m, xs[s].view(), ts[s].view());
+    CHECK(std::abs(d.losses[s] - l) <= 1e-10 * l);
+    CHECK(std::abs(d.aux_losses[s] - m.aux_loss) <= 1e-10 * std::abs(m.aux_loss));
+  }
+  CHECK(m.aux_loss > 0);  // the aux loss took part
+  CHECK(d.dead.tokens_since() == m.dead.tokens_since());
+  const auto pd = tensors_of(d.p), pc = tensors_of(m.p);
+  const auto names = names_of(m.p);
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    CAPTURE(names[i]);
+    CHECK(rel_error(pd[i]->data(), pc[i]->data(), pc[i]->size()) <= 1e-10);
+  }
+}
+
 TEST_CASE("device copies round-trip bit for bit, so checkpoints are interchangeable") {
   const Config c = layer_config(8, 20, 8, 30, 3, Activation::silu, true, true);
   const Params<float> p = random_params<float>(c, 61);
@@ -611,7 +643,10 @@ TEST_CASE("device copies round-trip bit for bit, so checkpoints are interchangea
   CHECK(same_bits(back.v, opt.v));
   // A GPU-trained state saved through the host loads as the same bits on the CPU.
   std::vector<Tensor<float>> xs{random_matrix<float>(16, 8, 64)}, ts{random_matrix<float>(16, 8, 65)};
-  const cu::TrainResult<float> d = cu::train(p, xs, ts, AdamWConfig{}, false, Loss::mse);
+  mxd::train::StepOptions mse;
+  mse.loss = Loss::mse;
+  mse.norm_dec = false;
+  const cu::TrainResult<float> d = cu::train(p, xs, ts, AdamWConfig{}, mse);
   const auto path = scratch_path("gpu_checkpoint.safetensors").string();
   io::save_checkpoint(path, d.p, &d.opt);
   io::SafetensorsReader f(path);

@@ -13,6 +13,7 @@
 
 #include <mxd/parallel/data_parallel.hpp>
 #include <mxd/parallel/expert_parallel.hpp>
+#include <mxd/parallel/step.hpp>
 #include <mxd/parallel/mpi.hpp>
 #include <mxd/train/data.hpp>
 
@@ -84,11 +85,9 @@ Run<T> train_single(const mxd::Config& c, int steps, std::uint64_t seed) {
     run.idx.push_back(ws.topk_idx);
     run.val.push_back(ws.topk_val);
     run.y.push_back(y);
-    if (s == 0) {
-      run.grads_step1 = g;
-      run.dx_step1 = dx;
-    }
+    if (s == 0) run.dx_step1 = dx;
     mxd::project_decoder_grads(p, g, ws.ctx);
+    if (s == 0) run.grads_step1 = g;
     opt.step(p, g, ws.ctx);
     mxd::normalize_decoder(p, ws.ctx);
   }
@@ -96,7 +95,8 @@ Run<T> train_single(const mxd::Config& c, int steps, std::uint64_t seed) {
   return run;
 }
 
-// The same run on P ranks; this rank's part of it.
+// The same run on P ranks through train::step and the parallel Reducers (as `mxd train
+// --parallel` runs it); this rank's part of it.
 template <class T>
 Run<T> train_parallel(Mode mode, const mxd::Config& c, int steps, std::uint64_t seed) {
   mxd::parallel::Communicator& comm = *world;
@@ -112,42 +112,33 @@ Run<T> train_parallel(Mode mode, const mxd::Config& c, int steps, std::uint64_t 
   mxd::AdamWConfig oc;
   oc.lr = 1e-3;
   oc.warmup_steps = 2;
-  mxd::AdamW<T> opt(p, oc);
-  mxd::Grads<T> g(p.config);
-  mxd::Workspace<T> ws;
-  ws.tile_rows = 128;  // gate scores in several row tiles, against the single process's one
-  mxd::parallel::GradientReducer<T> reduce(1000);  // small buckets: tensors span several
+  mxd::train::Trainer<mxd::Params<T>> m(std::move(p), oc);
+  m.ws.tile_rows = 128;  // gate scores in several row tiles, against the single process's one
+  std::unique_ptr<mxd::parallel::DataParallel<decltype(m)>> reducer;
+  if (mode == Mode::data) reducer = std::make_unique<mxd::parallel::DataParallel<decltype(m)>>(comm, rows);
+  else reducer = std::make_unique<mxd::parallel::ExpertParallelStep<T>>(comm, rows, ep);
   Run<T> run;
   Tensor<T> x, t, y(Br, c.d_out), dy(Br, c.d_out), dx(Br, c.d_in);
   for (int s = 0; s < steps; ++s) {
     data.train_batch(s, batch, x, t);
     const Tensor<T> xr = rows_of(x, r0, Br), tr = rows_of(t, r0, Br);
-    if (mode == Mode::data) mxd::forward(p, xr.view(), y.view(), ws);
-    else ep.forward(p, xr.view(), y.view(), ws, rows);
-    double l = mxd::loss<T>(mxd::Loss::nmse_ref, y.view(), tr.view(), dy.view(), batch);
-    Tensor<double> lsum(1, 1);
-    lsum[0] = l;
-    comm.all_reduce(lsum.view());
-    run.loss.push_back(lsum[0]);
-    if (mode == Mode::data) {
-      mxd::backward(p, xr.view(), dy.view(), ws, g, dx.view());
-      reduce(comm, g);
-    } else {
-      ep.backward(p, xr.view(), dy.view(), ws, g, dx.view());
-      reduce(comm, g, mxd::parallel::dense_only);
-    }
-    run.idx.push_back(ws.topk_idx);
-    run.val.push_back(ws.topk_val);
-    run.y.push_back(y);
-    if (s == 0) {
-      run.grads_step1 = g;
+    if (s == 0) {  // dx of the first batch, through the layer's own calls (a step has no dx)
+      mxd::Grads<T> scratch(m.p.config);
+      if (mode == Mode::data) mxd::forward(m.p, xr.view(), y.view(), m.ws);
+      else ep.forward(m.p, xr.view(), y.view(), m.ws, rows);
+      mxd::loss<T>(mxd::Loss::nmse_ref, y.view(), tr.view(), dy.view(), batch);
+      if (mode == Mode::data) mxd::backward(m.p, xr.view(), dy.view(), m.ws, scratch, dx.view());
+      else ep.backward(m.p, xr.view(), dy.view(), m.ws, scratch, dx.view());
       run.dx_step1 = dx;
     }
-    mxd::project_decoder_grads(p, g, ws.ctx);
-    opt.step(p, g, ws.ctx);
-    mxd::normalize_decoder(p, ws.ctx);
+    run.loss.push_back(mxd::train::step(m, xr.view(), tr.view(), *reducer));
+    run.idx.push_back(m.ws.topk_idx);
+    run.val.push_back(m.ws.topk_val);
+    run.y.push_back(m.pred);
+    // The gradients the update used: summed over the ranks and projected (norm_dec).
+    if (s == 0) run.grads_step1 = m.g;
   }
-  run.weights = p;
+  run.weights = m.p;
   return run;
 }
 

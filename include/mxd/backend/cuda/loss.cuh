@@ -93,14 +93,17 @@ __global__ void loss_grad_kernel(Loss kind, View<const T, cuda> y, View<const T,
 
 /// The loss of device y against device target t and, when dy is not empty, dL/dy into dy;
 /// the definitions of the host loss() in loss.hpp. Waits for the stream (returns a number).
-/// y, t, dy: [B, O] device views.
+/// y, t, dy: [B, O] device views; mean_rows as in the host loss().
 template <class T>
 double loss(Context<cuda>& ctx, Loss kind, InView<T, cuda> y, InView<T, cuda> t,
-            View<T, cuda> dy = {}) {
+            View<T, cuda> dy = {}, index_t mean_rows = 0) {
   const index_t B = y.rows, O = y.cols;
   check_shape(t, B, O, "target");
   if (!dy.empty()) check_shape(dy, B, O, "dloss_dy");
   MXD_CHECK(B > 0 && O > 0, "loss: empty batch [", B, ", ", O, "]");
+  MXD_CHECK(mean_rows == 0 || (mean_rows >= B && kind != Loss::fvu), "loss: mean over ",
+            mean_rows, " rows for a batch of ", B, (kind == Loss::fvu ? " (not with fvu)" : ""));
+  const index_t Bm = mean_rows > 0 ? mean_rows : B;
   const bool fvu = kind == Loss::fvu;
   auto* buf = static_cast<double*>(ctx.scratch((3 * B + O + 2) * sizeof(double)));
   double *row_tn = buf, *row_err = buf + B, *row_var = buf + 2 * B, *mean = buf + 3 * B;
@@ -113,7 +116,7 @@ double loss(Context<cuda>& ctx, Loss kind, InView<T, cuda> y, InView<T, cuda> t,
   MXD_CUDA_LAUNCH(detail::cu::loss_rows_kernel<T>, unsigned(B), threads, s, y, t,
                   fvu ? mean : nullptr, kind == Loss::nmse_ref, row_tn, row_err, row_var);
   MXD_CUDA_LAUNCH(detail::cu::loss_total_kernel<double>, 1, threads, s, row_err, row_var, B, totals);
-  const double scale = 1.0 / (static_cast<double>(B) * static_cast<double>(O));
+  const double scale = 1.0 / (static_cast<double>(Bm) * static_cast<double>(O));
   if (!dy.empty())
     MXD_CUDA_LAUNCH(detail::cu::loss_grad_kernel<T>, detail::cu::grid_for(B * O, threads), threads,
                     s, kind, y, t, row_tn, totals, scale, dy);

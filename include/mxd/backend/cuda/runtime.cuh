@@ -119,6 +119,12 @@ struct memory<cuda> {
     MXD_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cudaStreamLegacy));
     MXD_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));  // host_src may go away after
   }
+  // Waits for the blocking streams' queued work (the legacy stream orders after them).
+  static void download(void* host_dst, const void* src, std::size_t bytes) {
+    if (!bytes) return;
+    MXD_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cudaStreamLegacy));
+    MXD_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+  }
 };
 
 /// How cuBLAS computes float GEMMs (double GEMMs are always exact IEEE double):

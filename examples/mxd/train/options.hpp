@@ -1,0 +1,244 @@
+// SPDX-License-Identifier: MIT
+// mxd train: its flags, their help and their parsing.
+#pragma once
+
+#include <cmath>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <mxd/mxd.hpp>
+#include <mxd/train/aux_loss.hpp>
+#include <mxd/io/safetensors.hpp>
+
+#include "../cli.hpp"
+#include "../cuda.hpp"
+#include "../parallel.hpp"
+
+namespace mxd::cli::training {
+
+const char* const train_help =
+    "usage: mxd train [options]\n\n"
+    "Trains an MxD and a parameter-matched TopK transcoder (same k, same batches, same steps)\n"
+    "to reproduce y from x, then evaluates both on held-out pairs. With no options: the\n"
+    "built-in default, a teacher GELU MLP 64 -> 256 -> 64 with x ~ N(0, I) and weights\n"
+    "N(0, 1/fan_in) (seed 0), an MxD 64 -> 256 -> 64 with 1792 experts and a transcoder of\n"
+    "2048 latents (both ~266k parameters), k = 32, 2000 steps of 512 rows. Its time is that of\n"
+    "the two models' steps and the teacher's data: under a minute on an idle 2-core x86-64\n"
+    "machine, longer when other processes share the cores (README, \"Training\").\n\n"
+    "data:\n"
+    "  --data FILE       safetensors with x [T, d_in] and y [T, d_out] (F32/F16/BF16/F64);\n"
+    "                    repeatable; rows are streamed, the last --eval-fraction of each file\n"
+    "                    is held out (default 0.05)\n"
+    "  --teacher-hidden H  hidden width of the teacher MLP (default 256; no --data)\n"
+    "  --eval-rows N     held-out teacher rows (default 8192)\n"
+    "layer:\n"
+    "%s"
+    "  --expansion m     transcoder width m * d_in (default 32); --experts defaults to the\n"
+    "                    parameter-matched count for it\n"
+    "  --k K[,K...]      experts/latents per row; a list sweeps k and plots the frontier\n"
+    "  --baseline B      topk | skip | none (default topk)\n"
+    "  --no-norm-dec     do not keep expert vectors (and transcoder decoder rows) unit norm\n"
+    "training:\n"
+    "  --batch B         rows per step (default 512)\n"
+    "  --steps S         total steps (default 2000)\n"
+    "  --lr LR           AdamW learning rate (default 1e-3; the paper uses 4e-4)\n"
+    "  --warmup W        linear warm-up steps (default 100; the paper uses 5000)\n"
+    "  --seed S          seed of initialisation and data order (default 0)\n"
+    "  --threads N       CPU threads (default: all cores; results do not depend on it)\n"
+    "  --parallel M      under mpirun -np P: data (each rank trains its rows of every batch,\n"
+    "                    gradients summed) or experts (the MxD's experts split over the ranks,\n"
+    "                    its dense part and the baseline data-parallel); the result is the\n"
+    "                    single process's with the same --batch. Rank 0 prints and writes\n"
+    "                    DIR; --data files must be readable by every rank (each reads its rows)\n"
+    "  --timeout S       with --parallel: a rank that waits S seconds for another in a\n"
+    "                    collective ends every rank, naming the silent ones (default 600;\n"
+    "                    0: wait forever); more than the longest checkpoint write\n"
+    "  --dtype f32|f64   precision (default f32)\n"
+    "  --device cpu|cuda where both models train (default cpu; cuda needs a CUDA build)\n"
+    "  --tf32            with --device cuda: float GEMMs on TF32 tensor cores\n"
+    "  --dtype bf16      with --device cuda: float tensors, GEMMs on bf16 copies of their inputs\n"
+    "  --log-every N     steps per log.csv row (default 10)\n"
+    "  --progress-every S  when stderr is not a terminal, a progress line (step, loss, tokens/s,\n"
+    "                    ETA) every S seconds (default 10; 0: every step)\n"
+    "  --checkpoint-every N  commit a checkpoint pair every N steps (default 500; 0: at the end only)\n"
+    "                    and when SIGINT or SIGTERM ends the run after the current step (a\n"
+    "                    second one stops at once)\n"
+    "  --aux-k K         AuxK auxiliary loss for dead experts/latents (both models; default 0:\n"
+    "                    off, the authors' recipe): per row the K dead units with the largest\n"
+    "                    gate scores model the residual (Gao et al. 2024 use about d_in / 2)\n"
+    "  --aux-coef A      its weight (default 1/32, Gao et al.'s alpha; needs --aux-k)\n"
+    "  --dead-window W   a unit is dead when none of the last W training tokens selected it\n"
+    "                    (default 8192, the held-out rows the dead fraction counts; needs --aux-k)\n"
+    "  --out DIR         output directory (default mxd_out), locked while the run lasts; one\n"
+    "                    holding an earlier run's checkpoints is refused without --overwrite\n"
+    "                    or --resume\n"
+    "  --overwrite       replace the earlier run in DIR (its checkpoint set and outputs)\n"
+    "  --resume CKPT     continue from DIR/mxd.safetensors or DIR: the last checkpoint pair that\n"
+    "                    DIR/checkpoint.json names (MxD and baseline at the same step); a layer\n"
+    "                    flag given must have the checkpoint's value; log.csv continues\n\n"
+    "writes to DIR: mxd.safetensors, topk_transcoder.safetensors (checkpoints with optimizer\n"
+    "state; the pair is committed atomically, see checkpoint.json), log.csv, metrics.json,\n"
+    "loss.svg, and with a k sweep frontier.svg;\n"
+    "prints a table of parameters, k, NMSE (reference loss), FVU, dead fraction and tokens/s.\n";
+
+struct Options {
+  Config layer;
+  index_t expansion = 32;
+  std::vector<index_t> ks;
+  std::string baseline = "topk";
+  bool norm_dec = true;
+  index_t batch = 512, steps = 2000, warmup = 100, log_every = 10, eval_rows = 8192;
+  index_t checkpoint_every = 500;
+  index_t teacher_hidden = 256;
+  double lr = 1e-3, eval_fraction = 0.05, progress_every = 10;
+  std::uint64_t seed = 0;
+  int threads = 0;
+  bool cuda = false;
+  std::string dtype = "f32";     // --dtype f32|f64|bf16
+  std::string math = "fp32";  // --device cuda: how float GEMMs run (fp32, tf32, bf16)
+  std::string out = "mxd_out", resume;
+  bool overwrite = false;           // --overwrite: a fresh run may replace an earlier one in out
+  std::set<std::string> layer_given;  // the layer flags on the command line (--resume checks them)
+  std::vector<std::string> data;
+  train::AuxK aux;  // --aux-k, --aux-coef, --dead-window (off by default)
+  Dist* dist = nullptr;  // --parallel: the ranks' communicator and mode
+};
+
+inline std::vector<index_t> parse_ks(const std::string& s) {
+  std::vector<index_t> ks;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    std::size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    MXD_CHECK(used == item.size() && !item.empty() && v > 0, "--k: '", item,
+              "' is not a positive integer (in '", s, "')");
+    ks.push_back(v);
+  }
+  MXD_CHECK(!ks.empty(), "--k: empty list");
+  return ks;
+}
+
+
+// The command line but --threads (which does not change results): what ranks must share.
+inline std::string command_line(int argc, char** argv) {
+  std::string s;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--threads") {
+      ++i;
+      continue;
+    }
+    if (a.rfind("--threads=", 0) == 0) continue;
+    s += a + " ";
+  }
+  return s;
+}
+
+// Reads mxd train's flags (the help was handled by the caller); the first error names the flag.
+inline Options parse_options(Args& args, Dist& dist) {
+  Options o;
+  o.expansion = args.get_int("expansion", 32, 1, max_width);
+  o.teacher_hidden = args.get_int("teacher-hidden", 256, 1, max_width);
+  Config defaults;
+  defaults.d_in = 64;
+  defaults.d_hidden = 256;
+  defaults.d_out = 64;
+  defaults.activation = Activation::gelu;
+  defaults.k = 32;
+  o.data = args.all("data");
+  // Sizes from the data files when given, so --experts can default to the matched count.
+  if (!o.data.empty()) together(dist, [&] {  // a file missing on one rank stops all
+    io::SafetensorsReader f(o.data.front());
+    MXD_CHECK(f.info("x").shape.size() == 2 && f.info("y").shape.size() == 2, o.data.front(),
+              ": x and y must be 2-D");
+    MXD_CHECK(f.info("x").shape[1] > 0 && f.info("y").shape[1] > 0, o.data.front(),
+              ": x and y must have positive widths d_in and d_out");
+    defaults.d_in = f.info("x").shape[1];
+    defaults.d_out = f.info("y").shape[1];
+    defaults.d_hidden = 4 * defaults.d_in;
+  });
+  o.ks = parse_ks(args.get("k", "32"));
+  Config sized = defaults;
+  sized.d_in = args.get_int("d-in", defaults.d_in, 1, max_width);
+  sized.d_hidden = args.get_int("d-hidden", defaults.d_hidden, 1, max_width);
+  sized.d_out = args.get_int("d-out", defaults.d_out, 1, max_width);
+  // The matched count is only the default: an explicit --experts needs no match to exist.
+  if (!args.has("experts"))
+    defaults.n_experts = matched_experts(sized.d_in, sized.d_hidden, sized.d_out, o.expansion,
+                                         args.flag("glu"), args.flag("skip"));
+  defaults.k = *std::min_element(o.ks.begin(), o.ks.end());
+  o.layer = layer_config(args, defaults, /*read_k=*/false);
+  for (index_t k : o.ks) {
+    MXD_CHECK(k <= o.layer.n_experts, "--k = ", k, " exceeds the ", o.layer.n_experts, " experts");
+    MXD_CHECK(k <= o.expansion * o.layer.d_in, "--k = ", k, " exceeds the transcoder's ",
+              o.expansion * o.layer.d_in, " latents");
+  }
+  o.baseline = args.get("baseline", "topk");
+  MXD_CHECK(o.baseline == "topk" || o.baseline == "skip" || o.baseline == "none", "--baseline = '",
+            o.baseline, "' is not topk, skip or none");
+  MXD_CHECK(o.baseline != "skip" || o.layer.d_in == o.layer.d_out,
+            "--baseline skip needs d_in == d_out");
+  o.norm_dec = !args.flag("no-norm-dec");
+  o.batch = args.get_int("batch", o.batch, 1, INT32_MAX);
+  o.steps = args.get_int("steps", o.steps);
+  o.warmup = args.get_int("warmup", o.warmup);
+  o.log_every = args.get_int("log-every", o.log_every);
+  o.checkpoint_every = args.get_int("checkpoint-every", o.checkpoint_every);
+  o.eval_rows = args.get_int("eval-rows", o.eval_rows);
+  o.eval_fraction = args.get_double("eval-fraction", o.eval_fraction);
+  o.lr = args.get_double("lr", o.lr);
+  o.progress_every = args.get_double("progress-every", o.progress_every);
+  MXD_CHECK(o.progress_every >= 0, "--progress-every = ", o.progress_every, " must be >= 0");
+  o.seed = static_cast<std::uint64_t>(args.get_int("seed", 0, 0));
+  o.threads = threads_arg(args);
+  o.out = args.get("out", o.out);
+  o.resume = args.get("resume", "");
+  o.overwrite = args.flag("overwrite");
+  MXD_CHECK(!(o.overwrite && !o.resume.empty()),
+            "--overwrite starts a fresh run and --resume continues one: give one of them");
+  for (const char* f : {"d-in", "d-hidden", "d-out", "experts", "k", "activation", "glu", "skip", "expansion"})
+    if (args.has(f)) o.layer_given.insert(f);
+  MXD_CHECK(o.steps > 0, "--steps = ", o.steps, " must be positive");
+  MXD_CHECK(o.warmup >= 0, "--warmup = ", o.warmup, " must be >= 0");
+  MXD_CHECK(o.log_every > 0, "--log-every = ", o.log_every, " must be positive");
+  MXD_CHECK(o.checkpoint_every >= 0, "--checkpoint-every = ", o.checkpoint_every,
+            " must be >= 0 (0: at the end only)");
+  MXD_CHECK(o.eval_rows > 0, "--eval-rows = ", o.eval_rows, " must be positive");
+  MXD_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr = ", o.lr, " must be positive");
+  MXD_CHECK(!o.out.empty(), "--out must not be empty");
+  const std::string device = args.get("device", "cpu");
+  MXD_CHECK(device == "cpu" || device == "cuda", "--device = '", device, "' is not cpu or cuda");
+  o.cuda = device == "cuda";
+  o.dtype = args.get("dtype", "f32");
+  const std::string& dtype = o.dtype;
+  MXD_CHECK(!args.flag("tf32") || (o.cuda && dtype == "f32"), "--tf32 needs --device cuda --dtype f32");
+  MXD_CHECK(dtype != "bf16" || o.cuda, "--dtype bf16 needs --device cuda");
+  o.math = dtype == "bf16" ? "bf16" : args.flag("tf32") ? "tf32" : "fp32";
+  o.aux.k = args.get_int("aux-k", 0);
+  o.aux.coef = args.get_double("aux-coef", o.aux.coef);
+  o.aux.dead_window = args.get_int("dead-window", o.aux.dead_window);
+  MXD_CHECK(o.aux.k >= 0, "--aux-k = ", o.aux.k, " must be >= 0 (0: off)");
+  MXD_CHECK(o.aux.coef > 0, "--aux-coef = ", o.aux.coef, " must be positive");
+  MXD_CHECK(o.aux.dead_window > 0, "--dead-window = ", o.aux.dead_window, " must be positive");
+  MXD_CHECK(o.aux.enabled() || (!args.has("aux-coef") && !args.has("dead-window")),
+            "--aux-coef and --dead-window need --aux-k K > 0 (the AuxK loss is off without it)");
+  if (o.cuda) require_cuda();
+  MXD_CHECK(!(dist.comm && o.cuda), "--parallel runs on the CPU (--device cuda is one process)");
+  MXD_CHECK(!(dist.comm && o.aux.enabled()),
+            "--aux-k is not supported with --parallel yet (each rank would count dead units alone)");
+  if (dist.comm) o.dist = &dist;
+  const double timeout = args.get_double("timeout", default_timeout);
+  MXD_CHECK(timeout >= 0, "--timeout = ", timeout, " must be >= 0 (0: wait forever)");
+  if (dist.comm) dist.comm->timeout = timeout;
+  return o;
+}
+
+}  // namespace mxd::cli::training

@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: MIT
+// mxd train: what a finished run prints and writes.
+#pragma once
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <mxd/io/durable.hpp>
+
+#include "../svg.hpp"
+#include "evaluate.hpp"
+#include "options.hpp"
+
+namespace mxd::cli::training {
+
+// Rank 0's report after training: the table on stdout, metrics.json, loss.svg and, for a k
+// sweep, frontier.svg.
+inline void report(const Options& o, const std::vector<Row>& rows, const std::vector<Series>& curves) {
+  const Dist* d = o.dist;
+  const bool par = d && d->comm;
+  const bool sweep = o.ks.size() > 1;
+  nlohmann::json ranks = nlohmann::json::array();
+  if (par) {
+    std::printf("%d processes, --parallel %s; per rank: bytes sent per step, memory of the model "
+                "(parameters, gradients, AdamW moments, workspace), the process's peak RSS\n",
+                d->size(), d->mode == Parallel::data ? "data" : "experts");
+    for (const Row& r : rows)
+      for (int q = 0; q < d->size(); ++q) {
+        std::printf("  rank %d %-18s %12.0f B/step %10.1f MiB %10.1f MiB peak\n", q, r.name.c_str(),
+                    r.rank_bytes_per_step[q], r.rank_memory[q] / 1048576.0,
+                    r.rank_peak_rss[q] / 1048576.0);
+        ranks.push_back({{"rank", q}, {"model", r.name}, {"k", r.k},
+                         {"bytes_sent_per_step", r.rank_bytes_per_step[q]},
+                         {"memory_bytes", r.rank_memory[q]}, {"peak_rss_bytes", r.rank_peak_rss[q]}});
+      }
+  }
+
+  std::printf("%-18s %12s %5s %12s %12s %8s %12s\n", "model", "params", "k", "nmse_ref", "fvu",
+              "dead", "tokens/s");
+  nlohmann::json models = nlohmann::json::array();
+  for (const Row& r : rows) {
+    std::printf("%-18s %12lld %5lld %12.5g %12.5g %8.4f %12.0f\n", r.name.c_str(),
+                (long long)r.params, (long long)r.k, r.eval.nmse, r.eval.fvu, r.eval.dead_fraction,
+                r.tokens_per_s);
+    models.push_back({{"name", r.name}, {"params", r.params}, {"k", r.k}, {"nmse", r.eval.nmse},
+                      {"fvu", r.eval.fvu}, {"dead_fraction", r.eval.dead_fraction},
+                      {"tokens_per_s", r.tokens_per_s}});
+    if (o.aux.enabled())
+      models.back().update({{"aux_k", o.aux.k}, {"aux_coef", o.aux.coef},
+                            {"dead_window", o.aux.dead_window},
+                            {"train_dead_fraction", r.train_dead}});
+  }
+  if (o.aux.enabled())
+    std::printf("AuxK loss on: k_aux %lld, coef %g, dead window %lld tokens\n", (long long)o.aux.k,
+                o.aux.coef, (long long)o.aux.dead_window);
+  namespace fs = std::filesystem;
+  const fs::path out(o.out);
+  nlohmann::json metrics{{"models", models}};
+  if (par)
+    metrics["parallel"] = {{"mode", d->mode == Parallel::data ? "data" : "experts"},
+                           {"processes", d->size()}, {"ranks", ranks}};
+  io::write_file_durable((out / "metrics.json").string(), metrics.dump(2) + "\n");
+  Axes loss_axes;
+  loss_axes.title = sweep ? "training loss (reference normalized MSE); dashed: the baseline at the same k"
+                          : "training loss (reference normalized MSE)";
+  loss_axes.x_label = "step";
+  loss_axes.y_label = "loss";
+  loss_axes.log_y = true;
+  write_svg_plot((out / "loss.svg").string(), loss_axes, curves);
+  if (sweep) {
+    std::vector<Series> frontier;
+    for (const Row& r : rows) {
+      auto it = std::find_if(frontier.begin(), frontier.end(),
+                             [&](const Series& s) { return s.name == r.name; });
+      if (it == frontier.end()) {
+        it = frontier.insert(frontier.end(), Series());
+        it->name = r.name;
+        it->dashed = frontier.size() > 1;
+        it->markers = true;
+      }
+      it->x.push_back(double(r.k));
+      it->y.push_back(r.eval.fvu);
+    }
+    Axes axes;
+    axes.title = "sparsity-accuracy frontier (held-out)";
+    axes.x_label = "k";
+    axes.y_label = "FVU";
+    axes.log_x = axes.log_y = true;
+    for (index_t k : o.ks) axes.x_ticks.push_back(double(k));
+    write_svg_plot((out / "frontier.svg").string(), axes, frontier);
+  }
+  std::printf("wrote %s/{metrics.json, log.csv, loss.svg%s, checkpoints}\n", o.out.c_str(),
+              sweep ? ", frontier.svg" : "");
+}
+
+}  // namespace mxd::cli::training
