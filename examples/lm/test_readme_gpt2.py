@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: MIT
-"""Runs README's GPT-2 activation-dump snippet as written, on a GPT2Model built from a small
-config (9 blocks so that h[8] exists, random weights) and a byte-level tokenizer made here, so
-no download is needed. Checks that the hook leaves the model's output unchanged, that the file
-holds each token's MLP input x and output y, and that `mxd train --data` reads it.
+"""Runs the GPT-2 activation-dump snippet of examples/mxd/README.md ("Training on real
+activations") as written, on a GPT2Model built from a small config (9 blocks so that h[8]
+exists, random weights) and a byte-level tokenizer made here, so no download is needed. Checks
+that the hook leaves the model's output unchanged, that the file holds each token's MLP input x
+and output y, and that `mxd train --data` reads it.
 
-    test_readme_gpt2.py README.md [path/to/mxd]      exit 77 (skipped) without `transformers`
+    test_readme_gpt2.py examples/mxd/README.md [path/to/mxd]      exit 77 (skipped) without `transformers`
 """
 import json
 import os
@@ -69,7 +70,7 @@ def main():
         os.chdir(tmp)
         try:
             ns = {}
-            exec(compile(code, "README.md (GPT-2 dump snippet)", "exec"), ns)
+            exec(compile(code, f"{readme} (GPT-2 dump snippet)", "exec"), ns)
         finally:
             os.chdir(cwd)
         model, tok, texts = ns["model"], ns["tok"], ns["texts"]

@@ -7,7 +7,7 @@
 ///
 /// The layer checks its gate scores inside top-k (backend), the file readers check what they
 /// load, AdamW checks gradients before it writes any weight, and the checkpoint writer refuses
-/// non-finite tensors; see README "NaN and Inf".
+/// non-finite tensors; see include/mxd/README.md, "NaN and Inf".
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: MIT
-"""Runs the Python snippets of README.md's "Use it from PyTorch" section as written.
+"""Runs the Python snippets about mxd_torch as written: those of README.md's "Use it from
+PyTorch" section and every one of examples/torch/README.md.
 
 The GPT-2 snippet needs `transformers`; without it that snippet is reported as skipped. It
 runs on a GPT2Model built from a small config (9 layers, width 32, random weights): the test
@@ -16,17 +17,26 @@ import tempfile
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(HERE, "..", "..", "README.md")
+ROOT = os.path.join(HERE, "..", "..")
+# (file, section heading or None for the whole file, how many Python snippets it must have)
+SOURCES = [("README.md", "## Use it from PyTorch", 1),
+           (os.path.join("examples", "torch", "README.md"), None, 2)]
 
 
 def snippets():
-    text = open(README, encoding="utf-8").read()
-    start = text.index("## Use it from PyTorch")
-    end = text.find("\n## ", start + 1)
-    section = text[start:end if end >= 0 else len(text)]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) >= 2, f"expected the section's Python snippets, found {len(blocks)}"
-    return blocks
+    """(where, code) for each Python block of SOURCES, in order."""
+    found = []
+    for name, heading, expected in SOURCES:
+        text = open(os.path.join(ROOT, name), encoding="utf-8").read()
+        if heading:
+            start = text.index(heading)
+            end = text.find("\n## ", start + 1)
+            text = text[start:end if end >= 0 else len(text)]
+        blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+        where = f"{name} ({heading.lstrip('# ')})" if heading else name
+        assert len(blocks) >= expected, f"expected {expected} Python snippets in {where}, found {len(blocks)}"
+        found += [(f"{where} snippet {i}", code) for i, code in enumerate(blocks)]
+    return found
 
 
 def small_gpt2():
@@ -68,13 +78,13 @@ def main():
     # on a busy 2-core machine; results do not depend on the thread count.
     torch.set_num_threads(1)
     passed = failed = skipped = 0
-    for i, code in enumerate(snippets()):
+    for i, (where, code) in enumerate(snippets()):
         needs_transformers = "transformers" in code
         if needs_transformers:
             try:
                 small_gpt2()
             except ImportError:
-                print(f"snippet {i}: skipped: transformers is not installed")
+                print(f"{where}: skipped: transformers is not installed")
                 skipped += 1
                 continue
         ns = {"__name__": f"readme_snippet_{i}"}
@@ -82,12 +92,12 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             os.chdir(tmp)
             try:
-                exec(compile(code, f"README.md snippet {i}", "exec"), ns)
+                exec(compile(code, where, "exec"), ns)
                 (check_gpt2 if needs_transformers else check_basic)(ns)
-                print(f"snippet {i}: passed")
+                print(f"{where}: passed")
                 passed += 1
             except Exception as e:  # report and go on to the next snippet
-                print(f"snippet {i}: FAILED: {type(e).__name__}: {e}")
+                print(f"{where}: FAILED: {type(e).__name__}: {e}")
                 failed += 1
             finally:
                 os.chdir(cwd)

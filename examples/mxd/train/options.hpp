@@ -26,7 +26,7 @@ const char* const train_help =
     "N(0, 1/fan_in) (seed 0), an MxD 64 -> 256 -> 64 with 1792 experts and a transcoder of\n"
     "2048 latents (both ~266k parameters), k = 32, 2000 steps of 512 rows. Its time is that of\n"
     "the two models' steps and the teacher's data: under a minute on an idle 2-core x86-64\n"
-    "machine, longer when other processes share the cores (README, \"Training\").\n\n"
+    "machine, longer when other processes share the cores (examples/mxd/README.md, \"Training\").\n\n"
     "data:\n"
     "  --data FILE       safetensors with x [T, d_in] and y [T, d_out] (F32/F16/BF16/F64);\n"
     "                    repeatable; rows are streamed, the last --eval-fraction of each file\n"

@@ -37,7 +37,7 @@
 /// values: memory O(tile_elements + N + B (k_aux + O)). The main forward's gate scores are not
 /// read (forward keeps only its last row tile of them).
 ///
-/// Measured on `mxd train`'s default job (README, "Dead experts"): it revives the TopK
+/// Measured on `mxd train`'s default job (examples/mxd/README.md, "Dead experts"): it revives the TopK
 /// transcoder's dead latents at k = 32 and 64, but MxD's dead experts mostly die for good (the
 /// residual is small beside an expert's contribution, so their gate scores are pushed below 0).
 #pragma once
