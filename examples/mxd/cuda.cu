@@ -29,10 +29,11 @@ MathMode math_mode(const std::string& math) {
 template <class T, template <class, class> class Set>
 class CudaModel final : public DeviceModel<T, Set> {
 public:
-  CudaModel(const train::Trainer<Set<T, cpu>>& host, MathMode math)
-      : t(to_device(host.p), host.opt.config(), host.options) {
-    t.opt = to_device(host.opt, t.p);
-    t.dead = host.dead;
+  CudaModel(const Set<T, cpu>& p, const AdamW<T, cpu, Set<T, cpu>>& opt,
+            const train::DeadUnits& dead, const train::StepOptions& options, MathMode math)
+      : t(to_device(p), opt.config(), options) {
+    t.opt = to_device(opt, t.p);
+    t.dead = dead;
     t.ws.ctx.math = math;
   }
 
@@ -54,11 +55,11 @@ public:
     val = to_host(t.ws.topk_val);
   }
 
-  void download(train::Trainer<Set<T, cpu>>& host) override {
+  void download(Set<T, cpu>& p, AdamW<T, cpu, Set<T, cpu>>& opt, train::DeadUnits& dead) override {
     t.ws.ctx.synchronize();
-    host.p = to_host(t.p);
-    host.opt = to_host(t.opt, host.p);
-    host.dead = t.dead;
+    p = to_host(t.p);
+    opt = to_host(t.opt, p);
+    dead = t.dead;
   }
 
 private:
@@ -74,10 +75,13 @@ private:
 }  // namespace
 
 template <class T, template <class, class> class Set>
-std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const train::Trainer<Set<T, cpu>>& host,
+std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
+                                                     const AdamW<T, cpu, Set<T, cpu>>& opt,
+                                                     const train::DeadUnits& dead,
+                                                     const train::StepOptions& options,
                                                      const std::string& math) {
   require_cuda();
-  return std::make_unique<CudaModel<T, Set>>(host, math_mode(math));
+  return std::make_unique<CudaModel<T, Set>>(p, opt, dead, options, math_mode(math));
 }
 
 template <class T>

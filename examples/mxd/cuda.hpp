@@ -32,14 +32,18 @@ public:
   /// y = model(x) with the selection. x: [B, I] -> y: [B, O], idx, val: [B, k].
   virtual void predict(const Tensor<T>& x, Tensor<T>& y, Tensor<std::int32_t>& idx,
                        Tensor<T>& val) = 0;
-  /// Copies parameters, optimizer and dead-unit state back into a host trainer of the same config.
-  virtual void download(train::Trainer<Set<T, cpu>>& host) = 0;
+  /// Copies parameters, optimizer and dead-unit state back into host ones of the same config.
+  virtual void download(Set<T, cpu>& p, AdamW<T, cpu, Set<T, cpu>>& opt, train::DeadUnits& dead) = 0;
 };
 
-/// The host trainer's model, state and step options on the GPU; `math` is how float GEMMs
-/// run: "fp32", "tf32" or "bf16" (mxd::MathMode). CPU-only builds throw mxd::Error saying so.
+/// A host model's state (parameters, AdamW, dead units) and step options on the GPU; `math`
+/// is how float GEMMs run: "fp32", "tf32" or "bf16" (mxd::MathMode). CPU-only builds throw
+/// mxd::Error saying so.
 template <class T, template <class, class> class Set>
-std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const train::Trainer<Set<T, cpu>>& host,
+std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>& p,
+                                                     const AdamW<T, cpu, Set<T, cpu>>& opt,
+                                                     const train::DeadUnits& dead,
+                                                     const train::StepOptions& options,
                                                      const std::string& math);
 
 /// The layer and batch that `mxd bench` times (host copies).
@@ -63,17 +67,15 @@ CudaTimings bench_cuda(const Params<T>& p, const Tensor<T>& x, const Tensor<T>& 
                        int warmup, const std::string& math, index_t tile_rows, bool verbose);
 
 // The explicit instantiations that cuda.cu and no_cuda.cpp both provide.
-#define MXD_CLI_CUDA_INSTANTIATIONS                                                                   \
-  template std::unique_ptr<DeviceModel<float, Params>> make_cuda_model<float, Params>(                \
-      const train::Trainer<Params<float, cpu>>&, const std::string&);                                 \
-  template std::unique_ptr<DeviceModel<double, Params>> make_cuda_model<double, Params>(              \
-      const train::Trainer<Params<double, cpu>>&, const std::string&);                                \
-  template std::unique_ptr<DeviceModel<float, TranscoderParams>>                                      \
-  make_cuda_model<float, TranscoderParams>(const train::Trainer<TranscoderParams<float, cpu>>&,       \
-                                           const std::string&);                                       \
-  template std::unique_ptr<DeviceModel<double, TranscoderParams>>                                     \
-  make_cuda_model<double, TranscoderParams>(const train::Trainer<TranscoderParams<double, cpu>>&,     \
-                                            const std::string&);                                      \
+#define MXD_CLI_CUDA_MODEL(T, S)                                                                    \
+  template std::unique_ptr<DeviceModel<T, S>> make_cuda_model<T, S>(                                \
+      const S<T, cpu>&, const AdamW<T, cpu, S<T, cpu>>&, const train::DeadUnits&,                   \
+      const train::StepOptions&, const std::string&);
+#define MXD_CLI_CUDA_INSTANTIATIONS                                                                 \
+  MXD_CLI_CUDA_MODEL(float, Params)                                                                 \
+  MXD_CLI_CUDA_MODEL(double, Params)                                                                \
+  MXD_CLI_CUDA_MODEL(float, TranscoderParams)                                                       \
+  MXD_CLI_CUDA_MODEL(double, TranscoderParams)                                                      \
   template CudaTimings bench_cuda<float>(const Params<float>&, const Tensor<float>&,                  \
                                          const Tensor<float>&, int, int, const std::string&, index_t, bool);   \
   template CudaTimings bench_cuda<double>(const Params<double>&, const Tensor<double>&,               \

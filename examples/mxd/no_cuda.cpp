@@ -14,8 +14,10 @@ namespace {
 void require_cuda() { no_cuda(); }
 
 template <class T, template <class, class> class Set>
-std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const train::Trainer<Set<T, cpu>>&,
-                                                     const std::string&) {
+std::unique_ptr<DeviceModel<T, Set>> make_cuda_model(const Set<T, cpu>&,
+                                                     const AdamW<T, cpu, Set<T, cpu>>&,
+                                                     const train::DeadUnits&,
+                                                     const train::StepOptions&, const std::string&) {
   no_cuda();
 }
 

@@ -35,14 +35,6 @@
 namespace mxd::cli {
 namespace training {
 
-template <class T>
-std::unique_ptr<train::DataSource<T>> make_source(const Options& o) {
-  if (!o.data.empty())
-    return std::make_unique<train::ActivationFiles<T>>(o.data, o.eval_fraction, o.seed);
-  return std::make_unique<train::Teacher<T>>(o.layer.d_in, o.teacher_hidden, o.layer.d_out,
-                                             o.seed, o.eval_rows);
-}
-
 // Trains both models at one k; returns their rows and appends their loss curves.
 template <class T>
 std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src, bool sweep,
@@ -348,16 +340,7 @@ int train_command(int argc, char** argv, Dist& dist) {
     dist.comm->check_same("the command line of mxd train (all but --threads)", command_line(argc, argv));
     dist.same_everywhere = true;  // until the data is opened, every rank fails alike
   }
-  std::set<std::string> flags = layer_flags();
-  for (const char* f : {"data", "teacher-hidden", "eval-rows", "eval-fraction", "expansion",
-                        "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
-                        "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
-                        "aux-k", "aux-coef", "dead-window",
-                        "parallel", "timeout"})
-    flags.insert(f);
-  std::set<std::string> switches = layer_switches();
-  switches.insert({"no-norm-dec", "tf32", "overwrite"});
-  Args args(argc, argv, argc < 2 ? argc : 2, flags, switches);
+  Args args(argc, argv, argc < 2 ? argc : 2, train_flags(), train_switches());
   if (args.help()) {
     std::printf(train_help, layer_flags_help(/*with_k=*/false).c_str());
     return 0;

@@ -38,6 +38,22 @@ inline Loss parse_loss(const std::string& name) {
   throw Error("loss: unknown name '" + name + "' (expected nmse_ref, mse or fvu)");
 }
 
+namespace detail {
+// Checks loss()'s arguments on any device and returns the rows the mean is over.
+// y, t, dy (or empty): [B, O].
+template <class T, class Device>
+index_t loss_mean_rows(Loss kind, InView<T, Device> y, InView<T, Device> t, View<T, Device> dy,
+                       index_t mean_rows) {
+  const index_t B = y.rows, O = y.cols;
+  check_shape(t, B, O, "target");
+  if (!dy.empty()) check_shape(dy, B, O, "dloss_dy");
+  MXD_CHECK(B > 0 && O > 0, "loss: empty batch [", B, ", ", O, "]");
+  MXD_CHECK(mean_rows == 0 || (mean_rows >= B && kind != Loss::fvu), "loss: mean over ",
+            mean_rows, " rows for a batch of ", B, (kind == Loss::fvu ? " (not with fvu)" : ""));
+  return mean_rows > 0 ? mean_rows : B;
+}
+}  // namespace detail
+
 /// Returns the loss of y against target t and, when dy is not empty, writes dL/dy to it.
 /// y, t, dy: [B, O] host views. A zero target row makes nmse_ref infinite, as in the reference.
 /// `mean_rows` (nmse_ref and mse; default B): the rows the mean is taken over. A process that
@@ -46,13 +62,7 @@ inline Loss parse_loss(const std::string& name) {
 template <class T>
 double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
             index_t mean_rows = 0) {
-  const index_t B = y.rows, O = y.cols;
-  check_shape(t, B, O, "target");
-  if (!dy.empty()) check_shape(dy, B, O, "dloss_dy");
-  MXD_CHECK(B > 0 && O > 0, "loss: empty batch [", B, ", ", O, "]");
-  MXD_CHECK(mean_rows == 0 || (mean_rows >= B && kind != Loss::fvu), "loss: mean over ",
-            mean_rows, " rows for a batch of ", B, (kind == Loss::fvu ? " (not with fvu)" : ""));
-  const index_t Bm = mean_rows > 0 ? mean_rows : B;
+  const index_t B = y.rows, O = y.cols, Bm = detail::loss_mean_rows(kind, y, t, dy, mean_rows);
   double total = 0;
   switch (kind) {
     case Loss::nmse_ref: {

@@ -66,19 +66,18 @@ TrainResult<T> train(const Params<T>& hp, const std::vector<Tensor<T>>& inputs,
                      const std::vector<Tensor<T>>& targets, const AdamWConfig& oc,
                      const mxd::train::StepOptions& options) {
   mxd::train::Trainer<Params<T, cuda>> m(to_device(hp), oc, options);
-  TrainResult<T> r;
+  std::vector<double> losses, aux_losses;
   Tensor<T, cuda> x, t;
   for (std::size_t step = 0; step < inputs.size(); ++step) {
     x = to_device(inputs[step]);
     t = to_device(targets[step]);
-    r.losses.push_back(mxd::train::step(m, x.view(), t.view()));
-    r.aux_losses.push_back(m.aux_loss);
+    losses.push_back(mxd::train::step(m, x.view(), t.view()));
+    aux_losses.push_back(m.aux_loss);
   }
   m.ws.ctx.synchronize();
-  r.p = to_host(m.p);
-  r.opt = to_host(m.opt, r.p);
-  r.dead = m.dead;
-  return r;
+  Params<T> host = to_host(m.p);
+  AdamW<T> host_opt = to_host(m.opt, host);
+  return {std::move(host), std::move(host_opt), std::move(losses), std::move(aux_losses), m.dead};
 }
 
 template <class T>

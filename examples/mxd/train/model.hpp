@@ -46,7 +46,9 @@ public:
   double trained_memory = 0;  // memory_bytes() after the last step (workspaces shrink in evaluation)
 
   // Moves training to the GPU from the current state.
-  void to_gpu(const std::string& math) { gpu_ = make_cuda_model<T, Set>(t, math); }
+  void to_gpu(const std::string& math) {
+    gpu_ = make_cuda_model<T, Set>(t.p, t.opt, t.dead, t.options, math);
+  }
   bool on_gpu() const { return gpu_ != nullptr; }
 
   // --parallel: this rank's part. The MxD under --parallel experts keeps its shard of the
@@ -99,7 +101,7 @@ public:
   }
   index_t n_params() const { return layer().n_params(); }
   double train_dead_fraction() {
-    if (gpu_) gpu_->download(t);
+    if (gpu_) gpu_->download(t.p, t.opt, t.dead);
     return double(t.dead.count()) / double(units());
   }
 
@@ -120,7 +122,7 @@ public:
     }
   }
   void save(const std::string& path) {
-    if (gpu_) gpu_->download(t);
+    if (gpu_) gpu_->download(t.p, t.opt, t.dead);
     if constexpr (is_mxd) {
       if (ep_) {
         io::save_checkpoint(path, full_, full_opt_.get());

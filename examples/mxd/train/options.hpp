@@ -11,6 +11,7 @@
 #include <mxd/mxd.hpp>
 #include <mxd/train/aux_loss.hpp>
 #include <mxd/io/safetensors.hpp>
+#include <mxd/train/data.hpp>
 
 #include "../cli.hpp"
 #include "../cuda.hpp"
@@ -141,6 +142,33 @@ inline std::string command_line(int argc, char** argv) {
   }
   return s;
 }
+
+// The flags and switches mxd train takes.
+inline std::set<std::string> train_flags() {
+  std::set<std::string> flags = layer_flags();
+  for (const char* f : {"data", "teacher-hidden", "eval-rows", "eval-fraction", "expansion",
+                        "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
+                        "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
+                        "aux-k", "aux-coef", "dead-window",
+                        "parallel", "timeout"})
+    flags.insert(f);
+  return flags;
+}
+inline std::set<std::string> train_switches() {
+  std::set<std::string> switches = layer_switches();
+  switches.insert({"no-norm-dec", "tf32", "overwrite"});
+  return switches;
+}
+
+// The training and held-out rows: --data files, or the teacher MLP.
+template <class T>
+std::unique_ptr<train::DataSource<T>> make_source(const Options& o) {
+  if (!o.data.empty())
+    return std::make_unique<train::ActivationFiles<T>>(o.data, o.eval_fraction, o.seed);
+  return std::make_unique<train::Teacher<T>>(o.layer.d_in, o.teacher_hidden, o.layer.d_out,
+                                             o.seed, o.eval_rows);
+}
+
 
 // Reads mxd train's flags (the help was handled by the caller); the first error names the flag.
 inline Options parse_options(Args& args, Dist& dist) {

@@ -97,13 +97,7 @@ __global__ void loss_grad_kernel(Loss kind, View<const T, cuda> y, View<const T,
 template <class T>
 double loss(Context<cuda>& ctx, Loss kind, InView<T, cuda> y, InView<T, cuda> t,
             View<T, cuda> dy = {}, index_t mean_rows = 0) {
-  const index_t B = y.rows, O = y.cols;
-  check_shape(t, B, O, "target");
-  if (!dy.empty()) check_shape(dy, B, O, "dloss_dy");
-  MXD_CHECK(B > 0 && O > 0, "loss: empty batch [", B, ", ", O, "]");
-  MXD_CHECK(mean_rows == 0 || (mean_rows >= B && kind != Loss::fvu), "loss: mean over ",
-            mean_rows, " rows for a batch of ", B, (kind == Loss::fvu ? " (not with fvu)" : ""));
-  const index_t Bm = mean_rows > 0 ? mean_rows : B;
+  const index_t B = y.rows, O = y.cols, Bm = detail::loss_mean_rows(kind, y, t, dy, mean_rows);
   const bool fvu = kind == Loss::fvu;
   auto* buf = static_cast<double*>(ctx.scratch((3 * B + O + 2) * sizeof(double)));
   double *row_tn = buf, *row_err = buf + B, *row_var = buf + 2 * B, *mean = buf + 3 * B;
