@@ -2,7 +2,9 @@
 // 04: a custom training loop with the public API: forward, loss, backward, AdamW (+ norm_dec).
 //
 // Learns a small teacher MLP. Everything `mxd train` does per step is here in a few lines;
-// swap the teacher for your own data and the loop stays the same.
+// swap the teacher for your own data and the loop stays the same. train::step
+// (<mxd/train/step.hpp>) makes exactly these calls, plus AuxK and a gradient sum across
+// processes when asked: use it once the steps are clear.
 #include <cstdio>
 
 #include <mxd/init.hpp>

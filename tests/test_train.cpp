@@ -56,23 +56,15 @@ Config tiny_config() {
   return c;
 }
 
-// `steps` training steps of an MxD on the teacher from step `from`, as `mxd train` does them.
-void train_steps(Params<float>& p, AdamW<float>& opt, train::Teacher<float>& teacher, int from,
+// `steps` training steps (train::step, as `mxd train` runs them) of an MxD on the teacher
+// from step `from`, in batches of 64.
+void train_steps(train::Trainer<Params<float>>& m, train::Teacher<float>& teacher, int from,
                  int steps, std::vector<double>* losses = nullptr) {
-  Workspace<float> ws;
-  Grads<float> g(p.config);
-  Tensor<float> x, y, pred, dy;
+  Tensor<float> x, y;
   for (int s = from; s < from + steps; ++s) {
     teacher.train_batch(static_cast<std::uint64_t>(s), 64, x, y);
-    pred.resize(64, p.config.d_out);
-    dy.resize(64, p.config.d_out);
-    forward(p, x.view(), pred.view(), ws);
-    const double l = loss<float>(Loss::nmse_ref, pred.view(), y.view(), dy.view());
+    const double l = train::step(m, x.view(), y.view());
     if (losses) losses->push_back(l);
-    backward(p, x.view(), dy.view(), ws, g);
-    project_decoder_grads(p, g, ws.ctx);
-    opt.step(p, g, ws.ctx);
-    normalize_decoder(p, ws.ctx);
   }
 }
 
@@ -173,9 +165,10 @@ TEST_CASE("norm_dec keeps every expert vector at unit norm through training") {
   AdamWConfig oc;
   oc.lr = 1e-2;
   oc.warmup_steps = 0;
-  AdamW<float> opt(p, oc);
+  train::Trainer<Params<float>> m(p, oc);
   train::Teacher<float> teacher(8, 32, 8, 5, 0);
-  train_steps(p, opt, teacher, 0, 5);
+  train_steps(m, teacher, 0, 5);
+  p = m.p;
   for (index_t n = 0; n < c.n_experts; ++n) {
     double sq = 0;
     for (index_t o = 0; o < c.d_out; ++o) sq += double(p.C(n, o)) * p.C(n, o);
@@ -252,10 +245,10 @@ TEST_CASE("training on a tiny teacher lowers the loss below a third of its start
     AdamWConfig oc;
     oc.lr = 3e-3;
     oc.warmup_steps = 10;
-    AdamW<float> opt(p, oc);
+    train::Trainer<Params<float>> m(p, oc);
     train::Teacher<float> teacher(8, 32, 8, 8, 0);
-    train_steps(p, opt, teacher, 0, 150, &losses);
-    return p;
+    train_steps(m, teacher, 0, 150, &losses);
+    return m.p;
   };
   std::vector<double> l1, l2;
   const Params<float> a = run(l1), b = run(l2);
@@ -356,26 +349,22 @@ TEST_CASE("checkpoint round trip is bit-exact and a resumed run equals an uninte
   train::Teacher<float> teacher(8, 32, 8, 9, 0);
   Params<float> straight(tiny_config());
   init_params(straight, 10);
-  Params<float> resumed = straight;
-  AdamW<float> opt(straight, oc);
-  train_steps(straight, opt, teacher, 0, 12);
-
-  AdamW<float> first(resumed, oc);
-  train_steps(resumed, first, teacher, 0, 6);
+  train::Trainer<Params<float>> whole(straight, oc), first(straight, oc);
+  train_steps(whole, teacher, 0, 12);
+  train_steps(first, teacher, 0, 6);
   const std::string path = scratch_path("resume.safetensors").string();
-  io::save_checkpoint(path, resumed, &first);
+  io::save_checkpoint(path, first.p, &first.opt);
   io::SafetensorsReader f(path);
   CHECK(f.metadata().at("model") == "mxd");
-  Params<float> loaded = io::load_params<float>(f, io::read_config(f));
-  AdamW<float> second(loaded, oc);
-  io::load_optimizer(f, second);
-  CHECK(second.t == 6);
-  CHECK(same_bits_all(loaded, resumed));
-  CHECK(same_bits_all(second.m, first.m));
-  CHECK(same_bits_all(second.v, first.v));
-  train_steps(loaded, second, teacher, 6, 6);
-  CHECK(same_bits_all(loaded, straight));
-  CHECK(same_bits_all(second.v, opt.v));
+  train::Trainer<Params<float>> second(io::load_params<float>(f, io::read_config(f)), oc);
+  io::load_optimizer(f, second.opt);
+  CHECK(second.opt.t == 6);
+  CHECK(same_bits_all(second.p, first.p));
+  CHECK(same_bits_all(second.opt.m, first.opt.m));
+  CHECK(same_bits_all(second.opt.v, first.opt.v));
+  train_steps(second, teacher, 6, 6);
+  CHECK(same_bits_all(second.p, whole.p));
+  CHECK(same_bits_all(second.opt.v, whole.opt.v));
 }
 
 TEST_CASE("a transcoder checkpoint uses the authors' layout and round-trips") {
