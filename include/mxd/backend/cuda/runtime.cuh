@@ -93,31 +93,58 @@ inline int cuda_device_count() {
   return detail::device_count_verdict(status, n, driver);
 }
 
+/// Where memory<cuda> takes device memory from and on which stream it zeroes and copies:
+/// cudaMalloc, cudaFree and the legacy default stream unless a framework sharing the process
+/// installs its own, once, before mxd allocates device memory (mxd_torch: PyTorch's caching
+/// allocator and current stream, so that mxd's buffers come from torch's pool and its memsets
+/// are ordered with torch's kernels). deallocate is called from destructors: it must not throw.
+struct CudaMemoryHooks {
+  void* (*allocate)(std::size_t bytes) = nullptr;
+  void (*deallocate)(void* p) = nullptr;
+  cudaStream_t (*stream)() = nullptr;
+};
+inline CudaMemoryHooks& cuda_memory_hooks() {
+  static CudaMemoryHooks hooks;
+  return hooks;
+}
+
 template <>
 struct memory<cuda> {
   static void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
     void* p = nullptr;
+    if (auto* hook = cuda_memory_hooks().allocate) {
+      p = hook(bytes);
+      MXD_CHECK(p != nullptr, "device allocation of ", bytes, " bytes failed");
+      return p;
+    }
     MXD_CUDA_CHECK(cudaMalloc(&p, bytes));
     return p;
   }
   // Called from destructors: never throws (a failing cudaFree means the context is gone).
   static void deallocate(void* p) noexcept {
-    if (p) (void)cudaFree(p);
+    if (!p) return;
+    if (auto* hook = cuda_memory_hooks().deallocate) hook(p);
+    else (void)cudaFree(p);
   }
-  // On the legacy default stream, named explicitly so that the order with the blocking
-  // streams of Context<cuda> holds even in code compiled with per-thread default streams.
+  // On the legacy default stream (or the hooks' stream), named explicitly so that the order
+  // with the blocking streams of Context<cuda> holds even in code compiled with per-thread
+  // default streams.
+  static cudaStream_t stream() {
+    auto* hook = cuda_memory_hooks().stream;
+    return hook ? hook() : cudaStreamLegacy;
+  }
   static void zero(void* p, std::size_t bytes) {
-    if (bytes) MXD_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cudaStreamLegacy));
+    if (bytes) MXD_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream()));
   }
   static void copy(void* dst, const void* src, std::size_t bytes) {
-    if (bytes)
-      MXD_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cudaStreamLegacy));
+    if (bytes) MXD_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
   }
   static void upload(void* dst, const void* host_src, std::size_t bytes) {
     if (!bytes) return;
-    MXD_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cudaStreamLegacy));
-    MXD_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));  // host_src may go away after
+    const cudaStream_t s = stream();
+    MXD_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, s));
+    MXD_CUDA_CHECK(cudaStreamSynchronize(s));  // host_src may go away after
   }
   // Waits for the blocking streams' queued work (the legacy stream orders after them).
   static void download(void* host_dst, const void* src, std::size_t bytes) {
@@ -155,8 +182,9 @@ __global__ void merge_position_kernel(Key* positions) {
 /// The device's execution context: one stream that every primitive runs on, a cuBLAS handle
 /// bound to it, the float GEMM math mode, a grow-only scratch buffer and the record of the
 /// non-finite gate scores found on the device. The stream and handle are created on first use
-/// on the then-current device, so constructing a Workspace needs no GPU.
-/// Move-only: it owns the stream and handle.
+/// on the then-current device, so constructing a Workspace needs no GPU; or they are someone
+/// else's, given to use_stream (a framework's current stream and cuBLAS handle).
+/// Move-only: it owns the stream and handle it created.
 ///
 /// Kernels cannot throw: gate_topk records the first non-finite gate score it meets on the
 /// device, and the next synchronize() throws mxd::Error naming it ("gate scores: non-finite
@@ -182,8 +210,32 @@ public:
 
   cudaStream_t stream() {
     // A blocking stream: ordered with the legacy default stream that memory<cuda> uses.
-    if (!stream_) MXD_CUDA_CHECK(cudaStreamCreate(&stream_));
+    if (!has_stream_) {
+      MXD_CUDA_CHECK(cudaStreamCreate(&stream_));
+      has_stream_ = owns_stream_ = true;
+    }
     return stream_;
+  }
+
+  /// Runs every later call on `stream` (0, the default stream, included) through `handle`,
+  /// which must be bound to that stream; both belong to the caller, who keeps them alive while
+  /// this context uses them, and are never destroyed here (e.g. PyTorch's current stream and
+  /// cuBLAS handle). A stream and handle the context had created are released. Switching to
+  /// another stream first waits for the old one, whose queued work may still read the scratch.
+  /// memory<cuda> zeroes on the legacy default stream: with a non-blocking stream here, set
+  /// CudaMemoryHooks::stream to it as well.
+  void use_stream(cudaStream_t stream, cublasHandle_t handle) {
+    MXD_CHECK(handle != nullptr, "Context<cuda>::use_stream: no cuBLAS handle given");
+    if (has_stream_ && stream == stream_ && handle == cublas_ && !owns_stream_) return;
+    if (has_stream_ && stream != stream_) synchronize();
+    if (owns_stream_) {
+      if (cublas_) (void)cublasDestroy(cublas_);
+      (void)cudaStreamDestroy(stream_);
+    }
+    stream_ = stream;
+    cublas_ = handle;
+    has_stream_ = true;
+    owns_stream_ = false;
   }
 
   cublasHandle_t cublas() {
@@ -211,7 +263,7 @@ public:
   /// Waits for everything queued on the stream; rethrows asynchronous kernel errors, then the
   /// first non-finite gate score that gate_topk found since the last synchronize().
   void synchronize() {
-    if (!stream_) return;
+    if (!has_stream_) return;
     MXD_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (!check_pending_) return;
     check_pending_ = false;
@@ -251,13 +303,14 @@ public:
 
 private:
   void release() noexcept {
-    if (cublas_) (void)cublasDestroy(cublas_);
-    if (stream_) (void)cudaStreamDestroy(stream_);
+    if (owns_stream_ && cublas_) (void)cublasDestroy(cublas_);
+    if (owns_stream_) (void)cudaStreamDestroy(stream_);
     memory<cuda>::deallocate(scratch_);
     memory<cuda>::deallocate(positions_);
     if (host_position_) (void)cudaFreeHost(host_position_);
     cublas_ = nullptr;
     stream_ = nullptr;
+    has_stream_ = owns_stream_ = false;
     scratch_ = nullptr;
     scratch_bytes_ = 0;
     positions_ = nullptr;
@@ -268,6 +321,8 @@ private:
     std::swap(math, o.math);
     std::swap(stream_, o.stream_);
     std::swap(cublas_, o.cublas_);
+    std::swap(has_stream_, o.has_stream_);
+    std::swap(owns_stream_, o.owns_stream_);
     std::swap(scratch_, o.scratch_);
     std::swap(scratch_bytes_, o.scratch_bytes_);
     std::swap(positions_, o.positions_);
@@ -275,8 +330,10 @@ private:
     std::swap(check_pending_, o.check_pending_);
   }
 
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr;  // 0 is a stream too (the default one): has_stream_ tells
   cublasHandle_t cublas_ = nullptr;
+  bool has_stream_ = false;
+  bool owns_stream_ = false;  // created here (else use_stream's, never destroyed here)
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
   // Non-finite gate scores: [2] device keys (first since the host looked, current call),
