@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT
 """mxd_torch: Mixture of Decoders (MxD) layers as PyTorch modules, computed by the header-only
-mxd library on the tensors' own memory (float32 and float64, CPU).
+mxd library on the tensors' own memory (float32 and float64; on the CPU, and on CUDA GPUs
+when the extension is built with CUDA: see examples/torch/README.md).
 
     import torch, mxd_torch
     layer = mxd_torch.MxD(768, 3072, 768, n_experts=21504, k=32)        # GELU, the authors' init
@@ -14,9 +15,13 @@ loads as it is (their unused b_dec is ignored). W_cond is stored as the transpos
 contiguous [N, O] matrix, mxd's expert-major layout: assign it with .copy_() (load_state_dict
 does), never by replacing its .data with another layout.
 
-Errors from mxd (wrong shape, dtype, layout, k > n_experts, a bad file) raise mxd_torch.Error,
-a RuntimeError carrying mxd's message. Layers live on the CPU (device='meta' gives their
-shapes only); the extension is built without CUDA.
+Errors from mxd (wrong shape, dtype, layout, device, k > n_experts, a bad file) raise
+mxd_torch.Error, a RuntimeError carrying mxd's message. Layers live on the CPU, on a GPU
+(device='cuda', or .to('cuda'); builds with CUDA only, mxd_torch.built_with_cuda) or on the
+meta device (shapes only). On a GPU every call runs mxd's CUDA backend on torch's current
+stream; float32 layers take bf16/float16 inputs (autocast) and follow
+torch.backends.cuda.matmul.allow_tf32 (mxd::MathMode). The CUDA route has been compiled but
+not yet run on a GPU.
 
 With torch >= 2.4 forward and backward are also torch.library custom ops (_ops.py), which
 torch.compile(model, fullgraph=True) and torch.export trace; eager calls run the same C++ code
@@ -31,10 +36,11 @@ if _OPS:
     from . import _ops
 
 __all__ = ["MxD", "TopKTranscoder", "SkipTranscoder", "Steering", "AdamW", "Error",
-           "matched_experts", "read_safetensors"]
+           "matched_experts", "read_safetensors", "built_with_cuda"]
 
 Error = _C.Error
 matched_experts = _C.matched_experts
+built_with_cuda = _C.has_cuda  # the extension has mxd's CUDA backend (_ext_cuda.cu)
 
 _EDIT_OPS = ("add", "clamp", "zero")
 
@@ -72,20 +78,61 @@ def _edit_lists(steering):
 
 
 def _device(device):
-    """The device a layer's parameters are created on: the CPU, or 'meta' (shapes only)."""
+    """The device a layer's parameters are created on: the CPU, a GPU (builds with CUDA), or
+    'meta' (shapes only)."""
     d = torch.device("cpu" if device is None else device)
-    if d.type not in ("cpu", "meta"):
-        raise Error(f"device {d}: mxd_torch was built without CUDA; its layers live on the "
-                    f"CPU ('meta' gives their shapes only)")
+    if d.type == "cuda" and not built_with_cuda:
+        raise Error(f"device {d}: this mxd_torch was built without CUDA; its layers live on "
+                    f"the CPU ('meta' gives their shapes only). See examples/torch/README.md "
+                    f"for a build with CUDA")
+    if d.type not in ("cpu", "meta", "cuda"):
+        raise Error(f"device {d}: mxd_torch computes on the CPU"
+                    f"{' and on CUDA GPUs' if built_with_cuda else ''} ('meta' gives shapes only)")
     return d
 
 
 def _on(tensors, device):
-    """The layer's initial parameters on `device`, in mxd's layouts."""
-    if device.type == "cpu":
+    """`tensors` on `device` with their strides (mxd's layouts): the same tensors where they
+    are there already, else copies (none for 'meta': shapes only)."""
+    if all(t.device == device for t in tensors):
         return tensors
-    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
-            for t in tensors]
+    with torch.no_grad():
+        out = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+               for t in tensors]
+        if device.type != "meta":
+            for o, t in zip(out, tensors):
+                o.copy_(t)
+    return out
+
+
+_LOW = (torch.bfloat16, torch.float16)
+if _OPS:  # torch >= 2.4: the device-type argument (dynamo folds these calls to constants)
+    def _autocast_dtype():
+        return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+else:
+    def _autocast_dtype():
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def _cuda_precision(x, dtype):
+    """How a float32 layer computes on a GPU: (x as it computes on it, the dtype to return y in
+    or None for x's, mxd's MathMode). bf16 inputs, or autocast to bf16: "bf16" (GEMM inputs
+    rounded to bf16, float accumulation); float16 ones (10-bit mantissa, as TF32's) or
+    torch.backends.cuda.matmul.allow_tf32: "tf32"; else "fp32". Low-precision inputs are
+    computed on as float32 and y is returned in their dtype (autocast's: the autocast dtype)."""
+    if dtype != torch.float32:
+        return x, None, "fp32"
+    low = x.dtype if x.dtype in _LOW else _autocast_dtype()
+    low = low if low in _LOW else None
+    if low == torch.bfloat16:
+        math = "bf16"
+    elif low == torch.float16 or torch._C._get_cublas_allow_tf32():
+        math = "tf32"
+    else:
+        math = "fp32"
+    if x.dtype in _LOW:
+        x = x.float()
+    return x, low, math
 
 
 def read_safetensors(path):
@@ -121,15 +168,17 @@ class _Lease:
 
 
 class _LayerFunction(torch.autograd.Function):
-    """y = layer(x) with mxd's forward, and mxd's analytic backward for x and every parameter."""
+    """y = layer(x) with mxd's forward, and mxd's analytic backward for x and every parameter.
+    math: mxd's MathMode on a GPU ("fp32", "tf32", "bf16"; "fp32" on the CPU)."""
 
     @staticmethod
-    def forward(ctx, layer, steering, x, *params):
+    def forward(ctx, layer, steering, math, x, *params):
         pool = layer._caches
         cache = pool.pop() if pool else _C.Cache()
         threads = torch.get_num_threads()
         try:
-            y = layer._forward(params, x, cache, steering, threads)
+            y = _C.forward(layer.config, list(params), x, cache,
+                           _C.Edits(*layer._edits(steering)), threads, math)
         except BaseException:
             pool.append(cache)
             raise
@@ -149,9 +198,10 @@ class _LayerFunction(torch.autograd.Function):
         layer = ctx.layer
         # Where .grad exists autograd adds into it, so the layer's kept buffers can serve.
         reuse_ok = [p.grad is not None for p in layer.params()]
-        dx, grads = layer._backward(params, x, dy.contiguous(), ctx.lease.cache,
-                                    ctx.needs_input_grad[2], reuse_ok, torch.get_num_threads())
-        return (None, None, dx, *grads)
+        dx, grads = _C.backward(layer.config, list(params), x, dy.contiguous(), ctx.lease.cache,
+                                ctx.needs_input_grad[3], layer._grad_buffers, reuse_ok,
+                                torch.get_num_threads())
+        return (None, None, None, dx, *grads)
 
 
 class _Holder(torch.nn.Module):
@@ -181,12 +231,21 @@ class _Layer(torch.nn.Module):
         return [self.get_parameter(n) for n in self._names]
 
     def forward(self, x, steering=None):
-        """x: [..., d_in] (contiguous, the parameters' dtype) -> [..., d_out]."""
+        """x: [..., d_in] (contiguous, the parameters' dtype and device) -> [..., d_out].
+        On a GPU a float32 layer also takes bfloat16 and float16 x (see _cuda_precision)."""
+        low, math = None, "fp32"
+        if x.device.type == "cuda":
+            x, low, math = _cuda_precision(x, self.get_parameter(self._names[0]).dtype)
         if _OPS and _ops.traced(x):
-            y, idx, vals = self._op_forward(x, steering)
+            y, idx, vals = self._op_forward(x, steering, math)
             self._last = (x.shape[:-1], idx, vals)
-            return y
-        return _LayerFunction.apply(self, steering, x, *self.params())
+        else:
+            y = _LayerFunction.apply(self, steering, math, x, *self.params())
+        return y if low is None else y.to(low)
+
+    def _edits(self, steering):
+        """Steering's edits as lists (MxD only)."""
+        return _edit_lists(None)
 
     def topk(self):
         """The last forward's selection: (indices int64, values), each [..., k]; values are
@@ -206,6 +265,10 @@ class _Layer(torch.nn.Module):
 
     def _dtype_name(self):
         return _dtype_name(self.get_parameter(self._names[0]).dtype)
+
+    def _host_params(self):
+        """The parameters in host memory (copies of a GPU layer's), in mxd's layouts."""
+        return _on([p.detach() for p in self.params()], torch.device("cpu"))
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -237,7 +300,7 @@ class MxD(_Layer):
                                                glu, skip)
         self._op_config = (c.k, c.activation, c.glu, c.skip)  # plain values, for tracing
         meta = device.type == "meta"
-        tensors = _tensors if _tensors is not None else _on(_C.mxd_init(
+        tensors = _on(_tensors if _tensors is not None else _C.init(
             c, None if meta else _seed(), _dtype_name(dtype)), device)
         self._register(c.names(), tensors)
         self.steering = None
@@ -245,29 +308,21 @@ class MxD(_Layer):
     def _edits(self, steering):
         return _edit_lists(steering if steering is not None else self.steering)
 
-    def _forward(self, params, x, cache, steering, threads):
-        return _C.mxd_forward(self.config, list(params), x, cache,
-                              _C.Edits(*self._edits(steering)), threads)
-
-    def _op_forward(self, x, steering):
-        return _ops.mxd_forward(x, self.params(), self._op_config, self._edits(steering))
-
-    def _backward(self, params, x, dy, cache, need_dx, reuse_ok, threads):
-        return _C.mxd_backward(self.config, list(params), x, dy, cache, need_dx,
-                               self._grad_buffers, reuse_ok, threads)
+    def _op_forward(self, x, steering, math):
+        return _ops.mxd_forward(x, self.params(), self._op_config, self._edits(steering), math)
 
     @classmethod
-    def from_file(cls, path, dtype=None):
+    def from_file(cls, path, dtype=None, device=None):
         """An MxD read from a safetensors file with mxd's reader: `mxd train` checkpoints,
         MxD.save files, or the authors' tensors with `activation` and `k` in the metadata."""
         config, tensors = _C.mxd_load(str(path), _dtype_name(dtype))
-        return cls(None, None, None, None, None, _config=config, _tensors=tensors)
+        return cls(None, None, None, None, None, device=device, _config=config, _tensors=tensors)
 
     def save(self, path):
         """Writes the parameters (in their dtype) and the config to `path` in mxd's format,
         atomically (a temporary file, then a rename); MxD.from_file and the mxd tool's
         `inspect` and `steer` read it."""
-        _C.mxd_save(str(path), self.config, self.params())
+        _C.save(str(path), self.config, self._host_params())
 
     def extra_repr(self):
         c = self.config
@@ -289,36 +344,30 @@ class TopKTranscoder(_Layer):
         c = self.config = _config or _C.TranscoderConfig(d_in, d_out, n_latents, k, skip)
         self._op_config = (c.k, c.skip)
         meta = device.type == "meta"
-        tensors = _tensors if _tensors is not None else _on(_C.transcoder_init(
+        tensors = _on(_tensors if _tensors is not None else _C.init(
             c, None if meta else _seed(), _dtype_name(dtype)), device)
         self._register(c.names(), tensors)
 
     def forward(self, x):
-        """x: [..., d_in] (contiguous, the parameters' dtype) -> [..., d_out]."""
+        """x: [..., d_in] (contiguous, the parameters' dtype and device) -> [..., d_out]."""
         return super().forward(x)
 
-    def _forward(self, params, x, cache, steering, threads):
-        return _C.transcoder_forward(self.config, list(params), x, cache, threads)
-
-    def _op_forward(self, x, steering):
-        return _ops.transcoder_forward(x, self.params(), self._op_config)
-
-    def _backward(self, params, x, dy, cache, need_dx, reuse_ok, threads):
-        return _C.transcoder_backward(self.config, list(params), x, dy, cache, need_dx,
-                                      self._grad_buffers, reuse_ok, threads)
+    def _op_forward(self, x, steering, math):
+        return _ops.transcoder_forward(x, self.params(), self._op_config, math)
 
     @classmethod
-    def from_file(cls, path, dtype=None):
+    def from_file(cls, path, dtype=None, device=None):
         """A transcoder read from an mxd checkpoint (`mxd train`'s topk_transcoder.safetensors
         or .save); with W_skip.weight in the file it is a skip transcoder."""
         config, tensors = _C.transcoder_load(str(path), _dtype_name(dtype))
         layer = cls.__new__(SkipTranscoder if config.skip else TopKTranscoder)
-        TopKTranscoder.__init__(layer, None, None, None, None, _config=config, _tensors=tensors)
+        TopKTranscoder.__init__(layer, None, None, None, None, device=device, _config=config,
+                                _tensors=tensors)
         return layer
 
     def save(self, path):
         """Writes the parameters and config to `path` in mxd's checkpoint format, atomically."""
-        _C.transcoder_save(str(path), self.config, self.params())
+        _C.save(str(path), self.config, self._host_params())
 
     def extra_repr(self):
         c = self.config
@@ -335,7 +384,9 @@ class SkipTranscoder(TopKTranscoder):
 
 class AdamW:
     """mxd::AdamW over a layer's parameters and their .grad, in place (what `mxd train` uses):
-    the same update as torch.optim.AdamW, with the authors' linear warm-up to lr."""
+    the same update as torch.optim.AdamW, with the authors' linear warm-up to lr. Its moments
+    live on the layer's device (the CPU, or a GPU on torch's current stream); move the layer
+    first, then make the optimizer."""
 
     def __init__(self, layer, lr=4e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  warmup_steps=0):
