@@ -146,11 +146,13 @@ struct memory<cuda> {
     MXD_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, s));
     MXD_CUDA_CHECK(cudaStreamSynchronize(s));  // host_src may go away after
   }
-  // Waits for the blocking streams' queued work (the legacy stream orders after them).
+  // Waits for the blocking streams' queued work (the legacy stream orders after them), or for
+  // the hooks' stream's.
   static void download(void* host_dst, const void* src, std::size_t bytes) {
     if (!bytes) return;
-    MXD_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cudaStreamLegacy));
-    MXD_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+    const cudaStream_t s = stream();
+    MXD_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, s));
+    MXD_CUDA_CHECK(cudaStreamSynchronize(s));
   }
 };
 
