@@ -98,18 +98,27 @@ void install_memory_hooks() {
   hooks.stream = &current_stream;
 }
 
+// f(T{}, workspace) with the parameters' dtype T and this thread's workspace for their device
+// and torch's current stream, bound to that stream and `math`.
+template <class Config, class F>
+decltype(auto) on_device(const std::vector<at::Tensor>& params, const std::string& math, F&& f) {
+  return by_dtype(first(params), "W_enc", [&](auto zero) -> decltype(auto) {
+    using W = typename Model<Config>::template Workspace<decltype(zero), mxd::cuda>;
+    const Call call(first(params).device());
+    W& ws = call.workspace<W>();
+    call.bind(ws.ctx, math);
+    return f(zero, ws);
+  });
+}
+
 template <class Config>
 std::pair<at::Tensor, std::vector<at::Tensor>> forward(const Config& c,
                                                        const std::vector<at::Tensor>& params,
                                                        const at::Tensor& x,
                                                        const mxd::Steering* steering, index_t K,
                                                        const std::string& math) {
-  return by_dtype(first(params), "W_enc", [&](auto zero) {
+  return on_device<Config>(params, math, [&](auto zero, auto& ws) {
     using T = decltype(zero);
-    using W = typename Model<Config>::template Workspace<T, mxd::cuda>;
-    const Call call(first(params).device());
-    W& ws = call.workspace<W>();
-    call.bind(ws.ctx, math);
     auto out = forward_saved<Config, T, mxd::cuda>(c, params, x, ws, steering, K);
     // Kernels cannot throw: a non-finite gate score (found by gate_topk) is reported here,
     // for this call, as the CPU reports it at once.
@@ -123,12 +132,8 @@ std::pair<at::Tensor, std::vector<at::Tensor>> backward(
     const Config& c, const std::vector<at::Tensor>& params, const at::Tensor& x, const at::Tensor& dy,
     const std::vector<at::Tensor>& saved, bool need_dx, const std::string& math,
     GradBuffers* buffers, const std::vector<bool>& reuse_ok) {
-  return by_dtype(first(params), "W_enc", [&](auto zero) {
+  return on_device<Config>(params, math, [&](auto zero, auto& ws) {
     using T = decltype(zero);
-    using W = typename Model<Config>::template Workspace<T, mxd::cuda>;
-    const Call call(first(params).device());
-    W& ws = call.workspace<W>();
-    call.bind(ws.ctx, math);
     return backward_saved<Config, T, mxd::cuda>(c, params, x, dy, saved, ws, need_dx, buffers,
                                                 reuse_ok);
   });
