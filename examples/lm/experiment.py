@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: MIT
 """The paper's experiment in miniature: replace one MLP of a small byte-level LM trained on
-the fortunes with an MxD, a TopK transcoder and a skip transcoder (parameter-matched, same k,
-trained by `mxd train --data`), splice each back in and measure held-out next-token CE.
+the fortunes with an MxD, a TopK transcoder, a skip transcoder and an MxD with the skip path,
+and both transcoders again with SAELens's training recipe (`--tc-recipe saelens`); each pair
+matched exactly in parameters, same k, trained by `mxd train --data --models`, at several
+seeds. Each is spliced back in and held-out next-token CE measured, as mean ± std.
 
-    /usr/bin/python3 examples/lm/experiment.py --mxd build/examples/mxd --out examples/lm/results
+    /usr/bin/python3 examples/lm/experiment.py --mxd build/examples/mxd --out examples/lm/results --ablation
 
-Every stage is cached in --out (lm.pt, acts_*.safetensors, train_*/) and reused by later runs.
+Every stage is cached in --out (lm.pt, acts_*.safetensors, train_*/, ablation_*/,
+evaluation.json) and reused by later runs: one command reproduces every table and plot.
 """
 import argparse
 import json
@@ -19,13 +22,17 @@ import lm  # noqa: E402
 import layers  # noqa: E402
 
 FULL = dict(d=64, layers=4, heads=4, hidden=256, ctx=128, lm_steps=600, lm_batch=32, lm_lr=3e-3,
-            layer=1, dump_windows=4096, eval_windows=256, ks=[8, 16, 32, 64], expansion=32,
-            steps=1000, batch=1024, lr=4e-4, warmup=100, scaling_k=32,
-            scaling_steps=[125, 250, 500, 1000])
-# The ctest version: the same code on a tiny LM, few steps, one k.
+            layer=1, dump_windows=4096, eval_windows=256, ks=[8, 16, 32, 64], seeds=[0, 1, 2],
+            latents=2048, steps=1000, batch=1024, lr=4e-4, warmup=100, scaling_k=32,
+            scaling_steps=[125, 250, 500, 1000], ablation_ks=[8, 32], ablation_steps=300)
+# The ctest version: the same code on a tiny LM, few steps, one k, two seeds.
 FAST = dict(FULL, d=32, layers=2, heads=2, hidden=128, ctx=32, lm_steps=30, lm_batch=16, layer=1,
-            dump_windows=64, eval_windows=16, ks=[8], expansion=8, steps=20, batch=256, warmup=5,
-            scaling_steps=[])
+            dump_windows=64, eval_windows=16, ks=[8], seeds=[0, 1], latents=256, steps=20, batch=256,
+            warmup=5, scaling_steps=[], ablation_ks=[8], ablation_steps=10)
+# What lm.pt and the activation dump depend on: the caches of an --out made with other values
+# are refused. (The trained layers are cached per run directory, with the command that made them.)
+CACHED = ("d", "layers", "heads", "hidden", "ctx", "lm_steps", "lm_batch", "lm_lr", "layer",
+          "dump_windows", "eval_windows")
 
 
 def log(msg):
@@ -35,14 +42,13 @@ def log(msg):
 def check_cache(out, c):
     """The caches in `out` belong to the config in out/config.json: refuse to mix configs."""
     path = out / "config.json"
-    if path.exists():
+    if path.exists() and (out / "lm.pt").exists():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(c) if old.get(k) != c.get(k))
+        diff = sorted(k for k in CACHED if old.get(k) != c.get(k))
         if diff:
             raise SystemExit(f"{out} caches a run with other settings ({', '.join(f'{k}: {old.get(k)} -> {c.get(k)}' for k in diff)}); "
                              "use another --out or empty it")
-    else:
-        layers.write_text(path, json.dumps(c, indent=1) + "\n")
+    layers.write_text(path, json.dumps(c, indent=1) + "\n")
 
 
 def get_lm(out, c, train):
@@ -76,8 +82,24 @@ def main(argv=None):
                     help="how the trained layers run in the LM: mxd_torch (mxd's C++; the default "
                          "where it imports), or plain torch from the paper's equations, the "
                          "independent check; they agree to float rounding")
+    ap.add_argument("--ks", help="comma-separated k to run (default: the config's, 8,16,32,64; none: only --ablation)")
+    ap.add_argument("--seeds", help="comma-separated seeds of `mxd train --seed` (default: 0,1,2)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also train the TopK transcoder under each knob of SAELens's recipe "
+                         "(ablation_ks, ablation_steps) and tabulate it")
+    ap.add_argument("--scaling-steps", help="comma-separated lengths (steps) of the training-length study at "
+                    "scaling_k, one run continued with --resume (default 125,250,500,1000; e.g. up to 16000 "
+                    "for 16M tokens)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="train nothing: tabulate the runs already cached in --out")
     args = ap.parse_args(argv)
     c = FAST if args.fast else FULL
+    args.ks = [] if args.ks == "none" else [int(v) for v in args.ks.split(",")] if args.ks else c["ks"]
+    args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else c["seeds"]
+    if args.scaling_steps:  # not a cached setting: each length is its own run folder
+        c = dict(c, scaling_steps=sorted(int(v) for v in args.scaling_steps.split(",")))
+        if c["steps"] not in c["scaling_steps"]:
+            raise SystemExit(f"--scaling-steps must include the main length, {c['steps']} steps")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_cache(out, c)

@@ -14,13 +14,10 @@ import torch.nn.functional as F
 
 import lm
 
-METHODS = ["mxd", "topk_transcoder", "skip_transcoder", "mxd_skip"]
-# The paper's three methods, and MxD with the skip transcoder's linear skip path (its expert
-# count lowered to keep the parameter count): `mxd train` runs as (tag, --baseline, extra
-# flags, {checkpoint file: method}). A skip-baseline run retrains the same MxD; it is not used.
-RUNS = [("topk", "topk", [], {"mxd": "mxd", "topk_transcoder": "topk_transcoder"}),
-        ("skip", "skip", [], {"skip_transcoder": "skip_transcoder"}),
-        ("mxdskip", "none", ["--skip"], {"mxd": "mxd_skip"})]
+METHODS = ["mxd", "topk_transcoder", "skip_transcoder", "mxd_skip", "topk_saelens", "skip_saelens"]
+# The paper's three methods, MxD with the skip transcoder's linear skip path (its expert count
+# lowered to keep the parameter count), and both transcoders trained with SAELens's recipe
+# (--tc-recipe saelens) instead of the MxD authors'; `runs` says how `mxd train` trains them.
 
 
 # --- the trained layers, read from mxd's safetensors files, computed in plain torch ----------
@@ -187,23 +184,51 @@ def dump(model, index, data, starts, path, dtype="F16", batch=32):
 
 # --- training through the mxd tool -----------------------------------------------------------
 
-def train_tool(mxd, data, out_dir, c, k, baseline, steps, threads, log, resume=None, flags=()):
-    """`mxd train --data` at one k for an MxD and a baseline; returns the metrics rows."""
-    metrics = Path(out_dir) / "metrics.json"
-    if metrics.exists():
-        return json.loads(metrics.read_text())["models"]
-    cmd = [mxd, "train", "--data", str(data), "--k", str(k), "--baseline", baseline,
-           "--d-hidden", str(c["hidden"]), "--expansion", str(c["expansion"]),
+def skip_latents(c):
+    """The skip transcoder's width: the TopK transcoder's less the skip's d x d weights in units
+    of a latent's 2 d + 1 (rounded), so all four methods are within a few parameters and each
+    pair (MxD vs TopK, MxD+skip vs skip transcoder) is matched exactly by `mxd train --latents`."""
+    return c["latents"] - round(c["d"] * c["d"] / (2 * c["d"] + 1))
+
+
+def runs(c):
+    """`mxd train` runs per (k, seed) as (tag, flags, {checkpoint file: method}): each model is
+    trained once (--models), each pair in one run with the same batches, matched exactly."""
+    return [("pair", ["--models", "mxd,topk", "--latents", str(c["latents"])],
+             {"mxd": "mxd", "topk_transcoder": "topk_transcoder"}),
+            ("skip", ["--models", "mxd,skip", "--skip", "--latents", str(skip_latents(c))],
+             {"mxd": "mxd_skip", "skip_transcoder": "skip_transcoder"}),
+            ("topksl", ["--models", "topk", "--latents", str(c["latents"]), "--tc-recipe", "saelens"],
+             {"topk_transcoder": "topk_saelens"}),
+            ("skipsl", ["--models", "skip", "--latents", str(skip_latents(c)), "--tc-recipe", "saelens"],
+             {"skip_transcoder": "skip_saelens"})]
+
+
+def train_tool(mxd, data, out_dir, c, k, steps, seed, threads, log, resume=None, flags=(),
+               cached_only=False):
+    """`mxd train --data` at one k; returns the metrics rows. A finished run in out_dir is
+    reused when it was made by the same command (cmd.json), refused when not; with
+    cached_only an unfinished one is not run (None)."""
+    out_dir = Path(out_dir)
+    metrics, cmd_file = out_dir / "metrics.json", out_dir / "cmd.json"
+    cmd = ["train", "--data", str(data), "--k", str(k), "--d-hidden", str(c["hidden"]),
            "--batch", str(c["batch"]), "--steps", str(steps), "--lr", str(c["lr"]),
-           "--warmup", str(c["warmup"]), "--threads", str(threads), "--seed", "0",
-           "--log-every", "25", "--out", str(out_dir), *flags]
+           "--warmup", str(c["warmup"]), "--seed", str(seed), "--log-every", "25", *flags]
+    if metrics.exists():
+        if cmd_file.exists() and json.loads(cmd_file.read_text()) != cmd:
+            raise SystemExit(f"{out_dir} caches a run of another command ({cmd_file}); remove it")
+        return json.loads(metrics.read_text())["models"]
+    if cached_only:
+        return None
+    full = [mxd, *cmd, "--threads", str(threads), "--out", str(out_dir)]
     if resume:
-        cmd += ["--resume", str(resume)]
+        full += ["--resume", str(resume)]
     else:  # a run killed before metrics.json leaves checkpoints that a fresh run replaces
-        cmd += ["--overwrite"]
-    log(" ".join(cmd))
+        full += ["--overwrite"]
+    log(" ".join(full))
     t0 = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(full, check=True, stdout=subprocess.DEVNULL)
+    write_text(cmd_file, json.dumps(cmd) + "\n")
     log(f"  {time.time() - t0:.0f} s")
     return json.loads(metrics.read_text())["models"]
 
@@ -214,6 +239,76 @@ def evaluate(model, c, path, data, starts, ce_orig, ce_abl, backend):
     return {"params": layer.n_params, "ce": ce, "delta_ce": ce - ce_orig,
             "fraction_recovered": (ce_abl - ce) / (ce_abl - ce_orig),
             "nmse": probe.nmse(), "dead_fraction": probe.dead()}
+
+
+def evaluated(cache, key, fn):
+    """fn()'s result, cached in the dict `cache` under `key` (evaluation.json in --out)."""
+    if key not in cache:
+        cache[key] = fn()
+    return dict(cache[key])
+
+
+class Linear(nn.Module):
+    """y = x W + b: the least-squares linear map from the MLP's input to its output."""
+
+    def __init__(self, W, b):
+        super().__init__()
+        self.W, self.b = W, b
+
+    def forward(self, x):
+        return x @ self.W + self.b
+
+
+def linear_fit(acts, eval_fraction=0.05):
+    """The best linear map (least squares, float64, with a bias) from x to y on the dump's
+    training rows (the tool's split: the last 5% held out); returns (Linear, held-out FVU)."""
+    t, _ = lm.load_file(acts)
+    x, y = t["x"].double(), t["y"].double()
+    n = x.shape[0]
+    held = max(1, int(n * eval_fraction))
+    xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    A, B = xa[:n - held], y[:n - held]
+    sol = torch.linalg.solve(A.T @ A + 1e-9 * torch.eye(A.shape[1], dtype=A.dtype), A.T @ B)
+    pred, t_h = xa[n - held:] @ sol, y[n - held:]
+    fvu = float(((pred - t_h) ** 2).sum() / ((t_h - t_h.mean(0)) ** 2).sum())
+    return Linear(sol[:-1].float(), sol[-1].float()), fvu
+
+
+ABLATION = [  # (name, flags): the two recipes, then SAELens's knobs one at a time (train/baseline.hpp)
+    ("authors (default)", []),
+    ("all (saelens)", ["--tc-recipe", "saelens"]),
+    ("mse loss", ["--tc-loss", "mse"]),
+    ("clip grad 1", ["--tc-clip-grad", "1"]),
+    ("tied init 0.1", ["--tc-init", "tied"]),
+    ("no warm-up", ["--tc-warmup", "0"]),
+    ("AuxK d/2", ["--tc-aux-k", "{aux_k}"]),
+    ("free decoder rows", ["--tc-norm-dec", "off"]),
+]
+
+
+def run_ablation(args, c, out, model, held, starts, ce_orig, ce_abl, cache, log):
+    """The TopK transcoder alone (--models topk) under each knob of SAELens's recipe, at
+    c["ablation_ks"], c["ablation_steps"] steps, each seed of --seeds; returns the rows."""
+    rows = []
+    acts = out / "acts_train.safetensors"
+    for i, (name, flags) in enumerate(ABLATION):  # both recipes first, at every k and seed
+        for k in c["ablation_ks"]:
+            for seed in args.seeds:
+                flags = [f.format(aux_k=c["d"] // 2) for f in flags]
+                d = out / f"ablation_{name.split()[0].lower()}_k{k}_s{c['ablation_steps']}_seed{seed}"
+                tool = train_tool(args.mxd, acts, d, c, k, c["ablation_steps"], seed, args.threads, log,
+                                  flags=["--models", "topk", "--latents", str(c["latents"]), *flags],
+                                  cached_only=args.cached_only)
+                if tool is None:
+                    continue
+                path = d / "topk_transcoder.safetensors"
+                r = evaluated(cache, str(path.relative_to(out)),
+                              lambda: evaluate(model, c, path, held, starts, ce_orig, ce_abl, args.backend))
+                r.update(recipe=name, k=k, seed=seed, steps=c["ablation_steps"], tool_fvu=tool[0]["fvu"])
+                rows.append(r)
+                log(f"  ablation {name:18s} k={k:3d} seed {seed} delta CE {r['delta_ce']:+.4f} "
+                    f"nmse {r['nmse']:.4f} dead {r['dead_fraction']:.3f}")
+    return rows
 
 
 def run_all(args, c, out, model, train, held, log):
@@ -233,31 +328,51 @@ def run_all(args, c, out, model, train, held, log):
     ce_orig = held_out_ce(model, held, starts)
     ce_abl, _ = spliced_ce(model, c["layer"], Constant(mean), held, starts)
     log(f"held-out CE: original {ce_orig:.4f}, mean-ablated MLP {ce_abl:.4f} nats/byte")
+    cache_path = out / "evaluation.json"  # spliced CE per checkpoint: a rerun only tabulates
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+
+    # 23.7: how much of the MLP is linear, and what the best linear map costs spliced in.
+    lin_layer, lin_fvu = linear_fit(acts)
+    ce_lin, lin_probe = spliced_ce(model, c["layer"], lin_layer, held, starts)
+    linear = {"fvu_tool_rows": lin_fvu, "nmse": lin_probe.nmse(), "ce": ce_lin, "delta_ce": ce_lin - ce_orig,
+              "fraction_recovered": (ce_abl - ce_lin) / (ce_abl - ce_orig)}
+    log(f"best linear map: FVU {lin_fvu:.4f} (tool's held-out rows), NMSE {linear['nmse']:.4f} and CE "
+        f"{ce_lin:.4f} (+{ce_lin - ce_orig:.4f}) on the held-out bytes")
 
     rows = []
-    for k in c["ks"]:
-        for tag, baseline, flags, files in RUNS:
-            chain = k == c["scaling_k"] and tag != "mxdskip" and c["scaling_steps"]
-            prev = None
-            for s in c["scaling_steps"] if chain else [c["steps"]]:
-                d = out / f"train_{tag}_k{k}_s{s}"
-                tool = train_tool(args.mxd, acts, d, c, k, baseline, s, args.threads, log,
-                                  resume=prev and prev / "mxd.safetensors", flags=flags)
-                prev = d
-                for file, method in files.items():
-                    r = evaluate(model, c, d / f"{file}.safetensors", held, starts, ce_orig, ce_abl, args.backend)
-                    t = next(m for m in tool if m["name"] == file)
-                    r.update(method=method, k=k, steps=s, tokens=s * c["batch"], tool_fvu=t["fvu"],
-                             checkpoint=str((d / f"{file}.safetensors").relative_to(out)))
-                    rows.append(r)
-                    log(f"  {method:16s} k={k:3d} steps={s:5d} CE {r['ce']:.4f} (+{r['delta_ce']:.4f}) "
-                        f"recovered {r['fraction_recovered']:.3f} nmse {r['nmse']:.4f}")
-    result = {"config": c, "ce_original": ce_orig, "ce_mean_ablated": ce_abl,
-              "eval_tokens": len(starts) * ctx, "train_rows": len(train_starts) * ctx, "rows": rows}
+    for k in args.ks:
+        for seed in args.seeds:
+            for tag, flags, files in runs(c):
+                chain = k == c["scaling_k"] and c["scaling_steps"]
+                prev = None
+                for s in c["scaling_steps"] if chain else [c["steps"]]:
+                    d = out / f"train_{tag}_k{k}_s{s}_seed{seed}"
+                    tool = train_tool(args.mxd, acts, d, c, k, s, seed, args.threads, log,
+                                      resume=prev, flags=flags, cached_only=args.cached_only)
+                    if tool is None:
+                        break
+                    prev = d
+                    for file, method in files.items():
+                        path = d / f"{file}.safetensors"
+                        r = evaluated(cache, str(path.relative_to(out)),
+                                      lambda: evaluate(model, c, path, held, starts, ce_orig, ce_abl, args.backend))
+                        t = next(m for m in tool if m["name"] == file)
+                        r.update(method=method, k=k, seed=seed, steps=s, tokens=s * c["batch"],
+                                 tool_fvu=t["fvu"], checkpoint=str(path.relative_to(out)))
+                        rows.append(r)
+                        log(f"  {method:16s} k={k:3d} seed {seed} steps={s:5d} CE {r['ce']:.4f} "
+                            f"(+{r['delta_ce']:.4f}) recovered {r['fraction_recovered']:.3f} nmse {r['nmse']:.4f}")
+                write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    ablation = run_ablation(args, c, out, model, held, starts, ce_orig, ce_abl, cache, log) if args.ablation else []
+    write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    result = {"config": c, "ks": args.ks, "seeds": args.seeds, "ce_original": ce_orig, "ce_mean_ablated": ce_abl,
+              "eval_tokens": len(starts) * ctx, "train_rows": len(train_starts) * ctx, "linear": linear,
+              "rows": rows, "ablation": ablation}
     write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     write_text(out / "results.md", table(result))
-    write_text(out / "frontier.svg", frontier_svg(result))
-    if len(c["scaling_steps"]) > 1:
+    if rows:
+        write_text(out / "frontier.svg", frontier_svg(result))
+    if len({r["steps"] for r in rows}) > 1:
         write_text(out / "scaling.svg", scaling_svg(result))
     log(f"wrote {out}/results.md, results.json, frontier.svg")
     print(table(result))
@@ -275,34 +390,110 @@ def final_rows(result):
     return [r for r in result["rows"] if r["steps"] == steps]
 
 
+STATS = ("ce", "delta_ce", "fraction_recovered", "nmse", "dead_fraction")
+
+
+def aggregate(rows, keys):
+    """Rows grouped by `keys`: {key tuple: {stat: (mean, std, n), "params": ...}} over seeds
+    (std: the sample standard deviation, 0 for one seed)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        a = {"params": rs[0]["params"], "n": len(rs)}
+        for s in STATS:
+            v = np.array([r[s] for r in rs if r.get(s) is not None], dtype=float)
+            a[s] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
+        out[key] = a
+    return out
+
+
+def pm(stat, digits=4, sign=False):
+    m, sd, n = stat
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f.format(m) + (f" ± {sd:.{digits}f}" if n > 1 else "")
+
+
+def verdict(a, b, lower_is_better=True):
+    """'a' or 'b' when one interval (mean ± std) lies wholly on the better side, else 'overlap'."""
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if na < 2 or nb < 2:
+        return "one seed: no call"
+    if ma + sa < mb - sb:
+        return "first" if lower_is_better else "second"
+    if mb + sb < ma - sa:
+        return "second" if lower_is_better else "first"
+    return "overlap"
+
+
+PAIRS = [("mxd", "topk_transcoder"), ("mxd", "topk_saelens"), ("mxd_skip", "skip_transcoder"),
+         ("mxd_skip", "skip_saelens"), ("mxd", "skip_transcoder"), ("topk_saelens", "topk_transcoder")]
+
+
 def table(result):
+    seeds = result.get("seeds", [0])
     lines = [f"Held-out CE (nats/byte): original LM {result['ce_original']:.4f}, "
-             f"MLP mean-ablated {result['ce_mean_ablated']:.4f}; {result['eval_tokens']} held-out bytes.",
-             "", "| method | k | params | CE | delta CE | CE recovered | NMSE | dead |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(final_rows(result), key=lambda r: (METHODS.index(r["method"]), r["k"])):
-        lines.append(f"| {r['method']} | {r['k']} | {r['params']} | {r['ce']:.4f} | {r['delta_ce']:+.4f} | "
-                     f"{r['fraction_recovered']:.3f} | {r['nmse']:.4f} | {r['dead_fraction']:.3f} |")
-    sc = [r for r in result["rows"] if r["k"] == result["config"]["scaling_k"]]
-    if len({r["steps"] for r in sc}) > 1:
-        lines += ["", f"Training length at k = {result['config']['scaling_k']} (delta CE):", "",
-                  "| tokens | " + " | ".join(CHAINED) + " |", "|---:|" + "---:|" * len(CHAINED)]
-        for s in sorted({r["steps"] for r in sc}):
-            by = {r["method"]: r for r in sc if r["steps"] == s}
-            lines.append(f"| {by['mxd']['tokens']} | " + " | ".join(f"{by[m]['delta_ce']:+.4f}" for m in CHAINED) + " |")
+             f"MLP mean-ablated {result['ce_mean_ablated']:.4f}; {result['eval_tokens']} held-out bytes. "
+             f"Each figure: mean ± sample std over seeds {', '.join(map(str, seeds))} of `mxd train --seed` "
+             "(initialisation and data order).", ""]
+    lin = result.get("linear")
+    if lin:
+        lines += [f"The best linear map from the MLP's input to its output (least squares on the dump): "
+                  f"FVU {lin['fvu_tool_rows']:.4f} on the tool's held-out rows, NMSE {lin['nmse']:.4f} on the "
+                  f"held-out bytes; spliced in, CE {lin['ce']:.4f} (delta {lin['delta_ce']:+.4f}, "
+                  f"{lin['fraction_recovered']:.3f} recovered).", ""]
+    agg = aggregate(final_rows(result), ("method", "k"))
+    if agg:
+        lines += ["| method | k | params | seeds | delta CE | CE recovered | NMSE | dead |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for (m, k), a in sorted(agg.items(), key=lambda i: (METHODS.index(i[0][0]), i[0][1])):
+            lines.append(f"| {m} | {k} | {a['params']} | {a['n']} | {pm(a['delta_ce'], sign=True)} | "
+                         f"{pm(a['fraction_recovered'], 3)} | {pm(a['nmse'])} | {pm(a['dead_fraction'], 3)} |")
+        lines += ["", "Pairs (delta CE; a win only where the mean ± std intervals do not overlap):", "",
+                  "| k | first | second | first's delta CE | second's delta CE | lower |", "|---:|---|---|---:|---:|---|"]
+        for k in sorted({k for _, k in agg}):
+            for a, b in PAIRS:
+                if (a, k) in agg and (b, k) in agg:
+                    v = verdict(agg[(a, k)]["delta_ce"], agg[(b, k)]["delta_ce"])
+                    who = {"first": a, "second": b}.get(v, v)
+                    lines.append(f"| {k} | {a} | {b} | {pm(agg[(a, k)]['delta_ce'], sign=True)} | "
+                                 f"{pm(agg[(b, k)]['delta_ce'], sign=True)} | {who} |")
+    sk = result["config"]["scaling_k"]
+    sc = aggregate([r for r in result["rows"] if r["k"] == sk], ("method", "tokens"))
+    tokens = sorted({t for _, t in sc})
+    if len(tokens) > 1:
+        methods = [m for m in METHODS if any((m, t) in sc for t in tokens)]
+        lines += ["", f"Training length at k = {sk} (delta CE, mean ± std over seeds):", "",
+                  "| tokens | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
+        for t in tokens:
+            lines.append(f"| {t} | " + " | ".join(pm(sc[(m, t)]["delta_ce"], sign=True) if (m, t) in sc else ""
+                                                  for m in methods) + " |")
+    abl = aggregate(result.get("ablation", []), ("recipe", "k"))
+    if abl:
+        steps = result["ablation"][0]["steps"]
+        lines += ["", f"The TopK transcoder's recipe, knob by knob ({steps} steps of {result['config']['batch']} "
+                  "rows, `--models topk`; mean ± std over seeds):", "",
+                  "| recipe | k | seeds | delta CE | CE recovered | NMSE | dead |", "|---|---:|---:|---:|---:|---:|---:|"]
+        names = [n for n, _ in ABLATION]
+        for (name, k), a in sorted(abl.items(), key=lambda i: (i[0][1], names.index(i[0][0]))):
+            lines.append(f"| {name} | {k} | {a['n']} | {pm(a['delta_ce'], sign=True)} | "
+                         f"{pm(a['fraction_recovered'], 3)} | {pm(a['nmse'])} | {pm(a['dead_fraction'], 3)} |")
     return "\n".join(lines) + "\n"
 
 
-CHAINED = METHODS[:3]  # the methods the training-length study follows
-COLORS = {"mxd": "#d62728", "topk_transcoder": "#1f77b4", "skip_transcoder": "#2ca02c", "mxd_skip": "#9467bd"}
-MARKS = {"mxd": "circle", "topk_transcoder": "square", "skip_transcoder": "diamond", "mxd_skip": "triangle"}
+COLORS = {"mxd": "#d62728", "topk_transcoder": "#1f77b4", "skip_transcoder": "#2ca02c", "mxd_skip": "#9467bd",
+          "topk_saelens": "#17becf", "skip_saelens": "#bcbd22"}
+MARKS = {"mxd": "circle", "topk_transcoder": "square", "skip_transcoder": "diamond", "mxd_skip": "triangle",
+         "topk_saelens": "square", "skip_saelens": "diamond"}
 
 
 def line_plot(title, xlabel, ylabel, series, xticks, log_x=True, log_y=False):
     """A small SVG line chart: series {name: [(x, y), ...]}, ticks at `xticks`, markers."""
     W, H, L, R, T, B = 640, 420, 80, 190, 40, 60
     gy = math.log10 if log_y else (lambda v: v)
-    ys = [gy(y) for pts in series.values() for _, y in pts]
+    series = {n: [p if len(p) == 3 else (p[0], p[1], 0.0) for p in pts] for n, pts in series.items()}
+    ys = [gy(v) for pts in series.values() for _, y, e in pts for v in (y - e, y + e) if not log_y or v > 0]
     lo, hi = min(ys) if log_y else min(ys + [0.0]), max(ys)
     span = hi - lo or 1
     hi, lo = hi + 0.05 * span, lo - (0.05 * span if log_y else 0)
@@ -330,8 +521,13 @@ def line_plot(title, xlabel, ylabel, series, xticks, log_x=True, log_y=False):
     for j, (name, pts) in enumerate(series.items()):
         col = COLORS[name]
         s.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="'
-                 + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts) + '"/>')
-        for x, y in pts:
+                 + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, _ in pts) + '"/>')
+        for x, y, e in pts:
+            if e > 0:  # the spread over seeds: mean +- std
+                y0, y1 = py(y - e) if not log_y or y - e > 0 else H - B, py(y + e)
+                s.append(f'<line x1="{px(x):.1f}" y1="{y0:.1f}" x2="{px(x):.1f}" y2="{y1:.1f}" stroke="{col}" stroke-width="1.5"/>')
+                for yy in (y0, y1):
+                    s.append(f'<line x1="{px(x) - 4:.1f}" y1="{yy:.1f}" x2="{px(x) + 4:.1f}" y2="{yy:.1f}" stroke="{col}" stroke-width="1.5"/>')
             s.append(marker(MARKS[name], px(x), py(y), col))
         ly = T + 10 + 22 * j
         s.append(f'<line x1="{W - R + 15}" y1="{ly}" x2="{W - R + 45}" y2="{ly}" stroke="{col}" stroke-width="2"/>')
@@ -351,18 +547,22 @@ def marker(kind, x, y, col):
 
 
 def frontier_svg(result):
-    rows = final_rows(result)
-    series = {m: sorted((r["k"], r["delta_ce"]) for r in rows if r["method"] == m) for m in METHODS}
-    return line_plot("held-out CE increase with the MLP replaced", "k (experts / latents per token)",
-                     "delta CE (nats/byte)", {m: v for m, v in series.items() if v}, result["config"]["ks"])
+    agg = aggregate(final_rows(result), ("method", "k"))
+    series = {m: sorted((k, a["delta_ce"][0], a["delta_ce"][1]) for (mm, k), a in agg.items() if mm == m)
+              for m in METHODS}
+    return line_plot("held-out CE increase with the MLP replaced (bars: ± std over seeds)",
+                     "k (experts / latents per token)", "delta CE (nats/byte)",
+                     {m: v for m, v in series.items() if v}, sorted({k for _, k in agg}))
 
 
 def scaling_svg(result):
     c = result["config"]
-    rows = [r for r in result["rows"] if r["k"] == c["scaling_k"]]
-    tokens = sorted({r["tokens"] for r in rows})
-    series = {m: sorted((r["tokens"], r["delta_ce"]) for r in rows if r["method"] == m) for m in CHAINED}
-    positive = all(y > 0 for pts in series.values() for _, y in pts)
+    agg = aggregate([r for r in result["rows"] if r["k"] == c["scaling_k"]], ("method", "tokens"))
+    tokens = sorted({t for _, t in agg})
+    series = {m: sorted((t, a["delta_ce"][0], a["delta_ce"][1]) for (mm, t), a in agg.items() if mm == m)
+              for m in METHODS}
+    series = {m: v for m, v in series.items() if v}
+    positive = all(y - e > 0 for pts in series.values() for _, y, e in pts)
     return line_plot(f"delta CE against training tokens, k = {c['scaling_k']}", "training tokens",
                      "delta CE (nats/byte)" + (", log scale" if positive else ""), series, tokens,
                      log_y=positive)

@@ -143,7 +143,10 @@ def main(argv=None):
     for k in c["ks"]:
         for baseline in ("topk", "skip"):
             d = out / f"train_{baseline}_k{k}"
-            tool = layers.train_tool(args.mxd, acts, d, c, k, baseline, c["steps"], args.threads, log)
+            # The MxD trains once, beside the TopK transcoder; the skip transcoder alone.
+            models = "mxd,topk" if baseline == "topk" else "skip"
+            tool = layers.train_tool(args.mxd, acts, d, c, k, c["steps"], 0, args.threads, log,
+                                     flags=["--models", models, "--expansion", str(c["expansion"])])
             for name in (["mxd"] if baseline == "topk" else []) + [f"{baseline}_transcoder"]:
                 layer = layers.load_layer(d / f"{name}.safetensors")
                 with Splice(block, layer):

@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: MIT
 """The fast version of the whole LM experiment (tiny LM, few steps, one k) in a fresh
 directory, then checks of what it produced:
-  - the LM learned (held-out CE below the uniform ln 256) and the table has every method;
+  - the LM learned (held-out CE below the uniform ln 256) and the table has every method at
+    every seed, and the recipe ablation every knob;
   - the torch layers that are spliced into the LM compute what mxd computes: their FVU on the
     tool's held-out rows equals the FVU `mxd train` reported, and the MxD's outputs equal
     `mxd eval`'s on the same rows;
-  - the tool is deterministic: the MxD of the skip-baseline run equals the TopK run's bit for bit;
+  - each pair is matched exactly in parameters (MxD = TopK, MxD+skip = skip transcoder), and
+    the seeds train different layers;
   - with --mxd-torch: the same layers loaded by mxd_torch's from_file give the same outputs and,
     spliced into the LM, the same CE.
 
@@ -47,10 +49,14 @@ def main():
     mxd, with_mxd_torch = sys.argv[1], "--mxd-torch" in sys.argv[2:]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        experiment.main(["--mxd", mxd, "--out", str(out), "--fast"])
+        experiment.main(["--mxd", mxd, "--out", str(out), "--fast", "--ablation"])
         res = json.loads((out / "results.json").read_text())
+        seeds = experiment.FAST["seeds"]
         check(res["ce_original"] < math.log(256), f"the LM learned: held-out CE {res['ce_original']:.4f} < ln 256")
-        check(sorted(r["method"] for r in res["rows"]) == sorted(layers.METHODS), "one row per method")
+        check(sorted(r["method"] for r in res["rows"]) == sorted(layers.METHODS * len(seeds)),
+              f"one row per method and seed ({len(seeds)} seeds)")
+        check(len(res["ablation"]) == len(layers.ABLATION) * len(seeds), "one ablation row per knob and seed")
+        check("±" in (out / "results.md").read_text(), "the table gives mean ± std")
         for f in ("results.md", "frontier.svg"):
             check((out / f).stat().st_size > 0, f"{f} written")
 
@@ -68,7 +74,7 @@ def main():
             check(abs(fvu - r["tool_fvu"]) <= 1e-4 * r["tool_fvu"],
                   f"{r['method']}: torch FVU {fvu:.6g} = tool's {r['tool_fvu']:.6g}")
 
-        mxd_path = out / f"train_topk_k{k}_s{steps}" / "mxd.safetensors"
+        mxd_path = out / f"train_pair_k{k}_s{steps}_seed0" / "mxd.safetensors"
         tensors, meta = lm.load_file(mxd_path)
         params = {n: v.numpy() for n, v in tensors.items() if not n.startswith("optim.")}
         lm.save_file(dict(params, x=x.numpy()), out / "eval_in.safetensors",
@@ -81,9 +87,15 @@ def main():
         err = float((got - ref).abs().max() / ref.abs().max())
         check(err < 1e-5, f"torch MxD = mxd eval on {x.shape[0]} rows (max relative error {err:.1e}, float32)")
 
+        for seed in seeds:
+            p = {r["method"]: r["params"] for r in res["rows"] if r["seed"] == seed}
+            check(p["mxd"] == p["topk_transcoder"] == p["topk_saelens"] and
+                  p["mxd_skip"] == p["skip_transcoder"] == p["skip_saelens"],
+                  f"seed {seed}: pairs matched exactly (MxD {p['mxd']} = TopK {p['topk_transcoder']}, "
+                  f"MxD+skip {p['mxd_skip']} = skip {p['skip_transcoder']})")
         a = lm.load_file(mxd_path)[0]
-        b = lm.load_file(out / f"train_skip_k{k}_s{steps}" / "mxd.safetensors")[0]
-        check(all(torch.equal(a[n], b[n]) for n in a), "the MxD of both tool runs is identical bit for bit")
+        b = lm.load_file(out / f"train_pair_k{k}_s{steps}_seed{seeds[1]}" / "mxd.safetensors")[0]
+        check(not torch.equal(a["gate"], b["gate"]), "another seed trains another MxD")
 
         if with_mxd_torch:
             model = lm.load_lm(out / "lm.pt")

@@ -18,6 +18,7 @@
 #include <mxd/init.hpp>
 #include <mxd/io/checkpoint.hpp>
 #include <mxd/mxd.hpp>
+#include <mxd/train/baseline.hpp>
 #include <mxd/train/data.hpp>
 
 #include "cli.hpp"
@@ -40,9 +41,7 @@ template <class T>
 std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src, bool sweep,
                           std::vector<Series>& curves, std::vector<std::vector<double>>& log_cols,
                           std::vector<std::string>& log_names) {
-  AdamWConfig oc;
-  oc.lr = o.lr;
-  oc.warmup_steps = o.warmup;
+  const Recipes r = recipes(o);
   Config cfg = o.layer;
   cfg.k = k;
   index_t start = 0;
@@ -50,10 +49,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   std::unique_ptr<TranscoderModel<T>> tc;
   const std::string suffix = sweep ? "_k" + std::to_string(k) : "";
   const bool skip_tc = o.baseline == "skip";
-  TranscoderConfig tcc{cfg.d_in, cfg.d_out, o.expansion * cfg.d_in, k, skip_tc};
-  train::StepOptions so;
-  so.norm_dec = o.norm_dec;
-  so.aux = o.aux;
+  TranscoderConfig tcc{cfg.d_in, cfg.d_out, o.tc_latents(), k, skip_tc};
 
   const std::string tc_file = std::string(skip_tc ? "skip" : "topk") + "_transcoder.safetensors";
   io::CheckpointDir ckpt_dir(o.out, suffix);
@@ -63,42 +59,50 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   // rank stops all of them.
   auto build = [&] {
   if (!o.resume.empty()) {
-    const auto [mpath, bpath] = resume_files(o.resume, tc_file);
-    io::SafetensorsReader f(mpath);
-    const Config rc = io::read_config(f);
-    mxd = std::make_unique<MxdModel<T>>(io::load_params<T>(f, rc), oc, so, o.threads);
-    io::load_optimizer(f, mxd->t.opt);
-    start = mxd->t.opt.t;
+    const auto [mpath, bpath] = resume_files(o.resume, tc_file, o.train_mxd);
+    Config rc;
+    if (o.train_mxd) {
+      io::SafetensorsReader f(mpath);
+      rc = io::read_config(f);
+      mxd = std::make_unique<MxdModel<T>>(io::load_params<T>(f, rc), r.mxd_adamw, r.mxd_step, o.threads);
+      io::load_optimizer(f, mxd->t.opt);
+      start = mxd->t.opt.t;
+    }
     if (o.baseline != "none") {
       MXD_CHECK(!bpath.empty(), o.resume, ": the checkpoint has no ", tc_file,
                 " (use the --baseline it was trained with)");
       io::SafetensorsReader b(bpath);
       tc = std::make_unique<TranscoderModel<T>>(io::load_transcoder<T>(b, io::read_transcoder_config(b)),
-                                                oc, so, o.threads);
+                                                r.tc_adamw, r.tc_step, o.threads);
       io::load_optimizer(b, tc->t.opt);
-      MXD_CHECK(tc->t.opt.t == start, bpath, " is at step ", tc->t.opt.t, " but ", mpath, " at ", start);
+      if (mxd) MXD_CHECK(tc->t.opt.t == start, bpath, " is at step ", tc->t.opt.t, " but ", mpath, " at ", start);
+      else start = tc->t.opt.t;
     }
-    check_resume_flags(o, k, rc, tc ? &tc->t.p.config : nullptr);
-    MXD_CHECK(mxd->t.p.config.d_in == src.d_in() && mxd->t.p.config.d_out == src.d_out(), o.resume,
-              " expects d_in = ", mxd->t.p.config.d_in, ", d_out = ", mxd->t.p.config.d_out,
-              " but the data has ", src.d_in(), ", ", src.d_out());
+    check_resume_flags(o, k, mxd ? &rc : nullptr, tc ? &tc->t.p.config : nullptr);
+    const index_t rin = mxd ? mxd->t.p.config.d_in : tc->t.p.config.d_in;
+    const index_t rout = mxd ? mxd->t.p.config.d_out : tc->t.p.config.d_out;
+    MXD_CHECK(rin == src.d_in() && rout == src.d_out(), o.resume, " expects d_in = ", rin,
+              ", d_out = ", rout, " but the data has ", src.d_in(), ", ", src.d_out());
   } else {
-    Params<T> p(cfg);
-    init_params(p, o.seed, o.norm_dec);
-    mxd = std::make_unique<MxdModel<T>>(std::move(p), oc, so, o.threads);
+    if (o.train_mxd) {
+      Params<T> p(cfg);
+      init_params(p, o.seed, o.norm_dec);
+      mxd = std::make_unique<MxdModel<T>>(std::move(p), r.mxd_adamw, r.mxd_step, o.threads);
+    }
     if (o.baseline != "none") {
       TranscoderParams<T> tp(tcc);
-      init_transcoder(tp, o.seed + 1);
-      tc = std::make_unique<TranscoderModel<T>>(std::move(tp), oc, so, o.threads);
+      if (o.tc.tied_init) train::init_transcoder_tied(tp, o.seed + 1, o.tc.init_norm);
+      else init_transcoder(tp, o.seed + 1);
+      tc = std::make_unique<TranscoderModel<T>>(std::move(tp), r.tc_adamw, r.tc_step, o.threads);
     }
   }
-  if (o.aux.enabled() && !o.resume.empty()) {
-    const auto files = resume_files(o.resume, tc_file);
-    mxd->resume_aux(files.first);
+  if ((r.mxd_step.aux.enabled() || r.tc_step.aux.enabled()) && !o.resume.empty()) {
+    const auto files = resume_files(o.resume, tc_file, o.train_mxd);
+    if (mxd) mxd->resume_aux(files.first);
     if (tc) tc->resume_aux(files.second);
   }
   if (par) {
-    mxd->distribute(*d->comm, d->mode);
+    if (mxd) mxd->distribute(*d->comm, d->mode);
     if (tc) tc->distribute(*d->comm, Parallel::data);  // the baseline is data-parallel in both modes
   }
   };
@@ -109,13 +113,12 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   if (par) together(*d, [&] { batch_rows = parallel::batch_rows(o.batch, d->size()); });
   const index_t row0 = par ? parallel::offsets(batch_rows)[d->rank()] : 0;
   const index_t my_rows = batch_rows[par ? d->rank() : 0];
-  mxd->rows = batch_rows;
+  if (mxd) mxd->rows = batch_rows;
   if (tc) tc->rows = batch_rows;
   // start == steps: a run killed after its last checkpoint; it only evaluates and reports.
   MXD_CHECK(start <= o.steps, "--steps = ", o.steps, " but the checkpoint is already at step ", start);
-
   if (o.cuda) {
-    mxd->to_gpu(o.math);
+    if (mxd) mxd->to_gpu(o.math);
     if (tc) tc->to_gpu(o.math);
   }
   const index_t B = o.batch;
@@ -133,8 +136,12 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     const std::string resumed_dir = o.resume.empty() ? std::string()
                                     : std::filesystem::is_directory(o.resume) ? o.resume
                                                                               : io::parent_dir(o.resume);
-    std::vector<std::string> names{"mxd"};
-    std::vector<Series*> logged{&c_mxd};
+    std::vector<std::string> names;
+    std::vector<Series*> logged;
+    if (mxd) {
+      names.push_back("mxd");
+      logged.push_back(&c_mxd);
+    }
     if (tc) {
       names.push_back(tc->name);
       logged.push_back(&c_tc);
@@ -148,11 +155,11 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   index_t committed = start;
   // Under --parallel rank 0 writes (after gathering sharded experts); the others wait for it.
   auto commit = [&](index_t steps_done) {
-    mxd->gather_for_save();
+    if (mxd) mxd->gather_for_save();
     auto write = [&] {
       if (par && !d->root()) return;
       ckpt_dir.commit(steps_done, [&](const std::string& folder) {
-        mxd->save(folder + "/mxd.safetensors");
+        if (mxd) mxd->save(folder + "/mxd.safetensors");
         if (tc) tc->save(folder + "/" + tc->name + ".safetensors");
       });
       log.sync();  // the log is as durable as the checkpoint
@@ -198,7 +205,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   for (index_t step = start; step < o.steps; ++step) {
     try {
       if (par) {
-        mxd->rows = batch_rows;
+        if (mxd) mxd->rows = batch_rows;
         if (tc) tc->rows = batch_rows;
         together(*d, [&] { src.train_rows(static_cast<std::uint64_t>(step), B, row0, my_rows, x, y); });
       } else {
@@ -211,7 +218,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     double l_mxd = 0, l_tc = 0;
     const char* model = "the MxD";
     try {
-      l_mxd = mxd->train_step(x, y);
+      if (mxd) l_mxd = mxd->train_step(x, y);
       auto t1 = clock::now();
       time_mxd += std::chrono::duration<double>(t1 - t0).count();
       if (tc) {
@@ -231,24 +238,29 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     ++in_window;
     if ((step + 1) % o.log_every == 0 || step + 1 == o.steps) {
       col_step.push_back(double(step + 1));
-      col_mxd.push_back(sum_mxd / double(in_window));
-      c_mxd.x.push_back(double(step + 1));
-      c_mxd.y.push_back(sum_mxd / double(in_window));
+      if (mxd) {
+        col_mxd.push_back(sum_mxd / double(in_window));
+        c_mxd.x.push_back(double(step + 1));
+        c_mxd.y.push_back(sum_mxd / double(in_window));
+      }
       if (tc) {
         col_tc.push_back(sum_tc / double(in_window));
         c_tc.x.push_back(double(step + 1));
         c_tc.y.push_back(sum_tc / double(in_window));
       }
       try {
-        log.add(step + 1, tc ? std::vector<double>{col_mxd.back(), col_tc.back()}
-                             : std::vector<double>{col_mxd.back()});
+        std::vector<double> logged;
+        if (mxd) logged.push_back(col_mxd.back());
+        if (tc) logged.push_back(col_tc.back());
+        log.add(step + 1, logged);
       } catch (const Error& e) {
         throw stopped(step, e.what(), "");
       }
       sum_mxd = sum_tc = 0;
       in_window = 0;
     }
-    std::vector<ModelProgress> now{{"mxd", l_mxd, time_mxd}};
+    std::vector<ModelProgress> now;
+    if (mxd) now.push_back({"mxd", l_mxd, time_mxd});
     if (tc) now.push_back({tc->name, l_tc, time_tc});
     if (!par || d->root()) progress.update(step, B, now);
     if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.steps)
@@ -268,22 +280,24 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
     throw stopped(o.steps, e.what(), "");
   }
   if (const int sig = interrupted()) throw Interrupted{sig, o.steps, sweep ? k : 0, o.out};
-  mxd->trained_memory = mxd->memory_bytes();
+  if (mxd) mxd->trained_memory = mxd->memory_bytes();
   if (tc) tc->trained_memory = tc->memory_bytes();
   const double tokens = double(o.steps - start) * double(B);
   auto rate = [&](double seconds) { return seconds > 0 ? tokens / seconds : 0.0; };
   std::vector<Row> rows;
-  rows.push_back({"mxd", mxd->n_params(), mxd->k(), evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}, {}});
-  add_rank_figures(rows.back(), *mxd, d, o.steps - start);
-  if (o.aux.enabled()) rows.front().train_dead = mxd->train_dead_fraction();
   if (log_cols.empty()) log_cols.push_back(col_step);
-  log_cols.push_back(col_mxd);
-  log_names.push_back("mxd" + suffix);
-  curves.push_back(c_mxd);
+  if (mxd) {
+    rows.push_back({"mxd", mxd->n_params(), mxd->k(), evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}, {}});
+    add_rank_figures(rows.back(), *mxd, d, o.steps - start);
+    if (r.mxd_step.aux.enabled()) rows.back().train_dead = mxd->train_dead_fraction();
+    log_cols.push_back(col_mxd);
+    log_names.push_back("mxd" + suffix);
+    curves.push_back(c_mxd);
+  }
   if (tc) {
     rows.push_back({tc->name, tc->n_params(), tc->k(), evaluate(*tc, src, B, d), rate(time_tc), {}, {}, {}});
     add_rank_figures(rows.back(), *tc, d, o.steps - start);
-    if (o.aux.enabled()) rows.back().train_dead = tc->train_dead_fraction();
+    if (r.tc_step.aux.enabled()) rows.back().train_dead = tc->train_dead_fraction();
     log_cols.push_back(col_tc);
     log_names.push_back(tc->name + suffix);
     curves.push_back(c_tc);

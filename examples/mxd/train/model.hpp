@@ -194,12 +194,15 @@ template <class T>
 void check_train_memory(const Options& o) {
   Config c = o.layer;
   c.k = *std::max_element(o.ks.begin(), o.ks.end());
-  TranscoderConfig tcc{c.d_in, c.d_out, o.expansion * c.d_in, c.k, o.baseline == "skip"};
+  TranscoderConfig tcc{c.d_in, c.d_out, o.latents > 0 ? o.latents : o.expansion * c.d_in, c.k,
+                       o.baseline == "skip"};
   if (!o.resume.empty()) {  // the checkpoint's sizes, whatever the flags say
     const auto files = resume_files(o.resume, std::string(tcc.skip ? "skip" : "topk") +
-                                                  "_transcoder.safetensors");
-    io::SafetensorsReader f(files.first);
-    c = io::read_config(f);
+                                                  "_transcoder.safetensors", o.train_mxd);
+    if (!files.first.empty()) {
+      io::SafetensorsReader f(files.first);
+      c = io::read_config(f);
+    }
     if (!files.second.empty()) {
       io::SafetensorsReader b(files.second);
       tcc = io::read_transcoder_config(b);
@@ -211,12 +214,14 @@ void check_train_memory(const Options& o) {
   const double s = sizeof(T), rows = std::ceil(double(o.batch) / P);
   const double expert_params = double(c.n_experts) * double(c.d_in + 1 + c.d_out);
   const double dense = double(c.n_params()) - expert_params;
-  double rank = 4 * s * (dense + (experts ? std::ceil(expert_params / P) : expert_params)) +
-                workspace_bytes<T>(c, rows) + 2 * s * double(o.batch) * double(c.d_in + c.d_out);
+  double rank = 2 * s * double(o.batch) * double(c.d_in + c.d_out);
+  if (o.train_mxd)  // --models without mxd: the baseline alone
+    rank += 4 * s * (dense + (experts ? std::ceil(expert_params / P) : expert_params)) +
+            workspace_bytes<T>(c, rows);
   if (o.baseline != "none")
     rank += 4 * s * double(tcc.n_params()) + s * rows * double(tcc.n_latents + 2 * c.d_out);
   if (o.data.empty()) rank += s * double(o.eval_rows) * double(c.d_in + c.d_out);
-  const double gather = experts && d->root() ? 3 * s * double(c.n_params()) : 0;
+  const double gather = o.train_mxd && experts && d->root() ? 3 * s * double(c.n_params()) : 0;
   const int here = P > 1 ? ranks_on_this_machine() : 1;
   check_memory(here * rank + gather,
                "parameters, gradients, AdamW moments and workspaces of both models, and the data" +

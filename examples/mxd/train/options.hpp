@@ -10,8 +10,10 @@
 
 #include <mxd/mxd.hpp>
 #include <mxd/train/aux_loss.hpp>
+#include <mxd/train/baseline.hpp>
 #include <mxd/io/safetensors.hpp>
 #include <mxd/train/data.hpp>
+#include <mxd/train/step.hpp>
 
 #include "../cli.hpp"
 #include "../cuda.hpp"
@@ -38,9 +40,29 @@ const char* const train_help =
     "%s"
     "  --expansion m     transcoder width m * d_in (default 32); --experts defaults to the\n"
     "                    parameter-matched count for it\n"
+    "  --latents M       transcoder width M exactly (instead of --expansion); --experts then\n"
+    "                    defaults to the count nearest the transcoder's parameters, like for\n"
+    "                    like: with --skip, MxD+skip against a skip transcoder of M latents\n"
+    "                    (equal counts when M = experts + d_hidden, without --glu)\n"
+    "  --models LIST     the models to train, from mxd, topk, skip (at most one transcoder),\n"
+    "                    e.g. mxd,topk or skip; instead of --baseline (default mxd,topk)\n"
     "  --k K[,K...]      experts/latents per row; a list sweeps k and plots the frontier\n"
     "  --baseline B      topk | skip | none (default topk)\n"
     "  --no-norm-dec     do not keep expert vectors (and transcoder decoder rows) unit norm\n"
+    "baseline recipe (the transcoder only; defaults: the MxD authors' recipe, as the MxD).\n"
+    "SAELens's recipe trains a better TopK transcoder (lower FVU on the built-in teacher,\n"
+    "lower spliced CE in examples/lm's LM at one seed; examples/lm/README.md, \"The\n"
+    "baseline's recipe\"), but is not the default: --device cuda refuses --tc-clip-grad\n"
+    "and --parallel the --tc-* flags, so a default would differ by device:\n"
+    "  --tc-recipe R     authors | saelens: SAELens 6.x's TopK recipe, the following flags at\n"
+    "                    mse, tied, 1, 0, d_in / 2, off (each may still be given)\n"
+    "  --tc-loss L       nmse_ref (the authors') | mse\n"
+    "  --tc-init I       uniform (the authors') | tied: decoder rows at norm 0.1, encoder its\n"
+    "                    transpose (SAELens; needs d_in == d_out)\n"
+    "  --tc-clip-grad X  clip the baseline's gradient to global L2 norm X (default 0: off)\n"
+    "  --tc-warmup W     the baseline's warm-up steps (default: --warmup)\n"
+    "  --tc-aux-k K      AuxK for the baseline alone (default: --aux-k; 0: off)\n"
+    "  --tc-norm-dec on|off  unit-norm decoder rows for the TopK baseline (default: as the MxD)\n"
     "training:\n"
     "  --batch B         rows per step (default 512)\n"
     "  --steps S         total steps (default 2000)\n"
@@ -104,6 +126,10 @@ struct Options {
   std::set<std::string> layer_given;  // the layer flags on the command line (--resume checks them)
   std::vector<std::string> data;
   train::AuxK aux;  // --aux-k, --aux-coef, --dead-window (off by default)
+  bool train_mxd = true;            // --models without mxd: the baseline alone
+  index_t latents = 0;              // --latents: the transcoder's width (0: expansion * d_in)
+  train::BaselineRecipe tc;         // --tc-*: how the baseline trains
+  index_t tc_latents() const { return latents > 0 ? latents : expansion * layer.d_in; }
   Dist* dist = nullptr;  // --parallel: the ranks' communicator and mode
 };
 
@@ -149,7 +175,8 @@ inline std::set<std::string> train_flags() {
   for (const char* f : {"data", "teacher-hidden", "eval-rows", "eval-fraction", "expansion",
                         "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
                         "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
-                        "aux-k", "aux-coef", "dead-window",
+                        "aux-k", "aux-coef", "dead-window", "latents", "models", "tc-recipe",
+                        "tc-loss", "tc-init", "tc-clip-grad", "tc-warmup", "tc-aux-k", "tc-norm-dec",
                         "parallel", "timeout"})
     flags.insert(f);
   return flags;
@@ -170,10 +197,58 @@ std::unique_ptr<train::DataSource<T>> make_source(const Options& o) {
 }
 
 
+// How each model trains: the MxD's AdamW and step options, then the baseline's (its --tc-*
+// recipe, train/baseline.hpp; defaults: the MxD's).
+struct Recipes {
+  AdamWConfig mxd_adamw;
+  train::StepOptions mxd_step;
+  AdamWConfig tc_adamw;
+  train::StepOptions tc_step;
+};
+inline Recipes recipes(const Options& o) {
+  Recipes r;
+  r.mxd_adamw.lr = o.lr;
+  r.mxd_adamw.warmup_steps = o.warmup;
+  r.mxd_step.norm_dec = o.norm_dec;
+  r.mxd_step.aux = o.aux;
+  r.tc_adamw = r.mxd_adamw;
+  if (o.tc.warmup >= 0) r.tc_adamw.warmup_steps = o.tc.warmup;
+  r.tc_step = r.mxd_step;
+  r.tc_step.loss = o.tc.loss;
+  r.tc_step.clip_grad = o.tc.clip_grad;
+  if (o.tc.norm_dec >= 0) r.tc_step.norm_dec = o.tc.norm_dec == 1;
+  if (o.tc.aux_k >= 0) r.tc_step.aux.k = o.tc.aux_k;
+  return r;
+}
+
 // Reads mxd train's flags (the help was handled by the caller); the first error names the flag.
 inline Options parse_options(Args& args, Dist& dist) {
   Options o;
+  MXD_CHECK(!(args.has("latents") && args.has("expansion")), "--latents ", args.get("latents", ""),
+            " and --expansion ", args.get("expansion", ""), ": give one of them (--latents is the "
+            "transcoder's exact width, --expansion a multiple of d_in)");
   o.expansion = args.get_int("expansion", 32, 1, max_width);
+  o.latents = args.has("latents") ? args.get_int("latents", 0, 1, max_width) : 0;
+  if (args.has("models")) {  // which of the MxD and one transcoder train
+    MXD_CHECK(!args.has("baseline"), "--models ", args.get("models", ""), " and --baseline ",
+              args.get("baseline", ""), ": give one of them");
+    const std::string list = args.get("models", "");
+    bool m = false, t = false, sk = false;
+    std::stringstream in(list);
+    std::string item;
+    while (std::getline(in, item, ',')) {
+      bool* f = item == "mxd" ? &m : item == "topk" ? &t : item == "skip" ? &sk : nullptr;
+      MXD_CHECK(f, "--models = '", list, "': '", item, "' is not mxd, topk or skip");
+      MXD_CHECK(!*f, "--models = '", list, "': '", item, "' is given twice");
+      *f = true;
+    }
+    MXD_CHECK((m || t || sk) && list.back() != ',', "--models = '", list,
+              "' is not a list of mxd, topk, skip (e.g. mxd,topk)");
+    MXD_CHECK(!(t && sk), "--models = '", list, "': topk and skip in one run are not supported "
+              "(one transcoder per run); train them in two runs");
+    o.train_mxd = m;
+    o.baseline = t ? "topk" : sk ? "skip" : "none";
+  }
   o.teacher_hidden = args.get_int("teacher-hidden", 256, 1, max_width);
   Config defaults;
   defaults.d_in = 64;
@@ -199,17 +274,27 @@ inline Options parse_options(Args& args, Dist& dist) {
   sized.d_hidden = args.get_int("d-hidden", defaults.d_hidden, 1, max_width);
   sized.d_out = args.get_int("d-out", defaults.d_out, 1, max_width);
   // The matched count is only the default: an explicit --experts needs no match to exist.
-  if (!args.has("experts"))
-    defaults.n_experts = matched_experts(sized.d_in, sized.d_hidden, sized.d_out, o.expansion,
-                                         args.flag("glu"), args.flag("skip"));
+  if (!args.has("experts")) {
+    if (o.latents == 0)
+      defaults.n_experts = matched_experts(sized.d_in, sized.d_hidden, sized.d_out, o.expansion,
+                                           args.flag("glu"), args.flag("skip"));
+    else if (o.train_mxd)  // --latents: the nearest count, like for like (train/baseline.hpp)
+      try {
+        defaults.n_experts = train::experts_for_latents(sized.d_in, sized.d_hidden, sized.d_out,
+                                                        o.latents, args.flag("glu"), args.flag("skip"));
+      } catch (const Error& e) {
+        throw Error(detail::concat("--latents ", o.latents, ": ", e.what(), "; give --experts"));
+      }
+    else  // no MxD trains: any valid count
+      defaults.n_experts = std::max<index_t>(*std::max_element(o.ks.begin(), o.ks.end()), 1);
+  }
   defaults.k = *std::min_element(o.ks.begin(), o.ks.end());
   o.layer = layer_config(args, defaults, /*read_k=*/false);
   for (index_t k : o.ks) {
-    MXD_CHECK(k <= o.layer.n_experts, "--k = ", k, " exceeds the ", o.layer.n_experts, " experts");
-    MXD_CHECK(k <= o.expansion * o.layer.d_in, "--k = ", k, " exceeds the transcoder's ",
-              o.expansion * o.layer.d_in, " latents");
+    MXD_CHECK(!o.train_mxd || k <= o.layer.n_experts, "--k = ", k, " exceeds the ", o.layer.n_experts, " experts");
+    MXD_CHECK(k <= o.tc_latents(), "--k = ", k, " exceeds the transcoder's ", o.tc_latents(), " latents");
   }
-  o.baseline = args.get("baseline", "topk");
+  if (!args.has("models")) o.baseline = args.get("baseline", "topk");
   MXD_CHECK(o.baseline == "topk" || o.baseline == "skip" || o.baseline == "none", "--baseline = '",
             o.baseline, "' is not topk, skip or none");
   MXD_CHECK(o.baseline != "skip" || o.layer.d_in == o.layer.d_out,
@@ -232,7 +317,8 @@ inline Options parse_options(Args& args, Dist& dist) {
   o.overwrite = args.flag("overwrite");
   MXD_CHECK(!(o.overwrite && !o.resume.empty()),
             "--overwrite starts a fresh run and --resume continues one: give one of them");
-  for (const char* f : {"d-in", "d-hidden", "d-out", "experts", "k", "activation", "glu", "skip", "expansion"})
+  for (const char* f : {"d-in", "d-hidden", "d-out", "experts", "k", "activation", "glu", "skip", "expansion",
+                        "latents"})
     if (args.has(f)) o.layer_given.insert(f);
   MXD_CHECK(o.steps > 0, "--steps = ", o.steps, " must be positive");
   MXD_CHECK(o.warmup >= 0, "--warmup = ", o.warmup, " must be >= 0");
@@ -256,7 +342,43 @@ inline Options parse_options(Args& args, Dist& dist) {
   MXD_CHECK(o.aux.k >= 0, "--aux-k = ", o.aux.k, " must be >= 0 (0: off)");
   MXD_CHECK(o.aux.coef > 0, "--aux-coef = ", o.aux.coef, " must be positive");
   MXD_CHECK(o.aux.dead_window > 0, "--dead-window = ", o.aux.dead_window, " must be positive");
-  MXD_CHECK(o.aux.enabled() || (!args.has("aux-coef") && !args.has("dead-window")),
+  // The baseline's recipe (--tc-*, train/baseline.hpp): a bundle, then each flag over it.
+  const std::string recipe = args.get("tc-recipe", "authors");
+  MXD_CHECK(recipe == "authors" || recipe == "saelens", "--tc-recipe = '", recipe,
+            "' is not authors or saelens");
+  if (recipe == "saelens") o.tc = train::BaselineRecipe::saelens(o.layer.d_in);
+  if (args.has("tc-loss")) {
+    const std::string v = args.get("tc-loss", "");
+    MXD_CHECK(v == "nmse_ref" || v == "mse", "--tc-loss = '", v, "' is not nmse_ref or mse");
+    o.tc.loss = v == "mse" ? Loss::mse : Loss::nmse_ref;
+  }
+  if (args.has("tc-init")) {
+    const std::string v = args.get("tc-init", "");
+    MXD_CHECK(v == "uniform" || v == "tied", "--tc-init = '", v, "' is not uniform or tied");
+    o.tc.tied_init = v == "tied";
+  }
+  if (args.has("tc-clip-grad")) {
+    o.tc.clip_grad = args.get_double("tc-clip-grad", 0);
+    MXD_CHECK(std::isfinite(o.tc.clip_grad) && o.tc.clip_grad >= 0, "--tc-clip-grad = ",
+              o.tc.clip_grad, " must be >= 0 (0: off)");
+  }
+  if (args.has("tc-warmup")) o.tc.warmup = args.get_int("tc-warmup", 0, 0);
+  if (args.has("tc-aux-k")) o.tc.aux_k = args.get_int("tc-aux-k", 0, 0);
+  if (args.has("tc-norm-dec")) {
+    const std::string v = args.get("tc-norm-dec", "");
+    MXD_CHECK(v == "on" || v == "off", "--tc-norm-dec = '", v, "' is not on or off");
+    o.tc.norm_dec = v == "on";
+  }
+  MXD_CHECK(o.tc.is_default() || o.baseline != "none",
+            "--tc-recipe and --tc-* set the transcoder baseline's training, but none trains "
+            "(--baseline none, or --models without topk or skip)");
+  MXD_CHECK(!o.tc.tied_init || o.layer.d_in == o.layer.d_out, "--tc-init tied needs d_in == d_out "
+            "(the encoder starts as the decoder's transpose), got ", o.layer.d_in, " and ", o.layer.d_out);
+  MXD_CHECK(o.tc.clip_grad == 0 || !o.cuda, "--tc-clip-grad (and --tc-recipe saelens, which clips) is "
+            "not supported with --device cuda yet");
+  MXD_CHECK(o.tc.is_default() || !dist.comm, "--tc-recipe and --tc-* are not supported with --parallel yet");
+  const bool any_aux = o.aux.enabled() || o.tc.aux_k > 0;
+  MXD_CHECK(any_aux || (!args.has("aux-coef") && !args.has("dead-window")),
             "--aux-coef and --dead-window need --aux-k K > 0 (the AuxK loss is off without it)");
   if (o.cuda) require_cuda();
   MXD_CHECK(!(dist.comm && o.cuda), "--parallel runs on the CPU (--device cuda is one process)");

@@ -54,6 +54,8 @@ inline void report(const Options& o, const std::vector<Row>& rows, const std::ve
       models.back().update({{"aux_k", o.aux.k}, {"aux_coef", o.aux.coef},
                             {"dead_window", o.aux.dead_window},
                             {"train_dead_fraction", r.train_dead}});
+    else if (r.train_dead >= 0)  // --tc-aux-k alone: the baseline's
+      models.back()["train_dead_fraction"] = r.train_dead;
   }
   if (o.aux.enabled())
     std::printf("AuxK loss on: k_aux %lld, coef %g, dead window %lld tokens\n", (long long)o.aux.k,

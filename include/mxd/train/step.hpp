@@ -22,6 +22,7 @@
 #include "../loss.hpp"
 #include "../optim.hpp"
 #include "aux_loss.hpp"
+#include "clip.hpp"
 #include "dead_units.hpp"
 
 namespace mxd::train {
@@ -31,6 +32,7 @@ struct StepOptions {
   Loss loss = Loss::nmse_ref;  // the training loss (the authors': nmse_ref)
   bool norm_dec = true;        // decoder rows kept at unit norm (normalize_decoder)
   AuxK aux;                    // the AuxK loss for dead units (off unless aux.k > 0)
+  double clip_grad = 0;        // clip the gradient to this global L2 norm (0: off; host only)
 };
 
 /// The workspace a parameter set trains with.
@@ -130,6 +132,10 @@ double step(Model& m, InView<typename Model::Scalar, typename Model::device> x,
     }
   }
   r.gradients(m);
+  if (o.clip_grad > 0) {  // SAELens's clip_grad_norm_, after the sum over processes
+    if constexpr (std::is_same_v<D, cpu>) clip_grad_norm(m.g, o.clip_grad);
+    else MXD_CHECK(false, "gradient clipping (StepOptions.clip_grad) runs on the host only");
+  }
   if (o.norm_dec) project_decoder_grads(m.p, m.g, ctx);
   r.update([&] { m.opt.step(m.p, m.g, ctx); });
   if (o.norm_dec) normalize_decoder(m.p, ctx);

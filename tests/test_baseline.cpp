@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: MIT
+// The baseline's training pieces (issue 23): gradient clipping by global norm
+// (train/clip.hpp) against torch's rule, the exact parameter match by latent count and the
+// tied initialisation (train/baseline.hpp), and their error messages.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include <mxd/baselines/transcoder.hpp>
+#include <mxd/train/baseline.hpp>
+#include <mxd/train/clip.hpp>
+
+using namespace mxd;
+
+TEST_CASE("clip_grad_norm scales every gradient by max_norm / (norm + 1e-6) when above it") {
+  TranscoderParams<double> g(TranscoderConfig{3, 3, 4, 2, true});
+  double sq = 0;
+  int i = 0;
+  g.for_each([&](const char*, Tensor<double>& t) {
+    for (index_t j = 0; j < t.size(); ++j) {
+      t[j] = 0.5 * ((i++ % 7) - 3);
+      sq += t[j] * t[j];
+    }
+  });
+  const double norm = std::sqrt(sq);
+  TranscoderParams<double> before = g;
+  CHECK(train::clip_grad_norm(g, 1.0) == doctest::Approx(norm).epsilon(1e-12));
+  double after = 0;
+  g.for_each([&](const char*, Tensor<double>& t) {
+    for (index_t j = 0; j < t.size(); ++j) after += t[j] * t[j];
+  });
+  CHECK(std::sqrt(after) == doctest::Approx(norm / (norm + 1e-6)).epsilon(1e-12));
+  CHECK(g.W_skip[0] == doctest::Approx(before.W_skip[0] / (norm + 1e-6)).epsilon(1e-12));
+  // Below max_norm: unchanged, bit for bit.
+  TranscoderParams<double> small = before;
+  train::clip_grad_norm(small, 2 * norm);
+  CHECK(std::memcmp(small.W_enc.data(), before.W_enc.data(), before.W_enc.bytes()) == 0);
+  CHECK_THROWS_WITH_AS(train::clip_grad_norm(small, 0.0), "clip_grad_norm: max_norm = 0 must be finite and > 0",
+                       Error);
+}
+
+TEST_CASE("experts_for_latents matches like for like, exactly when M = N + H") {
+  for (bool skip : {false, true}) {
+    const index_t n = train::experts_for_latents(64, 256, 64, 2048, false, skip);
+    CHECK(n == 2048 - 256);
+    Config c;
+    c.d_in = c.d_out = 64;
+    c.d_hidden = 256;
+    c.n_experts = n;
+    c.skip = skip;
+    CHECK(c.n_params() == TranscoderConfig({64, 64, 2048, 1, skip}).n_params());
+  }
+  CHECK(train::experts_for_latents(64, 256, 64, 2048) == matched_experts(64, 256, 64, 32));
+  // Not divisible: the nearest count (GLU adds H I + H = 16640, 128.99 experts' worth).
+  Config g;
+  g.d_in = g.d_out = 64;
+  g.d_hidden = 256;
+  g.glu = true;
+  g.n_experts = train::experts_for_latents(64, 256, 64, 2048, true);
+  const index_t p_tc = TranscoderConfig{64, 64, 2048, 1, false}.n_params();
+  for (index_t other : {g.n_experts - 1, g.n_experts + 1}) {
+    Config h = g;
+    h.n_experts = other;
+    CHECK(std::llabs(g.n_params() - p_tc) <= std::llabs(h.n_params() - p_tc));
+  }
+  CHECK_THROWS_AS(train::experts_for_latents(64, 256, 64, 10), Error);
+}
+
+TEST_CASE("init_transcoder_tied: decoder rows of norm 0.1, encoder its transpose, biases 0") {
+  TranscoderParams<float> p(TranscoderConfig{8, 8, 16, 2, true});
+  train::init_transcoder_tied(p, 3);
+  for (index_t m = 0; m < 16; ++m) {
+    double sq = 0;
+    for (index_t o = 0; o < 8; ++o) {
+      sq += double(p.W_dec(m, o)) * double(p.W_dec(m, o));
+      CHECK(p.W_enc(m, o) == p.W_dec(m, o));
+    }
+    CHECK(std::sqrt(sq) == doctest::Approx(0.1).epsilon(1e-6));
+    CHECK(p.b_enc[m] == 0.0f);
+  }
+  for (index_t i = 0; i < p.W_skip.size(); ++i) CHECK(p.W_skip[i] == 0.0f);
+  TranscoderParams<float> q(TranscoderConfig{8, 4, 16, 2, false});
+  CHECK_THROWS_AS(train::init_transcoder_tied(q, 3), Error);
+}
