@@ -37,6 +37,18 @@ def rel_error(a, b):
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
+def check_same_run(test, got, want, tol):
+    """Two runs' (y, gradients, selections) agree: y and every gradient within tol (relative),
+    the same experts selected with coefficients within tol."""
+    (yg, grads_g, topks_g), (yw, grads_w, topks_w) = got, want
+    test.assertLessEqual(rel_error(yg, yw), tol)
+    for i, (a, b) in enumerate(zip(grads_g, grads_w)):
+        test.assertLessEqual(rel_error(a, b), tol, i)
+    for (i1, v1), (i2, v2) in zip(topks_g, topks_w):
+        test.assertTrue(torch.equal(i1, i2))
+        test.assertLessEqual(rel_error(v1, v2), tol)
+
+
 def randomise(layer, seed, gate_shift=0.3):
     """Random parameters of unit-ish scale (in place, keeping W_cond's layout), gate scores
     mostly positive so that gradients reach the gate."""
@@ -555,14 +567,8 @@ class Compile(unittest.TestCase):
         x = torch.randn(2, 6, 5, dtype=torch.float64)
         for steering in (None, mxd_torch.Steering().add(2, 1.5).zero(4)):
             with self.subTest(steered=steering is not None):
-                y, grads, topks = self.run_model(m, x, steering)
-                yc, grads_c, topks_c = self.run_model(compiled, x, steering)
-                self.assertLessEqual(rel_error(yc, y), 1e-12)
-                for i, (a, b) in enumerate(zip(grads_c, grads)):
-                    self.assertLessEqual(rel_error(a, b), 1e-12, i)
-                for (i1, v1), (i2, v2) in zip(topks_c, topks):
-                    self.assertTrue(torch.equal(i1, i2))
-                    self.assertLessEqual(rel_error(v1, v2), 1e-12)
+                check_same_run(self, self.run_model(compiled, x, steering),
+                               self.run_model(m, x, steering), 1e-12)
 
     def test_export(self):
         m = self.model()
