@@ -528,37 +528,49 @@ class Conventions(unittest.TestCase):
                     self.assertEqual(tuple(meta.topk()[0].shape), (3, rows, layer.config.k))
 
 
+class CompileModel(torch.nn.Module):
+    """A linear layer, then an MxD, a TopK and a skip transcoder (tiny, float64): what the
+    compile tests trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 5, dtype=torch.float64)
+        self.mxd = mxd_torch.MxD(5, 7, 5, 9, 3, "gelu", True, True, dtype=torch.float64)
+        self.tc = mxd_torch.TopKTranscoder(5, 5, 12, 3, dtype=torch.float64)
+        self.skip = mxd_torch.SkipTranscoder(5, 12, 3, dtype=torch.float64)
+
+    def forward(self, x, steering=None):
+        return self.skip(self.tc(self.mxd(torch.tanh(self.lin(x)), steering)))
+
+
+def compile_model(device="cpu"):
+    torch.manual_seed(0)
+    m = CompileModel()
+    for layer, seed in ((m.mxd, 1), (m.tc, 2), (m.skip, 3)):
+        randomise(layer, seed)
+    return m.to(device)
+
+
+def run_compile_model(m, x, steering):
+    """(y, [dx] + parameter gradients, each layer's selection) of one forward and backward."""
+    x = x.clone().requires_grad_()
+    m.zero_grad()
+    y = m(x, steering)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)).sum().backward()
+    return y, [x.grad] + [p.grad for p in m.parameters()], [l.topk() for l in (m.mxd, m.tc, m.skip)]
+
+
 @unittest.skipUnless(mxd_torch._OPS, "torch.library.custom_op needs torch >= 2.4")
 class Compile(unittest.TestCase):
     """The layers as torch.library custom ops: torch.compile(fullgraph=True) traces a model
     with them and computes what eager does, torch.export exports it, opcheck passes. Tiny
     layers: compiling is the cost here."""
 
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(5, 5, dtype=torch.float64)
-            self.mxd = mxd_torch.MxD(5, 7, 5, 9, 3, "gelu", True, True, dtype=torch.float64)
-            self.tc = mxd_torch.TopKTranscoder(5, 5, 12, 3, dtype=torch.float64)
-            self.skip = mxd_torch.SkipTranscoder(5, 12, 3, dtype=torch.float64)
-
-        def forward(self, x, steering=None):
-            return self.skip(self.tc(self.mxd(torch.tanh(self.lin(x)), steering)))
-
     def model(self):
-        torch.manual_seed(0)
-        m = self.Model()
-        for layer, seed in ((m.mxd, 1), (m.tc, 2), (m.skip, 3)):
-            randomise(layer, seed)
-        return m
+        return compile_model()
 
     def run_model(self, m, x, steering):
-        x = x.clone().requires_grad_()
-        m.zero_grad()
-        y = m(x, steering)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
-        grads = [x.grad] + [p.grad for p in m.parameters()]
-        return y, grads, [layer.topk() for layer in (m.mxd, m.tc, m.skip)]
+        return run_compile_model(m, x, steering)
 
     def test_compiled_equals_eager(self):
         torch._dynamo.reset()

@@ -24,7 +24,8 @@ import mxd_torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_mxd_torch import ACTIVATIONS, check_same_run, randomise, rel_error  # noqa: E402
+from test_mxd_torch import (ACTIVATIONS, check_same_run, compile_model, randomise,  # noqa: E402
+                            rel_error, run_compile_model)
 
 OPS = mxd_torch._OPS
 GPU = torch.cuda.is_available()
@@ -328,30 +329,11 @@ class Compile(unittest.TestCase):
     """torch.compile(fullgraph=True) on CUDA computes what eager does; export and opcheck
     with CUDA tensors (the ops' CUDA kernels)."""
 
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(5, 5, dtype=F64)
-            self.mxd = mxd_torch.MxD(5, 7, 5, 9, 3, "gelu", True, True, dtype=F64)
-            self.tc = mxd_torch.TopKTranscoder(5, 5, 12, 3, dtype=F64)
-            self.skip = mxd_torch.SkipTranscoder(5, 12, 3, dtype=F64)
-
-        def forward(self, x, steering=None):
-            return self.skip(self.tc(self.mxd(torch.tanh(self.lin(x)), steering)))
-
     def model(self):
-        torch.manual_seed(0)
-        m = self.Model()
-        for layer, seed in ((m.mxd, 1), (m.tc, 2), (m.skip, 3)):
-            randomise(layer, seed)
-        return m.to(CUDA)
+        return compile_model(CUDA)
 
     def run_model(self, m, x, steering):
-        x = x.clone().requires_grad_()
-        m.zero_grad()
-        y = m(x, steering)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)).sum().backward()
-        return y, [x.grad] + [p.grad for p in m.parameters()], [l.topk() for l in (m.mxd, m.tc, m.skip)]
+        return run_compile_model(m, x, steering)
 
     def test_compiled_equals_eager(self):
         torch._dynamo.reset()
