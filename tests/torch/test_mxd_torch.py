@@ -566,25 +566,22 @@ class Compile(unittest.TestCase):
     with them and computes what eager does, torch.export exports it, opcheck passes. Tiny
     layers: compiling is the cost here."""
 
-    def model(self):
-        return compile_model()
-
-    def run_model(self, m, x, steering):
-        return run_compile_model(m, x, steering)
+    device = "cpu"  # the GPU suite runs these tests again with "cuda"
 
     def test_compiled_equals_eager(self):
         torch._dynamo.reset()
-        m = self.model()
+        m = compile_model(self.device)
         compiled = torch.compile(m, fullgraph=True)
-        x = torch.randn(2, 6, 5, dtype=torch.float64)
+        x = torch.randn(2, 6, 5, dtype=torch.float64, device=self.device)
         for steering in (None, mxd_torch.Steering().add(2, 1.5).zero(4)):
             with self.subTest(steered=steering is not None):
-                check_same_run(self, self.run_model(compiled, x, steering),
-                               self.run_model(m, x, steering), 1e-12)
+                got = run_compile_model(compiled, x, steering)
+                self.assertEqual(got[0].device.type, torch.device(self.device).type)
+                check_same_run(self, got, run_compile_model(m, x, steering), 1e-12)
 
     def test_export(self):
-        m = self.model()
-        x = torch.randn(4, 5, dtype=torch.float64)
+        m = compile_model(self.device)
+        x = torch.randn(4, 5, dtype=torch.float64, device=self.device)
         ep = torch.export.export(m, (x,))
         ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
         self.assertTrue({"mxd.mxd_forward.default", "mxd.transcoder_forward.default"} <= ops, ops)
@@ -592,9 +589,10 @@ class Compile(unittest.TestCase):
             self.assertLessEqual(rel_error(ep.module()(x), m(x)), 1e-12)
 
     def test_opcheck(self):
-        mxd = randomise(mxd_torch.MxD(5, 7, 5, 9, 3, "silu", True, True, dtype=torch.float64), 4)
-        tc = randomise(mxd_torch.SkipTranscoder(5, 12, 3, dtype=torch.float64), 5)
-        x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+        mxd = randomise(mxd_torch.MxD(5, 7, 5, 9, 3, "silu", True, True, dtype=torch.float64),
+                        4).to(self.device)
+        tc = randomise(mxd_torch.SkipTranscoder(5, 12, 3, dtype=torch.float64), 5).to(self.device)
+        x = torch.randn(6, 5, dtype=torch.float64, device=self.device, requires_grad=True)
         cases = [(torch.ops.mxd.mxd_forward.default,
                   (x, mxd.params(), *mxd._op_config, edits or None, [2, 4][:len(edits)] or None,
                    [1.5, 0.0][:len(edits)] or None, "fp32")) for edits in ([], [0, 2])]

@@ -24,8 +24,8 @@ import mxd_torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_mxd_torch import (ACTIVATIONS, check_same_run, compile_model, randomise,  # noqa: E402
-                            rel_error, run_compile_model)
+import test_mxd_torch as cpu_tests  # noqa: E402
+from test_mxd_torch import ACTIVATIONS, randomise, rel_error  # noqa: E402
 
 OPS = mxd_torch._OPS
 GPU = torch.cuda.is_available()
@@ -325,45 +325,11 @@ class Optimizer(unittest.TestCase):
 
 @needs_gpu
 @unittest.skipUnless(OPS, "torch.library.custom_op needs torch >= 2.4")
-class Compile(unittest.TestCase):
+class Compile(cpu_tests.Compile):
     """torch.compile(fullgraph=True) on CUDA computes what eager does; export and opcheck
-    with CUDA tensors (the ops' CUDA kernels)."""
+    with CUDA tensors (the ops' CUDA kernels): the CPU suite's tests on "cuda"."""
 
-    def model(self):
-        return compile_model(CUDA)
-
-    def run_model(self, m, x, steering):
-        return run_compile_model(m, x, steering)
-
-    def test_compiled_equals_eager(self):
-        torch._dynamo.reset()
-        m = self.model()
-        compiled = torch.compile(m, fullgraph=True)
-        x = torch.randn(2, 6, 5, dtype=F64, device=CUDA)
-        for steering in (None, mxd_torch.Steering().add(2, 1.5).zero(4)):
-            with self.subTest(steered=steering is not None):
-                got = self.run_model(compiled, x, steering)
-                self.assertEqual(got[0].device.type, "cuda")
-                check_same_run(self, got, self.run_model(m, x, steering), 1e-12)
-
-    def test_export(self):
-        m = self.model()
-        x = torch.randn(4, 5, dtype=F64, device=CUDA)
-        ep = torch.export.export(m, (x,))
-        with torch.no_grad():
-            self.assertLessEqual(rel_error(ep.module()(x), m(x)), 1e-12)
-
-    def test_opcheck(self):
-        mxd = randomise(mxd_torch.MxD(5, 7, 5, 9, 3, "silu", True, True, dtype=F64), 4).to(CUDA)
-        tc = randomise(mxd_torch.SkipTranscoder(5, 12, 3, dtype=F64), 5).to(CUDA)
-        x = torch.randn(6, 5, dtype=F64, device=CUDA, requires_grad=True)
-        cases = [(torch.ops.mxd.mxd_forward.default,
-                  (x, mxd.params(), *mxd._op_config, None, None, None, "fp32")),
-                 (torch.ops.mxd.transcoder_forward.default,
-                  (x, tc.params(), *tc._op_config, "fp32"))]
-        for op, args in cases:
-            with self.subTest(op=str(op)):
-                torch.library.opcheck(op, args)
+    device = CUDA
 
 
 def main():
