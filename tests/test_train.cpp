@@ -56,6 +56,16 @@ Config tiny_config() {
   return c;
 }
 
+// An MxD of tiny_config() initialised with `seed`, in training with AdamW at lr and warm-up.
+train::Trainer<Params<float>> tiny_trainer(std::uint64_t seed, double lr, long long warmup) {
+  Params<float> p(tiny_config());
+  init_params(p, seed);
+  AdamWConfig oc;
+  oc.lr = lr;
+  oc.warmup_steps = warmup;
+  return train::Trainer<Params<float>>(std::move(p), oc);
+}
+
 // `steps` training steps (train::step, as `mxd train` runs them) of an MxD on the teacher
 // from step `from`, in batches of 64.
 void train_steps(train::Trainer<Params<float>>& m, train::Teacher<float>& teacher, int from,
@@ -159,16 +169,11 @@ TEST_CASE("parameter-matched expert counts follow N = floor((P_tc - P_base) / (I
 }
 
 TEST_CASE("norm_dec keeps every expert vector at unit norm through training") {
-  Config c = tiny_config();
-  Params<float> p(c);
-  init_params(p, 4);
-  AdamWConfig oc;
-  oc.lr = 1e-2;
-  oc.warmup_steps = 0;
-  train::Trainer<Params<float>> m(p, oc);
+  const Config c = tiny_config();
+  train::Trainer<Params<float>> m = tiny_trainer(4, 1e-2, 0);
   train::Teacher<float> teacher(8, 32, 8, 5, 0);
   train_steps(m, teacher, 0, 5);
-  p = m.p;
+  const Params<float>& p = m.p;
   for (index_t n = 0; n < c.n_experts; ++n) {
     double sq = 0;
     for (index_t o = 0; o < c.d_out; ++o) sq += double(p.C(n, o)) * p.C(n, o);
@@ -240,12 +245,7 @@ TEST_CASE("TopK and skip transcoder gradients match central finite differences")
 
 TEST_CASE("training on a tiny teacher lowers the loss below a third of its start, deterministically") {
   auto run = [](std::vector<double>& losses) {
-    Params<float> p(tiny_config());
-    init_params(p, 7);
-    AdamWConfig oc;
-    oc.lr = 3e-3;
-    oc.warmup_steps = 10;
-    train::Trainer<Params<float>> m(p, oc);
+    train::Trainer<Params<float>> m = tiny_trainer(7, 3e-3, 10);
     train::Teacher<float> teacher(8, 32, 8, 8, 0);
     train_steps(m, teacher, 0, 150, &losses);
     return m.p;

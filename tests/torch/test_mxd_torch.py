@@ -614,6 +614,20 @@ class Compile(unittest.TestCase):
                 torch.library.opcheck(op, args)
 
 
+def run_suite(module, list_skipped=False):
+    """Runs a module's tests on 2 threads; prints "N passed, F failed, S skipped" (what ctest
+    reads) and, with list_skipped, each skip's reason. Returns the exit status."""
+    torch.set_num_threads(2)
+    suite = unittest.defaultTestLoader.loadTestsFromModule(module)
+    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    failed = len(result.failures) + len(result.errors)
+    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed, "
+          f"{len(result.skipped)} skipped")
+    for test, reason in result.skipped if list_skipped else []:
+        print(f"skipped: {test.id()}: {reason}")
+    return 0 if result.wasSuccessful() else 1
+
+
 def main():
     global MXD_TOOL
     ap = argparse.ArgumentParser()
@@ -621,13 +635,7 @@ def main():
     args, rest = ap.parse_known_args()
     MXD_TOOL = args.mxd
     AgainstTool.__unittest_skip__ = not MXD_TOOL
-    torch.set_num_threads(2)
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
-    failed = len(result.failures) + len(result.errors)
-    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed, "
-          f"{len(result.skipped)} skipped")
-    return 0 if result.wasSuccessful() else 1
+    return run_suite(sys.modules[__name__])
 
 
 if __name__ == "__main__":

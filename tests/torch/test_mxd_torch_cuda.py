@@ -333,15 +333,7 @@ class Compile(cpu_tests.Compile):
 
 
 def main():
-    torch.set_num_threads(2)
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
-    failed = len(result.failures) + len(result.errors)
-    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed, "
-          f"{len(result.skipped)} skipped")
-    for test, reason in result.skipped:
-        print(f"skipped: {test.id()}: {reason}")
-    return 0 if result.wasSuccessful() else 1
+    return cpu_tests.run_suite(sys.modules[__name__], list_skipped=True)
 
 
 if __name__ == "__main__":
