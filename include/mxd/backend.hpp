@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "activation.hpp"
+#include "elementwise.hpp"
 #include "tensor.hpp"
 
 namespace mxd {
@@ -40,13 +41,6 @@ namespace mxd {
 /// The primitives a device provides; specialised in backend/cpu.hpp and backend/cuda.cuh.
 template <class Device>
 struct backend;
-
-/// The per-step scalars of one AdamW update, as torch computes them (adamw_update's argument).
-struct AdamWStep {
-  double lr, beta1, beta2, eps, weight_decay;
-  double bias_correction1;       // 1 - beta1^t
-  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
-};
 
 namespace detail {
 // A value of type X in unevaluated operands (decltype) only; never defined.

@@ -24,6 +24,7 @@
 
 #include "../activation.hpp"
 #include "../backend.hpp"
+#include "../elementwise.hpp"
 #include "../finite.hpp"
 #include "../tensor.hpp"
 #include "gemm.hpp"
@@ -108,10 +109,7 @@ struct backend<cpu> {
         for (index_t i = 0; i < H; ++i) h[i] += b_enc.data[i];
         if (glu) {
           T* gr = g.row(r);
-          for (index_t i = 0; i < H; ++i) {
-            gr[i] += b_glu.data[i];
-            zr[i] = gr[i] * activate(act, h[i]);
-          }
+          for (index_t i = 0; i < H; ++i) zr[i] = detail::glu_act(act, h[i], gr[i], b_glu.data[i]);
         } else {
           for (index_t i = 0; i < H; ++i) zr[i] = activate(act, h[i]);
         }
@@ -350,12 +348,10 @@ struct backend<cpu> {
         if (glu) {
           const T* gr = g.row(r);
           T* dgr = dg.row(r);
-          for (index_t i = 0; i < H; ++i) {
-            dh[i] = d[i] * gr[i] * activate_grad(act, h[i]);
-            dgr[i] = d[i] * activate(act, h[i]);
-          }
+          for (index_t i = 0; i < H; ++i)
+            detail::act_backward_glu(act, h[i], gr[i], d[i], dh[i], dgr[i]);
         } else {
-          for (index_t i = 0; i < H; ++i) dh[i] = d[i] * activate_grad(act, h[i]);
+          for (index_t i = 0; i < H; ++i) dh[i] = detail::act_backward(act, h[i], d[i]);
         }
       }
     });
@@ -381,21 +377,17 @@ struct backend<cpu> {
   template <class T>
   static void adamw_update(Ctx& ctx, View<T, cpu> p, cview<T> g, View<T, cpu> m, View<T, cpu> v,
                            const AdamWStep& s) {
-    const T decay = T(1 - s.lr * s.weight_decay), w = T(1 - s.beta1), b2 = T(s.beta2);
-    const T one_minus_b2 = T(1 - s.beta2), bc2 = T(s.bias_correction2_sqrt), eps = T(s.eps);
-    const T step_size = T(s.lr / s.bias_correction1);
+    const auto sc = detail::AdamWScalars<T>::from(s);
     using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
-    // Eigen array passes over L2-sized chunks: vectorised (std::sqrt's errno blocks that in a
-    // scalar loop), with the same per-element operations as torch.
+    // The GPU's element bodies over Eigen arrays of L2-sized chunks: each statement a
+    // vectorised pass (std::sqrt's errno blocks that in a scalar loop), the same operations
+    // per element.
     detail::parallel_chunks(ctx.resolved_threads(), p.size(), 1 << 14, [&](index_t i0, index_t i1) {
       const index_t n = i1 - i0;
       Eigen::Map<Arr> P(p.data + i0, n), Mo(m.data + i0, n), Vo(v.data + i0, n);
       Eigen::Map<const Arr> Gr(g.data + i0, n);
-      P *= decay;
-      if (w < T(0.5)) Mo += w * (Gr - Mo);  // torch's lerp
-      else Mo = Gr - (Gr - Mo) * (T(1) - w);
-      Vo = Vo * b2 + one_minus_b2 * Gr * Gr;
-      P += -step_size * (Mo / (Vo.sqrt() / bc2 + eps));
+      detail::adamw_moments(Gr, Mo, Vo, sc);
+      detail::adamw_param(P, Mo, Vo, sc);
     });
   }
 

@@ -18,6 +18,7 @@
 
 #include "../activation.hpp"
 #include "../backend.hpp"
+#include "../elementwise.hpp"
 #include "../tensor.hpp"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.cuh"
@@ -84,13 +85,8 @@ __global__ void bias_activation_kernel(Activation act, View<T, cuda> hpre, const
     const index_t r = e / H, i = e % H;
     const T h = hpre(r, i) + b_enc[i];
     hpre(r, i) = h;
-    if (glu) {
-      const T gv = g(r, i) + b_glu[i];
-      g(r, i) = gv;
-      z(r, i) = gv * activate(act, h);
-    } else {
-      z(r, i) = activate(act, h);
-    }
+    if (glu) z(r, i) = glu_act(act, h, g(r, i), b_glu[i]);
+    else z(r, i) = activate(act, h);
   }
 }
 
@@ -265,27 +261,28 @@ __global__ void activation_backward_kernel(Activation act, View<const T, cuda> h
        e += index_t(gridDim.x) * blockDim.x) {
     const index_t r = e / H, i = e % H;
     const T h = hpre(r, i), d = dz(r, i);
-    if (glu) {
-      dhpre(r, i) = d * g(r, i) * activate_grad(act, h);
-      dg(r, i) = d * activate(act, h);
-    } else {
-      dhpre(r, i) = d * activate_grad(act, h);
-    }
+    if (glu) act_backward_glu(act, h, g(r, i), d, dhpre(r, i), dg(r, i));
+    else dhpre(r, i) = act_backward(act, h, d);
   }
 }
 
+// The scalars come one by one, not as one AdamWScalars argument: nvcc then orders the operands,
+// and chooses the products it fuses into multiply-adds, as for the update written out inline
+// (the PTX is the same), so results stay the same bits.
 template <class T>
 __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, index_t n, T decay, T w, T b2,
                              T one_minus_b2, T bc2, T eps, T step_size) {
+  const AdamWScalars<T> s{decay, w, b2, one_minus_b2, bc2, eps, step_size};
   for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
        e += index_t(gridDim.x) * blockDim.x) {
-    const T gr = g[e];
-    T mo = m[e];
-    mo = w < T(0.5) ? mo + w * (gr - mo) : gr - (gr - mo) * (T(1) - w);  // torch's lerp
-    const T vo = v[e] * b2 + one_minus_b2 * gr * gr;
-    m[e] = mo;
-    v[e] = vo;
-    p[e] = p[e] * decay - step_size * (mo / (sqrt(vo) / bc2 + eps));
+    const T ge = g[e];
+    T me = m[e], ve = v[e];
+    adamw_moments(ge, me, ve, s);
+    m[e] = me;
+    v[e] = ve;
+    T pe = p[e];
+    adamw_param(pe, me, ve, s);
+    p[e] = pe;
   }
 }
 
@@ -610,10 +607,10 @@ struct backend<cuda> {
   static void adamw_update(Ctx& ctx, View<T, cuda> p, cview<T> g, View<T, cuda> m,
                            View<T, cuda> v, const AdamWStep& s) {
     if (p.empty()) return;
+    const auto sc = detail::AdamWScalars<T>::from(s);
     MXD_CUDA_LAUNCH(detail::cu::adamw_kernel<T>, detail::cu::grid_for(p.size(), block), block,
-                    ctx.stream(), p.data, g.data, m.data, v.data, p.size(),
-                    T(1 - s.lr * s.weight_decay), T(1 - s.beta1), T(s.beta2), T(1 - s.beta2),
-                    T(s.bias_correction2_sqrt), T(s.eps), T(s.lr / s.bias_correction1));
+                    ctx.stream(), p.data, g.data, m.data, v.data, p.size(), sc.decay, sc.w, sc.b2,
+                    sc.one_minus_b2, sc.bc2, sc.eps, sc.step_size);
   }
 
   /// g[n] -= (g[n] . c[n] / |c[n]|^2) c[n] for every row n. C, g: [N, O].
