@@ -48,6 +48,14 @@ MXD_HOST_DEVICE void act_backward_glu(Activation act, T h, T g, T dz, T& dh, T& 
   dg = dz * activate(act, h);
 }
 
+/// One output element: returns (accumulate ? y : 0) + u * v + b, the layer's y = u * v + b_out
+/// (u = 1 for the transcoder, b = 0 where there is no bias). y is read only to accumulate.
+template <class T>
+MXD_HOST_DEVICE T modulate(const T& y, T u, T v, T b, bool accumulate) {
+  const T out = u * v;
+  return (accumulate ? y + out : out) + b;
+}
+
 /// An AdamWStep's scalars in the parameters' type T, as the update uses them.
 template <class T>
 struct AdamWScalars {
