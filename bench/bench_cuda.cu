@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Google Benchmark suite of the CUDA layer: forward, backward and training step of GPT-2 small
 // and the small layer at batch 1024 and 4096 in each float GEMM mode (fp32, TF32, bf16), and
-// the GPU's own kernels alone: gate top-k, the expert gather (mix_experts) and the expert
+// the GPU's own kernels alone: gate top-k, the expert gather (gather_rows) and the expert
 // gradients (sort by expert + segment sums). Times are CUDA events around each iteration
 // (UseManualTime); without a visible GPU every benchmark reports "no CUDA device is visible".
 #include <cmath>
@@ -144,8 +144,9 @@ void BM_mix_experts(benchmark::State& st) {
   if (no_gpu(st)) return;
   Fixture f(st);
   timed(st, f, [&] {
-    be::mix_experts<float>(f.ws.ctx, f.ws.topk_idx.view(), f.ws.topk_val.view(), f.p.C.view(),
-                           f.ws.u.view(), f.p.b_out.view(), f.ws.v.view(), f.y.view(), false);
+    be::gather_rows<float>(f.ws.ctx, f.ws.topk_idx.view(), f.ws.topk_val.view(), f.p.C.view(),
+                           f.ws.v.view(), false);
+    be::modulate<float>(f.ws.ctx, f.ws.u.view(), f.ws.v.view(), f.p.b_out.view(), f.y.view(), false);
   });
 }
 

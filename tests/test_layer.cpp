@@ -411,3 +411,58 @@ TEST_CASE("borrowed parameters: forward, backward and AdamW on foreign memory eq
   CHECK(copy.C.owns_memory());
   CHECK(copy.C.data() != pb.C.data());
 }
+
+TEST_CASE("gather_rows mixes the selected rows in slot order; modulate takes an empty u as 1 and an empty b_out as 0") {
+  using be = backend<cpu>;
+  Context<cpu> ctx;
+  const index_t B = 3, N = 5, O = 4, k = 2;
+  // Small integers and halves: every product and sum below is exact, whatever the rounding.
+  Tensor<double> C(N, O), val(B, k), u(B, O), b(1, O), ones(B, O), zero(1, O);
+  for (index_t n = 0; n < N; ++n)
+    for (index_t o = 0; o < O; ++o) C(n, o) = double((n * 7 + o * 3) % 11) - 5;
+  for (index_t r = 0; r < B; ++r)
+    for (index_t o = 0; o < O; ++o) {
+      u(r, o) = double((r + 2 * o) % 5) - 2;
+      ones(r, o) = 1;
+    }
+  for (index_t o = 0; o < O; ++o) b(0, o) = 0.5 * double(o) - 1;
+  Tensor<std::int32_t> idx(B, k);
+  const std::int32_t sel[3][2] = {{4, 1}, {0, 0}, {2, 3}};
+  const double coef[3][2] = {{0.5, -2}, {1.5, 0}, {0, 0}};  // zero slots add nothing
+  for (index_t r = 0; r < B; ++r)
+    for (index_t j = 0; j < k; ++j) {
+      idx(r, j) = sel[r][j];
+      val(r, j) = coef[r][j];
+    }
+  Tensor<double> v(B, O), v2(B, O);
+  for (index_t i = 0; i < v.size(); ++i) v[i] = v2[i] = double(i % 4) - 1;  // overwritten, kept
+  const Tensor<double> v0 = v2;
+  be::gather_rows<double>(ctx, idx.view(), val.view(), C.view(), v.view(), false);
+  be::gather_rows<double>(ctx, idx.view(), val.view(), C.view(), v2.view(), true);
+  for (index_t r = 0; r < B; ++r)
+    for (index_t o = 0; o < O; ++o) {
+      double want = 0;
+      for (index_t j = 0; j < k; ++j) want += coef[r][j] * C(sel[r][j], o);
+      CHECK(v(r, o) == want);
+      CHECK(v2(r, o) == v0(r, o) + want);
+    }
+
+  Tensor<double> y(B, O), y_ones(B, O), y_zero(B, O), acc(B, O);
+  be::modulate<double>(ctx, u.view(), v.view(), b.view(), y.view(), false);
+  for (index_t i = 0; i < acc.size(); ++i) acc[i] = double(i % 3);
+  const Tensor<double> acc0 = acc;
+  be::modulate<double>(ctx, u.view(), v.view(), b.view(), acc.view(), true);
+  for (index_t r = 0; r < B; ++r)
+    for (index_t o = 0; o < O; ++o) {
+      CHECK(y(r, o) == u(r, o) * v(r, o) + b(0, o));
+      CHECK(acc(r, o) == acc0(r, o) + u(r, o) * v(r, o) + b(0, o));
+    }
+  // u = 1 (the transcoder) and b_out = 0 (the AuxK residual) as empty views: the same bits
+  // as the explicit tensors.
+  be::modulate<double>(ctx, {}, v.view(), b.view(), y.view(), false);
+  be::modulate<double>(ctx, ones.view(), v.view(), b.view(), y_ones.view(), false);
+  CHECK(std::memcmp(y.data(), y_ones.data(), y.bytes()) == 0);
+  be::modulate<double>(ctx, u.view(), v.view(), {}, y.view(), false);
+  be::modulate<double>(ctx, u.view(), v.view(), zero.view(), y_zero.view(), false);
+  CHECK(std::memcmp(y.data(), y_zero.data(), y.bytes()) == 0);
+}

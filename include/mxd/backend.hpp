@@ -12,18 +12,21 @@
 ///     gemm(ctx, trans_a, trans_b, alpha, A, B, beta, C)       C = alpha op(A) op(B) + beta C
 ///     bias_activation(ctx, act, hpre, b_enc, g, b_glu, z)      hpre += b_enc; z = act(hpre) (GLU: g += b_glu, z *= g)
 ///     gate_topk(ctx, scores, b_gate, k, idx, val, row0)        relu(scores + b_gate), top-k per row
-///     mix_experts(ctx, idx, val, C, u, b_out, v, y, accumulate)  v = val C[idx]; y (+)= u * v + b_out
+///     gather_rows(ctx, idx, w, R, out, accumulate)             out (+)= sum_j w[:, j] R[idx[:, j]]
+///     modulate(ctx, u, v, b_out, y, accumulate)                y (+)= u * v + b_out (u, b_out optional)
 ///     col_sum(ctx, A, beta, out)                               out = beta out + sum of A's rows
 ///     output_backward(ctx, dy, u, v, du, dv)                   du = dy * v, dv = dy * u
 ///     expert_coefficient_grad(ctx, idx, val, C, dv, ds)        ds = [val > 0] dv . C[idx]
 ///     group_by_expert(ctx, idx, N, order, offsets)             stable counting sort by expert
 ///     expert_weight_grads(ctx, idx, val, ds, order, offsets, dv, x, dC, dG, db_gate, accumulate)
-///     gather_rows_add(ctx, idx, ds, G, dx)                     dx += ds G[idx]
 ///     activation_backward(ctx, act, hpre, g, dz, dhpre, dg)    through act (and GLU)
 ///     find_non_finite(ctx, v) -> index_t                       first NaN/Inf position, or -1
 ///     adamw_update(ctx, p, g, m, v, step)                      one torch.optim.AdamW update
 ///     remove_parallel_rows(ctx, C, g)                          g[n] -= (g[n].c[n] / |c[n]|^2) c[n]
 ///     normalize_rows(ctx, C)                                   rows of C to unit norm
+///
+/// The element-wise primitives' per-element bodies are written once, in elementwise.hpp (and
+/// beside what they serve: loss.hpp, steering.hpp), and called by both devices' loops.
 ///
 /// backend_contract_holds<Device, T>() checks every signature at compile time; the test suites
 /// static_assert it for both devices.
@@ -33,6 +36,7 @@
 #include <type_traits>
 
 #include "activation.hpp"
+#include "elementwise.hpp"
 #include "tensor.hpp"
 
 namespace mxd {
@@ -40,13 +44,6 @@ namespace mxd {
 /// The primitives a device provides; specialised in backend/cpu.hpp and backend/cuda.cuh.
 template <class Device>
 struct backend;
-
-/// The per-step scalars of one AdamW update, as torch computes them (adamw_update's argument).
-struct AdamWStep {
-  double lr, beta1, beta2, eps, weight_decay;
-  double bias_correction1;       // 1 - beta1^t
-  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
-};
 
 namespace detail {
 // A value of type X in unevaluated operands (decltype) only; never defined.
@@ -70,13 +67,13 @@ constexpr bool backend_contract_holds() {
   return std::is_same_v<decltype(be::template gemm<T>(arg<Ctx>(), false, false, T(), arg<R>(), arg<R>(), T(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template bias_activation<T>(arg<Ctx>(), Activation(), arg<W>(), arg<R>(), arg<W>(), arg<R>(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template gate_topk<T>(arg<Ctx>(), arg<W>(), arg<R>(), index_t(), arg<Wi>(), arg<W>(), index_t())), V> &&
-         std::is_same_v<decltype(be::template mix_experts<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), arg<W>(), false)), V> &&
+         std::is_same_v<decltype(be::template gather_rows<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<W>(), false)), V> &&
+         std::is_same_v<decltype(be::template modulate<T>(arg<Ctx>(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), false)), V> &&
          std::is_same_v<decltype(be::template col_sum<T>(arg<Ctx>(), arg<R>(), T(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template output_backward<T>(arg<Ctx>(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template expert_coefficient_grad<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<R>(), arg<W>())), V> &&
          std::is_same_v<decltype(be::group_by_expert(arg<Ctx>(), arg<Ri>(), index_t(), arg<Wi>(), arg<Wi>())), V> &&
          std::is_same_v<decltype(be::template expert_weight_grads<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<Ri>(), arg<Ri>(), arg<R>(), arg<R>(), arg<W>(), arg<W>(), arg<W>(), false)), V> &&
-         std::is_same_v<decltype(be::template gather_rows_add<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template activation_backward<T>(arg<Ctx>(), Activation(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template find_non_finite<T>(arg<Ctx>(), arg<R>())), index_t> &&
          std::is_same_v<decltype(be::template adamw_update<T>(arg<Ctx>(), arg<W>(), arg<R>(), arg<W>(), arg<W>(), arg<Step>())), V> &&

@@ -127,8 +127,9 @@ void output(Context<Device>& ctx, const Params<T, Device>& p, InView<T, Device> 
   const bool steered = steering && !steering->edits.empty();
   if (steered) steer_selection(ctx, *steering, c.k, idx, val, coef);
   if (c.skip) be::gemm(ctx, false, true, T(1), x, p.W_skip.view(), T(0), y);  // [R, O]
-  be::mix_experts(ctx, ConstView<std::int32_t, Device>(idx), ConstView<T, Device>(steered ? coef : val),
-                  p.C.view(), ConstView<T, Device>(u), p.b_out.view(), v, y, c.skip);
+  be::gather_rows(ctx, ConstView<std::int32_t, Device>(idx),
+                  ConstView<T, Device>(steered ? coef : val), p.C.view(), v, false);
+  be::modulate(ctx, ConstView<T, Device>(u), ConstView<T, Device>(v), p.b_out.view(), y, c.skip);
 }
 
 }  // namespace detail
@@ -232,7 +233,7 @@ void backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device>
   // Input: dx += (dy W_skip) + sum_j ds[b,j] g_{idx[b,j]}.
   if (dx.empty()) return;
   if (c.skip) be::gemm(ctx, false, false, T(1), dy, p.W_skip.view(), T(1), dx);
-  be::gather_rows_add(ctx, ws.topk_idx.view(), CV(ws.ds.view()), p.G.view(), dx);
+  be::gather_rows(ctx, ws.topk_idx.view(), CV(ws.ds.view()), p.G.view(), dx, true);
 }
 
 }  // namespace mxd

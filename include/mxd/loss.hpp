@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "device.hpp"
 #include "tensor.hpp"
 
 namespace mxd {
@@ -52,6 +53,22 @@ index_t loss_mean_rows(Loss kind, InView<T, Device> y, InView<T, Device> t, View
             mean_rows, " rows for a batch of ", B, (kind == Loss::fvu ? " (not with fvu)" : ""));
   return mean_rows > 0 ? mean_rows : B;
 }
+
+/// dL/dy of one element, e = y - t in double, for the host loss() and the device one
+/// (backend/cuda/loss.cuh): nmse_ref 2 e / |t_row| * scale, mse 2 e * scale, fvu 2 e / var,
+/// where scale = 1 / (rows O) and var is fvu's denominator sum (t - mean_rows t)^2.
+/// row_norm and var are read only by the kinds that use them (the GPU's kernel passes its
+/// memory, so it loads nothing else).
+MXD_HOST_DEVICE double loss_grad(Loss kind, double e, const double& row_norm, double scale,
+                                 const double& var) {
+  switch (kind) {
+    case Loss::nmse_ref: return 2 * e / row_norm * scale;
+    case Loss::mse: return 2 * e * scale;
+    case Loss::fvu: return 2 * e / var;
+  }
+  return 0;
+}
+
 }  // namespace detail
 
 /// Returns the loss of y against target t and, when dy is not empty, writes dL/dy to it.
@@ -74,7 +91,7 @@ double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
         for (index_t o = 0; o < O; ++o) {
           const double e = double(y(r, o)) - double(t(r, o));
           total += e * e / tn;
-          if (!dy.empty()) dy(r, o) = static_cast<T>(2 * e / tn * scale);
+          if (!dy.empty()) dy(r, o) = static_cast<T>(detail::loss_grad(kind, e, tn, scale, 0));
         }
       }
       return total * scale;
@@ -85,7 +102,7 @@ double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
         for (index_t o = 0; o < O; ++o) {
           const double e = double(y(r, o)) - double(t(r, o));
           total += e * e;
-          if (!dy.empty()) dy(r, o) = static_cast<T>(2 * e * scale);
+          if (!dy.empty()) dy(r, o) = static_cast<T>(detail::loss_grad(kind, e, 0, scale, 0));
         }
       return total * scale;
     }
@@ -104,7 +121,8 @@ double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
       if (!dy.empty())
         for (index_t r = 0; r < B; ++r)
           for (index_t o = 0; o < O; ++o)
-            dy(r, o) = static_cast<T>(2 * (double(y(r, o)) - double(t(r, o))) / var);
+            dy(r, o) = static_cast<T>(
+                detail::loss_grad(kind, double(y(r, o)) - double(t(r, o)), 0, 0, var));
       return total / var;
     }
   }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "device.hpp"
 #include "tensor.hpp"
 
 namespace mxd {
@@ -56,6 +57,35 @@ private:
   }
 };
 
+namespace detail {
+
+/// steer_selection's edits of one row, for the host loop below and the GPU's kernel
+/// (backend/cuda/steering.cuh, one thread per row). idx, gate, coef point at the row's
+/// k + E columns; edits[0, E) are s.edits.
+template <class T>
+MXD_HOST_DEVICE void steer_row(const Steering::Edit* edits, index_t E, index_t k,
+                               std::int32_t* idx, T* gate, T* coef) {
+  for (index_t j = 0; j < k; ++j) coef[j] = gate[j];
+  for (index_t e = 0; e < E; ++e) {
+    const Steering::Edit ed = edits[e];
+    idx[k + e] = static_cast<std::int32_t>(ed.expert);
+    gate[k + e] = T(0);
+    coef[k + e] = T(0);
+    // The expert's own top-k slot if it was selected with a > 0, else the column an earlier
+    // edit forced it on in, so that edits of one expert compose in order.
+    index_t slot = k + e;
+    for (index_t j = 0; j < k + e && slot == k + e; ++j)
+      if (idx[j] == ed.expert && (j >= k || gate[j] > T(0))) slot = j;
+    switch (ed.op) {
+      case Steering::Op::add: coef[slot] += static_cast<T>(ed.value); break;
+      case Steering::Op::clamp: coef[slot] = static_cast<T>(ed.value); gate[slot] = T(0); break;
+      case Steering::Op::zero: coef[slot] = T(0); gate[slot] = T(0); break;
+    }
+  }
+}
+
+}  // namespace detail
+
 /// Applies `s` to a selection on the host. On entry the first k columns of idx and gate hold
 /// top-k's (index, value) pairs; the other columns (one per edit) are filled here. On exit
 /// `coef` holds the coefficients forward mixes with and `gate` the values whose positivity
@@ -65,25 +95,8 @@ template <class T>
 void steer_selection(Context<cpu>&, const Steering& s, index_t k, View<std::int32_t, cpu> idx,
                      View<T, cpu> gate, View<T, cpu> coef) {
   const index_t E = static_cast<index_t>(s.edits.size());
-  for (index_t r = 0; r < idx.rows; ++r) {
-    for (index_t j = 0; j < k; ++j) coef(r, j) = gate(r, j);
-    for (index_t e = 0; e < E; ++e) {
-      const Steering::Edit& ed = s.edits[e];
-      idx(r, k + e) = static_cast<std::int32_t>(ed.expert);
-      gate(r, k + e) = T(0);
-      coef(r, k + e) = T(0);
-      // The expert's own top-k slot if it was selected with a > 0, else the column an earlier
-      // edit forced it on in, so that edits of one expert compose in order.
-      index_t slot = k + e;
-      for (index_t j = 0; j < k + e && slot == k + e; ++j)
-        if (idx(r, j) == ed.expert && (j >= k || gate(r, j) > T(0))) slot = j;
-      switch (ed.op) {
-        case Steering::Op::add: coef(r, slot) += static_cast<T>(ed.value); break;
-        case Steering::Op::clamp: coef(r, slot) = static_cast<T>(ed.value); gate(r, slot) = T(0); break;
-        case Steering::Op::zero: coef(r, slot) = T(0); gate(r, slot) = T(0); break;
-      }
-    }
-  }
+  for (index_t r = 0; r < idx.rows; ++r)
+    detail::steer_row(s.edits.data(), E, k, idx.row(r), gate.row(r), coef.row(r));
 }
 
 }  // namespace mxd

@@ -42,7 +42,7 @@ struct View {
   bool empty() const { return rows == 0 || cols == 0; }
   bool contiguous() const { return ld == cols; }
   MXD_HOST_DEVICE T& operator()(index_t r, index_t c) const { return data[r * ld + c]; }
-  T* row(index_t r) const { return data + r * ld; }
+  MXD_HOST_DEVICE T* row(index_t r) const { return data + r * ld; }
   /// Rows [begin, begin + count) as a view.
   View block_rows(index_t begin, index_t count) const { return {data + begin * ld, count, cols, ld}; }
 };

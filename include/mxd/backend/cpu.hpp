@@ -24,6 +24,7 @@
 
 #include "../activation.hpp"
 #include "../backend.hpp"
+#include "../elementwise.hpp"
 #include "../finite.hpp"
 #include "../tensor.hpp"
 #include "gemm.hpp"
@@ -108,10 +109,7 @@ struct backend<cpu> {
         for (index_t i = 0; i < H; ++i) h[i] += b_enc.data[i];
         if (glu) {
           T* gr = g.row(r);
-          for (index_t i = 0; i < H; ++i) {
-            gr[i] += b_glu.data[i];
-            zr[i] = gr[i] * activate(act, h[i]);
-          }
+          for (index_t i = 0; i < H; ++i) zr[i] = detail::glu_act(act, h[i], gr[i], b_glu.data[i]);
         } else {
           for (index_t i = 0; i < H; ++i) zr[i] = activate(act, h[i]);
         }
@@ -194,29 +192,60 @@ struct backend<cpu> {
               b % N, ")");
   }
 
-  /// v[b] = sum_j val[b,j] C[idx[b,j]];  y = (accumulate ? y : 0) + u * v + b_out.
-  /// idx, val: [B, k], C: [N, O], u, v, y: [B, O], b_out: [1, O].
+  /// out[b] = (accumulate ? out[b] : 0) + sum_j w[b,j] rows[idx[b,j]], in slot order (slots
+  /// with w 0 add nothing): the forward's mixture v = a C (onto zeros), the backward's
+  /// dx += ds G. idx, w: [B, k], rows: [N, C], out: [B, C].
   template <class T>
-  static void mix_experts(Ctx& ctx, cview<std::int32_t> idx, cview<T> val, cview<T> C,
-                          cview<T> u, cview<T> b_out, View<T, cpu> v, View<T, cpu> y,
-                          bool accumulate) {
-    const index_t O = C.cols, k = idx.cols;
-    detail::parallel_chunks(ctx.resolved_threads(), y.rows, 16, [&](index_t r0, index_t r1) {
-      for (index_t r = r0; r < r1; ++r) {
-        T* vr = v.row(r);
-        std::fill(vr, vr + O, T(0));
-        for (index_t j = 0; j < k; ++j) {
-          const T a = val(r, j);
-          if (a == T(0)) continue;  // unselected slot: contributes nothing
-          const T* c = C.row(idx(r, j));
-          for (index_t o = 0; o < O; ++o) vr[o] += a * c[o];
+  static void gather_rows(Ctx& ctx, cview<std::int32_t> idx, cview<T> w, cview<T> rows,
+                          View<T, cpu> out, bool accumulate) {
+    const index_t C = rows.cols, k = idx.cols;
+    // One loop per case (accumulate known in it): GCC then keeps the views in registers.
+    auto run = [&](auto acc) {
+      detail::parallel_chunks(ctx.resolved_threads(), out.rows, 16, [&](index_t r0, index_t r1) {
+        for (index_t r = r0; r < r1; ++r) {
+          T* d = out.row(r);
+          if (!acc) std::fill(d, d + C, T(0));
+          for (index_t j = 0; j < k; ++j) {
+            const T a = w(r, j);
+            if (a == T(0)) continue;  // unselected slot: contributes nothing
+            const T* g = rows.row(idx(r, j));
+            for (index_t c = 0; c < C; ++c) d[c] += a * g[c];
+          }
         }
-        const T* ur = u.row(r);
-        T* yr = y.row(r);
-        for (index_t o = 0; o < O; ++o)
-          yr[o] = (accumulate ? yr[o] + ur[o] * vr[o] : ur[o] * vr[o]) + b_out.data[o];
-      }
-    });
+      });
+    };
+    if (accumulate) run(std::true_type{});
+    else run(std::false_type{});
+  }
+
+  /// y = (accumulate ? y : 0) + u * v + b_out. An empty u is u = 1 (the transcoder), an empty
+  /// b_out is 0. u, v, y: [B, O]; b_out: [1, O].
+  template <class T>
+  static void modulate(Ctx& ctx, cview<T> u, cview<T> v, cview<T> b_out, View<T, cpu> y,
+                       bool accumulate) {
+    const index_t O = v.cols;
+    // One loop per case, u and b_out known present or absent in it; each runs the one body.
+    auto run = [&](auto has_u, auto has_b) {
+      detail::parallel_chunks(ctx.resolved_threads(), y.rows, 16, [&](index_t r0, index_t r1) {
+        for (index_t r = r0; r < r1; ++r) {
+          const T* ur = u.row(r);
+          const T* vr = v.row(r);
+          T* yr = y.row(r);
+          for (index_t o = 0; o < O; ++o)
+            yr[o] = detail::modulate(yr[o], has_u ? ur[o] : T(1), vr[o],
+                                     has_b ? b_out.data[o] : T(0), accumulate);
+        }
+      });
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (!u.empty()) {
+      if (!b_out.empty()) run(yes{}, yes{});
+      else run(yes{}, no{});
+    } else {
+      if (!b_out.empty()) run(no{}, yes{});
+      else run(no{}, no{});
+    }
   }
 
   /// out = beta out + sum over rows of A. A: [B, M], out: [1, M].
@@ -318,24 +347,6 @@ struct backend<cpu> {
     });
   }
 
-  /// dx[b] += sum_j ds[b,j] G[idx[b,j]]. idx, ds: [B, k], G: [N, I], dx: [B, I].
-  template <class T>
-  static void gather_rows_add(Ctx& ctx, cview<std::int32_t> idx, cview<T> ds, cview<T> G,
-                              View<T, cpu> dx) {
-    const index_t I = G.cols, k = idx.cols;
-    detail::parallel_chunks(ctx.resolved_threads(), dx.rows, 16, [&](index_t r0, index_t r1) {
-      for (index_t r = r0; r < r1; ++r) {
-        T* d = dx.row(r);
-        for (index_t j = 0; j < k; ++j) {
-          const T w = ds(r, j);
-          if (w == T(0)) continue;
-          const T* g = G.row(idx(r, j));
-          for (index_t i = 0; i < I; ++i) d[i] += w * g[i];
-        }
-      }
-    });
-  }
-
   /// dhpre = dz * act'(hpre) (* g);  with GLU also dg = dz * act(hpre). All [B, H].
   template <class T>
   static void activation_backward(Ctx& ctx, Activation act, cview<T> hpre, cview<T> g,
@@ -350,12 +361,10 @@ struct backend<cpu> {
         if (glu) {
           const T* gr = g.row(r);
           T* dgr = dg.row(r);
-          for (index_t i = 0; i < H; ++i) {
-            dh[i] = d[i] * gr[i] * activate_grad(act, h[i]);
-            dgr[i] = d[i] * activate(act, h[i]);
-          }
+          for (index_t i = 0; i < H; ++i)
+            detail::act_backward_glu(act, h[i], gr[i], d[i], dh[i], dgr[i]);
         } else {
-          for (index_t i = 0; i < H; ++i) dh[i] = d[i] * activate_grad(act, h[i]);
+          for (index_t i = 0; i < H; ++i) dh[i] = detail::act_backward(act, h[i], d[i]);
         }
       }
     });
@@ -381,21 +390,17 @@ struct backend<cpu> {
   template <class T>
   static void adamw_update(Ctx& ctx, View<T, cpu> p, cview<T> g, View<T, cpu> m, View<T, cpu> v,
                            const AdamWStep& s) {
-    const T decay = T(1 - s.lr * s.weight_decay), w = T(1 - s.beta1), b2 = T(s.beta2);
-    const T one_minus_b2 = T(1 - s.beta2), bc2 = T(s.bias_correction2_sqrt), eps = T(s.eps);
-    const T step_size = T(s.lr / s.bias_correction1);
+    const auto sc = detail::AdamWScalars<T>::from(s);
     using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
-    // Eigen array passes over L2-sized chunks: vectorised (std::sqrt's errno blocks that in a
-    // scalar loop), with the same per-element operations as torch.
+    // The GPU's element bodies over Eigen arrays of L2-sized chunks: each statement a
+    // vectorised pass (std::sqrt's errno blocks that in a scalar loop), the same operations
+    // per element.
     detail::parallel_chunks(ctx.resolved_threads(), p.size(), 1 << 14, [&](index_t i0, index_t i1) {
       const index_t n = i1 - i0;
       Eigen::Map<Arr> P(p.data + i0, n), Mo(m.data + i0, n), Vo(v.data + i0, n);
       Eigen::Map<const Arr> Gr(g.data + i0, n);
-      P *= decay;
-      if (w < T(0.5)) Mo += w * (Gr - Mo);  // torch's lerp
-      else Mo = Gr - (Gr - Mo) * (T(1) - w);
-      Vo = Vo * b2 + one_minus_b2 * Gr * Gr;
-      P += -step_size * (Mo / (Vo.sqrt() / bc2 + eps));
+      detail::adamw_moments(Gr, Mo, Vo, sc);
+      detail::adamw_param(P, Mo, Vo, sc);
     });
   }
 

@@ -18,6 +18,7 @@
 
 #include "../activation.hpp"
 #include "../backend.hpp"
+#include "../elementwise.hpp"
 #include "../tensor.hpp"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.cuh"
@@ -84,31 +85,21 @@ __global__ void bias_activation_kernel(Activation act, View<T, cuda> hpre, const
     const index_t r = e / H, i = e % H;
     const T h = hpre(r, i) + b_enc[i];
     hpre(r, i) = h;
-    if (glu) {
-      const T gv = g(r, i) + b_glu[i];
-      g(r, i) = gv;
-      z(r, i) = gv * activate(act, h);
-    } else {
-      z(r, i) = activate(act, h);
-    }
+    if (glu) z(r, i) = glu_act(act, h, g(r, i), b_glu[i]);
+    else z(r, i) = activate(act, h);
   }
 }
 
-// One block per row: v[b] = sum_j val[b,j] C[idx[b,j]]; y = (accumulate ? y : 0) + u * v + b_out.
+// y = (accumulate ? y : 0) + u * v + b_out, u = 1 where u has no data and b_out = 0 where null.
 template <class T>
-__global__ void mix_experts_kernel(View<const std::int32_t, cuda> idx, View<const T, cuda> val,
-                                   View<const T, cuda> C, View<const T, cuda> u, const T* b_out,
-                                   View<T, cuda> v, View<T, cuda> y, bool accumulate) {
-  const index_t r = blockIdx.x, O = C.cols, k = idx.cols;
-  for (index_t o = threadIdx.x; o < O; o += blockDim.x) {
-    T acc(0);
-    for (index_t j = 0; j < k; ++j) {
-      const T a = val(r, j);
-      if (a != T(0)) acc += a * C(idx(r, j), o);
-    }
-    v(r, o) = acc;
-    const T out = u(r, o) * acc;
-    y(r, o) = (accumulate ? y(r, o) + out : out) + b_out[o];
+__global__ void modulate_kernel(View<const T, cuda> u, View<const T, cuda> v, const T* b_out,
+                                View<T, cuda> y, bool accumulate) {
+  const index_t O = y.cols, n = y.rows * O;
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
+       e += index_t(gridDim.x) * blockDim.x) {
+    const index_t r = e / O, o = e % O;
+    y(r, o) = modulate(y(r, o), u.data ? u(r, o) : T(1), v(r, o), b_out ? b_out[o] : T(0),
+                       accumulate);
   }
 }
 
@@ -241,18 +232,19 @@ __global__ void first_non_finite_kernel(const T* data, index_t n, unsigned long 
     if (!isfinite(data[i])) atomicMin(first, static_cast<unsigned long long>(i));
 }
 
-// One block per row: dx[b] += sum_j ds[b,j] G[idx[b,j]].
+// One block per row: out[b] = (accumulate ? out[b] : 0) + sum_j w[b,j] rows[idx[b,j]], in
+// slot order.
 template <class T>
-__global__ void gather_rows_add_kernel(View<const std::int32_t, cuda> idx, View<const T, cuda> ds,
-                                       View<const T, cuda> G, View<T, cuda> dx) {
+__global__ void gather_rows_kernel(View<const std::int32_t, cuda> idx, View<const T, cuda> w,
+                                   View<const T, cuda> rows, View<T, cuda> out, bool accumulate) {
   const index_t r = blockIdx.x, k = idx.cols;
-  for (index_t i = threadIdx.x; i < G.cols; i += blockDim.x) {
-    T acc = dx(r, i);
+  for (index_t c = threadIdx.x; c < rows.cols; c += blockDim.x) {
+    T acc = accumulate ? out(r, c) : T(0);
     for (index_t j = 0; j < k; ++j) {
-      const T w = ds(r, j);
-      if (w != T(0)) acc += w * G(idx(r, j), i);
+      const T a = w(r, j);
+      if (a != T(0)) acc += a * rows(idx(r, j), c);
     }
-    dx(r, i) = acc;
+    out(r, c) = acc;
   }
 }
 
@@ -265,27 +257,28 @@ __global__ void activation_backward_kernel(Activation act, View<const T, cuda> h
        e += index_t(gridDim.x) * blockDim.x) {
     const index_t r = e / H, i = e % H;
     const T h = hpre(r, i), d = dz(r, i);
-    if (glu) {
-      dhpre(r, i) = d * g(r, i) * activate_grad(act, h);
-      dg(r, i) = d * activate(act, h);
-    } else {
-      dhpre(r, i) = d * activate_grad(act, h);
-    }
+    if (glu) act_backward_glu(act, h, g(r, i), d, dhpre(r, i), dg(r, i));
+    else dhpre(r, i) = act_backward(act, h, d);
   }
 }
 
+// The scalars come one by one, not as one AdamWScalars argument: nvcc then orders the operands,
+// and chooses the products it fuses into multiply-adds, as for the update written out inline
+// (the PTX is the same), so results stay the same bits.
 template <class T>
 __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, index_t n, T decay, T w, T b2,
                              T one_minus_b2, T bc2, T eps, T step_size) {
+  const AdamWScalars<T> s{decay, w, b2, one_minus_b2, bc2, eps, step_size};
   for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
        e += index_t(gridDim.x) * blockDim.x) {
-    const T gr = g[e];
-    T mo = m[e];
-    mo = w < T(0.5) ? mo + w * (gr - mo) : gr - (gr - mo) * (T(1) - w);  // torch's lerp
-    const T vo = v[e] * b2 + one_minus_b2 * gr * gr;
-    m[e] = mo;
-    v[e] = vo;
-    p[e] = p[e] * decay - step_size * (mo / (sqrt(vo) / bc2 + eps));
+    const T ge = g[e];
+    T me = m[e], ve = v[e];
+    adamw_moments(ge, me, ve, s);
+    m[e] = me;
+    v[e] = ve;
+    T pe = p[e];
+    adamw_param(pe, me, ve, s);
+    p[e] = pe;
   }
 }
 
@@ -466,15 +459,23 @@ struct backend<cuda> {
                     sorted_idx, sorted_val, B, k, idx.data, idx.ld, val.data, val.ld);
   }
 
-  /// v[b] = sum_j val[b,j] C[idx[b,j]];  y = (accumulate ? y : 0) + u * v + b_out.
-  /// idx, val: [B, k], C: [N, O], u, v, y: [B, O], b_out: [1, O].
+  /// As backend<cpu>::gather_rows: out (+)= sum_j w[:, j] rows[idx[:, j]], one block per row.
   template <class T>
-  static void mix_experts(Ctx& ctx, cview<std::int32_t> idx, cview<T> val, cview<T> C,
-                          cview<T> u, cview<T> b_out, View<T, cuda> v, View<T, cuda> y,
-                          bool accumulate) {
-    if (y.rows == 0) return;
-    MXD_CUDA_LAUNCH(detail::cu::mix_experts_kernel<T>, unsigned(y.rows), block, ctx.stream(), idx,
-                    val, C, u, b_out.data, v, y, accumulate);
+  static void gather_rows(Ctx& ctx, cview<std::int32_t> idx, cview<T> w, cview<T> rows,
+                          View<T, cuda> out, bool accumulate) {
+    if (out.rows == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::gather_rows_kernel<T>, unsigned(out.rows), block, ctx.stream(),
+                    idx, w, rows, out, accumulate);
+  }
+
+  /// As backend<cpu>::modulate: y (+)= u * v + b_out, u = 1 and b_out = 0 where empty.
+  template <class T>
+  static void modulate(Ctx& ctx, cview<T> u, cview<T> v, cview<T> b_out, View<T, cuda> y,
+                       bool accumulate) {
+    if (y.empty()) return;
+    MXD_CUDA_LAUNCH(detail::cu::modulate_kernel<T>, detail::cu::grid_for(y.size(), block), block,
+                    ctx.stream(), u.empty() ? cview<T>() : u, v,
+                    b_out.empty() ? nullptr : b_out.data, y, accumulate);
   }
 
   /// out = beta out + sum over rows of A, in fixed chunks of 256 rows. A: [B, M], out: [1, M].
@@ -570,15 +571,6 @@ struct backend<cuda> {
                     db_gate.data, accumulate);
   }
 
-  /// dx[b] += sum_j ds[b,j] G[idx[b,j]]. idx, ds: [B, k], G: [N, I], dx: [B, I].
-  template <class T>
-  static void gather_rows_add(Ctx& ctx, cview<std::int32_t> idx, cview<T> ds, cview<T> G,
-                              View<T, cuda> dx) {
-    if (dx.rows == 0) return;
-    MXD_CUDA_LAUNCH(detail::cu::gather_rows_add_kernel<T>, unsigned(dx.rows), block, ctx.stream(),
-                    idx, ds, G, dx);
-  }
-
   /// dhpre = dz * act'(hpre) (* g);  with GLU also dg = dz * act(hpre). All [B, H].
   template <class T>
   static void activation_backward(Ctx& ctx, Activation act, cview<T> hpre, cview<T> g,
@@ -610,10 +602,10 @@ struct backend<cuda> {
   static void adamw_update(Ctx& ctx, View<T, cuda> p, cview<T> g, View<T, cuda> m,
                            View<T, cuda> v, const AdamWStep& s) {
     if (p.empty()) return;
+    const auto sc = detail::AdamWScalars<T>::from(s);
     MXD_CUDA_LAUNCH(detail::cu::adamw_kernel<T>, detail::cu::grid_for(p.size(), block), block,
-                    ctx.stream(), p.data, g.data, m.data, v.data, p.size(),
-                    T(1 - s.lr * s.weight_decay), T(1 - s.beta1), T(s.beta2), T(1 - s.beta2),
-                    T(s.bias_correction2_sqrt), T(s.eps), T(s.lr / s.bias_correction1));
+                    ctx.stream(), p.data, g.data, m.data, v.data, p.size(), sc.decay, sc.w, sc.b2,
+                    sc.one_minus_b2, sc.bc2, sc.eps, sc.step_size);
   }
 
   /// g[n] -= (g[n] . c[n] / |c[n]|^2) c[n] for every row n. C, g: [N, O].
@@ -631,6 +623,7 @@ struct backend<cuda> {
     MXD_CUDA_LAUNCH(detail::cu::normalize_rows_kernel<T>, detail::cu::warp_grid(C.rows), block,
                     ctx.stream(), C);
   }
+
 };
 
 }  // namespace mxd

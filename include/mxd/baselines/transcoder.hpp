@@ -8,8 +8,9 @@
 ///     a = top-k(relu(x W_enc + b_enc))        k (index, value) pairs
 ///     y = sum_j a_j W_dec[idx_j] (+ x W_skip^T) + b_out
 ///
-/// This is exactly MxD's gating branch with u = 1, so gate_topk, mix_experts and the sparse
-/// expert backward serve it unchanged. Each latent contributes a rank-1 map W_enc[:, m] W_dec[m].
+/// This is exactly MxD's gating branch with u = 1, so gate_topk, gather_rows, modulate (with no
+/// u) and the sparse expert backward serve it unchanged. Each latent contributes a rank-1 map
+/// W_enc[:, m] W_dec[m].
 ///
 ///     mxd::TranscoderParams<float> tc(mxd::TranscoderConfig{768, 768, 24576, 32});
 ///     mxd::transcoder_forward(tc, x, y, ws);  mxd::transcoder_backward(tc, x, dy, ws, g, dx);
@@ -119,7 +120,8 @@ struct TranscoderWorkspace {
   Tensor<T, Device> scores;                // [B, M] relu(x W_enc + b_enc)
   Tensor<std::int32_t, Device> topk_idx;   // [B, k]
   Tensor<T, Device> topk_val;              // [B, k]
-  Tensor<T, Device> ones;                  // [B, O] the constant u = 1 of the shared primitives
+  Tensor<T, Device> ones;                  // unused, always empty (u = 1 is modulate's empty u);
+                                           // kept while callers still count its bytes
   Tensor<T, Device> v;                     // [B, O] sum_j a_j W_dec[idx_j]
   Tensor<T, Device> ds;                    // [B, k]
   Tensor<std::int32_t, Device> order;      // [1, B k]
@@ -159,19 +161,13 @@ void transcoder_forward(const TranscoderParams<T, Device>& p, InView<T, Device> 
   ws.scores.resize(B, c.n_latents, false);
   ws.topk_idx.resize(B, c.k, false);
   ws.topk_val.resize(B, c.k, false);
-  if (ws.ones.rows() != B || ws.ones.cols() != c.d_out) {
-    Tensor<T> host(B, c.d_out);
-    for (index_t i = 0; i < host.size(); ++i) host[i] = T(1);
-    ws.ones.resize(B, c.d_out, false);
-    memory<Device>::upload(ws.ones.data(), host.data(), host.bytes());
-  }
   ws.v.resize(B, c.d_out, false);
   auto& ctx = ws.ctx;
   be::gemm(ctx, false, true, T(1), x, p.W_enc.view(), T(0), ws.scores.view());   // [B, M]
   be::gate_topk(ctx, ws.scores.view(), p.b_enc.view(), c.k, ws.topk_idx.view(), ws.topk_val.view());
   if (c.skip) be::gemm(ctx, false, true, T(1), x, p.W_skip.view(), T(0), y);
-  be::mix_experts(ctx, ws.topk_idx.view(), ws.topk_val.view(), p.W_dec.view(), ws.ones.view(),
-                  p.b_out.view(), ws.v.view(), y, c.skip);
+  be::gather_rows(ctx, ws.topk_idx.view(), ws.topk_val.view(), p.W_dec.view(), ws.v.view(), false);
+  be::modulate(ctx, InView<T, Device>(), ws.v.view(), p.b_out.view(), y, c.skip);  // u = 1
 }
 
 /// Analytic backward of transcoder_forward for the batch cached in `ws`. Gradients follow
@@ -209,8 +205,7 @@ void transcoder_backward(const TranscoderParams<T, Device>& p, InView<T, Device>
                           grads.W_enc.view(), grads.b_enc.view(), acc);
   if (dx.empty()) return;
   if (c.skip) be::gemm(ctx, false, false, T(1), dy, p.W_skip.view(), T(0), dx);
-  else memory<Device>::zero(dx.data, static_cast<std::size_t>(dx.size()) * sizeof(T));
-  be::gather_rows_add(ctx, ws.topk_idx.view(), ws.ds.view(), p.W_enc.view(), dx);
+  be::gather_rows(ctx, ws.topk_idx.view(), ws.ds.view(), p.W_enc.view(), dx, c.skip);
 }
 
 /// The model interface that train::step (train/step.hpp) and the adapters use for every

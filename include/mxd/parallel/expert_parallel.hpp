@@ -217,29 +217,15 @@ public:
       lval_[i] = mine ? sel_val_[i] : T(0);
     }
 
-    // 4. Partial mixtures of all rows, summed onto their owners; then the output.
+    // 4. Partial mixtures of all rows, summed onto their owners; then the output
+    //    y = u * v (+ skip) + b_out through the same primitive as one process.
     vpart_.resize(B, O, false);
-    if (u0_.rows() != B || u0_.cols() != O) u0_.resize(B, O);  // zeros: only v is wanted here
-    yscr_.resize(B, O, false);
-    be::mix_experts(ctx, ConstView<std::int32_t>(lidx_.view()), ConstView<T>(lval_.view()),
-                    p.C.view(), ConstView<T>(u0_.view()), p.b_out.view(), vpart_.view(),
-                    yscr_.view(), false);
-    vown_.resize(Br, O, false);
-    comm_.reduce_scatter<T>(vpart_.view(), vown_.view(), rows);
+    be::gather_rows(ctx, ConstView<std::int32_t>(lidx_.view()), ConstView<T>(lval_.view()),
+                    p.C.view(), vpart_.view(), false);
+    comm_.reduce_scatter<T>(vpart_.view(), ws.v.view(), rows);
     if (c.skip) be::gemm(ctx, false, true, T(1), x, p.W_skip.view(), T(0), y);
-    // y = u * v (+ skip) + b_out through the same primitive as one process: row b mixes
-    // "expert" b of vown with coefficient 1, which copies v exactly.
-    if (iota_.rows() != Br) {
-      iota_.resize(Br, 1, false);
-      ones_.resize(Br, 1, false);
-      for (index_t b = 0; b < Br; ++b) {
-        iota_[b] = static_cast<std::int32_t>(b);
-        ones_[b] = T(1);
-      }
-    }
-    be::mix_experts(ctx, ConstView<std::int32_t>(iota_.view()), ConstView<T>(ones_.view()),
-                    ConstView<T>(vown_.view()), ConstView<T>(ws.u.view()), p.b_out.view(),
-                    ws.v.view(), y, c.skip);
+    be::modulate(ctx, ConstView<T>(ws.u.view()), ConstView<T>(ws.v.view()), p.b_out.view(), y,
+                 c.skip);
   }
 
   /// Backward of the last forward: this rank's expert gradients (complete: every row that
@@ -293,9 +279,9 @@ public:
     if (dx.empty()) return;
     if (c.skip) be::gemm(ctx, false, false, T(1), dy, p.W_skip.view(), T(1), dx);
     // The gate's term of dx: every rank's share for all rows, summed onto the owners.
-    dxpart_.resize(B, c.d_in);
-    be::gather_rows_add(ctx, ConstView<std::int32_t>(lidx_.view()), CV(ds_.view()), p.G.view(),
-                        dxpart_.view());
+    dxpart_.resize(B, c.d_in, false);
+    be::gather_rows(ctx, ConstView<std::int32_t>(lidx_.view()), CV(ds_.view()), p.G.view(),
+                    dxpart_.view(), false);
     dxown_.resize(Br, c.d_in, false);
     comm_.reduce_scatter<T>(dxpart_.view(), dxown_.view(), rows_);
     for (index_t i = 0; i < dx.size(); ++i) dx.data[i] += dxown_[i];
@@ -305,8 +291,7 @@ public:
   std::size_t bytes() const {
     return X_.bytes() + scores_.bytes() + cand_idx_.bytes() + cand_val_.bytes() +
            recv_idx_.bytes() + recv_val_.bytes() + sel_idx_.bytes() + sel_val_.bytes() +
-           lidx_.bytes() + lval_.bytes() + vpart_.bytes() + u0_.bytes() + yscr_.bytes() +
-           vown_.bytes() + iota_.bytes() + ones_.bytes() + DV_.bytes() + ds_.bytes() +
+           lidx_.bytes() + lval_.bytes() + vpart_.bytes() + DV_.bytes() + ds_.bytes() +
            order_.bytes() + offs_.bytes() + dxpart_.bytes() + dxown_.bytes();
   }
 
@@ -338,10 +323,7 @@ private:
   Tensor<T> sel_val_;
   Tensor<std::int32_t> lidx_;               // [B, k] in-shard index, or Nr (sink)
   Tensor<T> lval_;                          // [B, k] coefficient, 0 outside the shard
-  Tensor<T> vpart_, u0_, yscr_;             // [B, O] partial mixture; zero u; unused y
-  Tensor<T> vown_;                          // [Br, O] summed mixture of own rows
-  Tensor<std::int32_t> iota_;               // [Br, 1]
-  Tensor<T> ones_;                          // [Br, 1]
+  Tensor<T> vpart_;                         // [B, O] this shard's partial mixture of every row
   Tensor<T> DV_;                            // [B, O] dv of every row
   Tensor<T> ds_;                            // [B, k]
   Tensor<std::int32_t> order_, offs_;       // [1, B k], [1, Nr + 2]

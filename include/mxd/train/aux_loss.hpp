@@ -133,7 +133,6 @@ struct AuxKWorkspace {
   Tensor<T, Device> scores;                   // [tile, n_dead]
   Tensor<std::int32_t, Device> idx;           // [B, k'] aux selection (unit numbers)
   Tensor<T, Device> val;                      // [B, k'] its coefficients a
-  Tensor<T, Device> zero_out;                 // [1, O]
   Tensor<T, Device> v, e_hat, grad, du, dv;   // [B, O]
   Tensor<T, Device> scratch;                  // [B, O] (devices that need it for e)
   Tensor<T, Device> ds;                       // [B, k']
@@ -147,7 +146,8 @@ struct AuxKWorkspace {
 namespace detail {
 
 // The aux loss over one model's units, added to its gradients. gate: [N, I], gate_bias:
-// [1, N], dec: [N, O] (c_n or W_dec rows); x: [B, I]; pred, target, u: [B, O];
+// [1, N], dec: [N, O] (c_n or W_dec rows); x: [B, I]; pred, target: [B, O]; u: [B, O], or
+// empty for u = 1 (the transcoder);
 // d_gate, d_gate_bias, d_dec: the gradients of gate, gate_bias, dec (accumulated into).
 template <class T, class Device>
 double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
@@ -164,7 +164,7 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
   MXD_CHECK(B > 0, "auxk_backward: x has ", B, " rows: the batch must not be empty");
   check_shape(pred, B, O, "auxk_backward: pred");
   check_shape(target, B, O, "auxk_backward: target");
-  check_shape(u, B, O, "auxk_backward: u");
+  if (!u.empty()) check_shape(u, B, O, "auxk_backward: u");
   MXD_CHECK(x.contiguous() && pred.contiguous() && target.contiguous(),
             "auxk_backward: x, pred and target must be contiguous row-major views");
   MXD_CHECK(dead.units() == N, "auxk_backward: the dead-unit tracker has ", dead.units(),
@@ -187,10 +187,10 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
     aw.ones.resize(nd, 1, false);
     memory<Device>::upload(aw.ones.data(), host.data(), host.bytes());
   }
-  aw.bias_dead.resize(1, nd);
+  aw.bias_dead.resize(1, nd, false);
   CI dead_col = aw.dead.view();
-  be::gather_rows_add(ctx, dead_col, CV(aw.ones.view()), CV(gate_bias.data, N, 1),
-                      View<T, Device>(aw.bias_dead.data(), nd, 1));
+  be::gather_rows(ctx, dead_col, CV(aw.ones.view()), CV(gate_bias.data, N, 1),
+                  View<T, Device>(aw.bias_dead.data(), nd, 1), false);
 
   // Per row tile: the dead units' scores, then their k best (positions among the dead). Their
   // gate rows are gathered in chunks (gate_dead[i] = 1 * gate[dead[c0 + i]]), once when one
@@ -208,9 +208,8 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
       const index_t len = std::min(chunk, nd - c0);
       View<T, Device> g(aw.gate_dead.data(), len, I);
       if (r0 == 0 || chunk < nd) {
-        memory<Device>::zero(g.data, static_cast<std::size_t>(g.size()) * sizeof(T));
-        be::gather_rows_add(ctx, CI(aw.dead.data() + c0, len, 1), CV(aw.ones.data(), len, 1),
-                            gate, g);
+        be::gather_rows(ctx, CI(aw.dead.data() + c0, len, 1), CV(aw.ones.data(), len, 1), gate,
+                        g, false);
       }
       be::gemm(ctx, false, true, T(1), x.block_rows(r0, rows), CV(g),
                T(0), View<T, Device>(s.data + c0, rows, len, nd));              // [rows, len]
@@ -221,26 +220,30 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
   ops::take(ctx, aw.idx.view(), dead_col);
 
   // e_hat = u * sum_j a_j dec[n_j], its loss against e = target - pred, and dL/de_hat.
-  aw.zero_out.resize(1, O);
-  for (auto* t : {&aw.v, &aw.e_hat, &aw.grad, &aw.du, &aw.dv, &aw.scratch}) t->resize(B, O, false);
-  be::mix_experts(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, u, CV(aw.zero_out.view()),
-                  aw.v.view(), aw.e_hat.view(), false);
+  for (auto* t : {&aw.v, &aw.e_hat, &aw.grad, &aw.scratch}) t->resize(B, O, false);
+  be::gather_rows(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, aw.v.view(), false);
+  be::modulate(ctx, u, CV(aw.v.view()), CV(), aw.e_hat.view(), false);
   aw.loss = ops::template residual_loss<T>(ctx, cfg.coef, pred, target, CV(aw.e_hat.view()),
                                            aw.scratch.view(), aw.grad.view());
   if (aw.loss == 0) return 0;  // no variance to explain (or e_hat == e): no gradient
 
   // The sparse expert backward of layer.hpp over the aux selection, u constant:
-  //   dv = grad * u;  ds = relu' dv . dec[n];
+  //   dv = grad * u (grad itself for u = 1);  ds = relu' dv . dec[n];
   //   d_dec[n] += a dv;  d_gate[n] += ds x;  d_bias[n] += ds.
-  be::output_backward(ctx, CV(aw.grad.view()), u, CV(aw.v.view()), aw.du.view(), aw.dv.view());
+  CV dv(aw.grad.view());
+  if (!u.empty()) {
+    aw.du.resize(B, O, false);
+    aw.dv.resize(B, O, false);
+    be::output_backward(ctx, CV(aw.grad.view()), u, CV(aw.v.view()), aw.du.view(), aw.dv.view());
+    dv = CV(aw.dv.view());
+  }
   aw.ds.resize(B, k, false);
   aw.order.resize(1, B * k, false);
   aw.offsets.resize(1, N + 1, false);
-  be::expert_coefficient_grad(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, CV(aw.dv.view()),
-                              aw.ds.view());
+  be::expert_coefficient_grad(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, dv, aw.ds.view());
   be::group_by_expert(ctx, CI(aw.idx.view()), N, aw.order.view(), aw.offsets.view());
   be::expert_weight_grads(ctx, CI(aw.idx.view()), CV(aw.val.view()), CV(aw.ds.view()),
-                          CI(aw.order.view()), CI(aw.offsets.view()), CV(aw.dv.view()), x,
+                          CI(aw.order.view()), CI(aw.offsets.view()), dv, x,
                           d_dec, d_gate, d_gate_bias, /*accumulate=*/true);
   return aw.loss;
 }
@@ -284,7 +287,7 @@ double auxk_backward(const TranscoderParams<T, Device>& p, InView<T, Device> x,
                 grads.W_dec.cols() == c.d_out,
             "auxk_backward: gradient buffers were made for another config");
   using CV = ConstView<T, Device>;
-  return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(ws.ones.view()),
+  return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(),
                                        p.W_enc.view(), p.b_enc.view(), p.W_dec.view(),
                                        grads.W_enc.view(), grads.b_enc.view(),
                                        grads.W_dec.view(), aw);

@@ -79,13 +79,7 @@ __global__ void loss_grad_kernel(Loss kind, View<const T, cuda> y, View<const T,
        i += index_t(gridDim.x) * blockDim.x) {
     const index_t r = i / O, o = i % O;
     const double e = double(y(r, o)) - double(t(r, o));
-    double d = 0;
-    switch (kind) {
-      case Loss::nmse_ref: d = 2 * e / row_tn[r] * scale; break;
-      case Loss::mse: d = 2 * e * scale; break;
-      case Loss::fvu: d = 2 * e / totals[1]; break;
-    }
-    dy(r, o) = static_cast<T>(d);
+    dy(r, o) = static_cast<T>(loss_grad(kind, e, row_tn[r], scale, totals[1]));
   }
 }
 
