@@ -150,7 +150,7 @@ public:
       b += double(t.ws.bytes()) + (ep_ ? double(ep_->bytes()) : 0.0);
     } else {
       const auto& w = t.ws;
-      for (const auto* x : {&w.scores, &w.topk_val, &w.ones, &w.v, &w.ds}) b += double(x->bytes());
+      for (const auto* x : {&w.scores, &w.topk_val, &w.v, &w.ds}) b += double(x->bytes());
       for (const auto* x : {&w.topk_idx, &w.order, &w.offsets}) b += double(x->bytes());
     }
     return b;

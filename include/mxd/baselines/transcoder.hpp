@@ -120,8 +120,6 @@ struct TranscoderWorkspace {
   Tensor<T, Device> scores;                // [B, M] relu(x W_enc + b_enc)
   Tensor<std::int32_t, Device> topk_idx;   // [B, k]
   Tensor<T, Device> topk_val;              // [B, k]
-  Tensor<T, Device> ones;                  // unused, always empty (u = 1 is modulate's empty u);
-                                           // kept while callers still count its bytes
   Tensor<T, Device> v;                     // [B, O] sum_j a_j W_dec[idx_j]
   Tensor<T, Device> ds;                    // [B, k]
   Tensor<std::int32_t, Device> order;      // [1, B k]
