@@ -5,6 +5,8 @@
 #include <cstring>
 #include <filesystem>
 
+#include <mxd/baselines/transcoder.hpp>
+
 #include "testing.hpp"
 
 using namespace mxd;
@@ -145,4 +147,61 @@ TEST_CASE("bad metadata and missing or mis-shaped tensors are named in the error
   empty.write(none);
   io::SafetensorsReader h(none);
   CHECK(error_of([&] { io::read_config(h); }).find("W_enc") != std::string::npos);
+}
+
+namespace {
+
+// "name[rows,cols]" and the flags u (per unit), b (bias), t (transposed in files) of every
+// parameter a set of config c has, in for_each order.
+template <class Set, class Cfg>
+std::string summary(const Cfg& c) {
+  std::string s;
+  Set::describe(c, [&](const ParamDesc& d) {
+    s += std::string(d.name) + "[" + std::to_string(d.rows) + "," + std::to_string(d.cols) + "]" +
+         (d.per_unit ? "u" : "") + (d.bias ? "b" : "") + (d.transposed ? "t" : "") + " ";
+  });
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("parameter descriptors: one list gives names, shapes, per-expert tensors and file layouts") {
+  const Config c = small_config();  // GLU and skip: every parameter an MxD can have
+  CHECK(summary<Params<float>>(c) ==
+        "W_enc[3,5] b_enc[1,5]b W_dec[5,3] gate[7,3]u gate_bias[1,7]ub W_cond[7,3]ut "
+        "b_dec_out[1,3]b W_glu.weight[5,3] W_glu.bias[1,5]b W_skip.weight[3,3] ");
+  Config plain = c;
+  plain.glu = plain.skip = false;
+  CHECK(summary<Params<float>>(plain) ==
+        "W_enc[3,5] b_enc[1,5]b W_dec[5,3] gate[7,3]u gate_bias[1,7]ub W_cond[7,3]ut "
+        "b_dec_out[1,3]b ");
+  // The tensors have the descriptors' shapes; files the transposed and 1-D shapes.
+  const Params<float> p(c);
+  std::string shapes;
+  p.for_each_param([&](const ParamDesc& d, const Tensor<float>& t) {
+    CHECK(t.rows() == d.rows);
+    CHECK(t.cols() == d.cols);
+    shapes += io::detail::shape_str(d.file_shape()) + " ";
+  });
+  CHECK(shapes == "[3, 5] [5] [5, 3] [7, 3] [7] [3, 7] [3] [5, 3] [5] [3, 3] ");
+
+  TranscoderConfig tc;
+  tc.d_in = tc.d_out = 6;
+  tc.n_latents = 20;
+  tc.k = 4;
+  tc.skip = true;
+  CHECK(summary<TranscoderParams<float>>(tc) ==
+        "W_enc[20,6]ut b_enc[1,20]ub W_dec[20,6]u b_dec_out[1,6]b W_skip.weight[6,6] ");
+
+  // By name, for callers that hold only a name.
+  CHECK(Params<float>::transposed_in_file("W_cond"));
+  CHECK(!Params<float>::transposed_in_file("W_enc"));
+  CHECK(TranscoderParams<float>::transposed_in_file("W_enc"));
+  CHECK(is_bias("gate_bias"));
+  CHECK(is_bias("W_glu.bias"));
+  CHECK(!is_bias("gate"));
+  CHECK(!is_bias("no such tensor"));
+  CHECK(Params<double>::find("W_cond").per_unit);
+  CHECK(Params<double>::find("gate_bias").unit_size() == 1);
+  CHECK(std::string(Params<double>::find("no such tensor").name).empty());
 }

@@ -142,19 +142,19 @@ Run<T> train_parallel(Mode mode, const mxd::Config& c, int steps, std::uint64_t 
   return run;
 }
 
-// Rows [first, first + n) of tensor `name` of a full set (experts for expert tensors when
-// sharded, else everything).
+// Experts [first, first + n) of tensor `name` of a full set (its per-expert tensors, when
+// sharded), else all of it.
 template <class T>
 std::vector<T> part_of(const mxd::Params<T>& full, const std::string& name, bool sharded,
                        index_t first, index_t n) {
   std::vector<T> out;
-  full.for_each([&](const char* nm, const Tensor<T>& t) {
-    if (name != nm) return;
-    if (!sharded || mxd::parallel::dense_only(name)) {
+  full.for_each_param([&](const mxd::ParamDesc& d, const Tensor<T>& t) {
+    if (name != d.name) return;
+    if (!sharded || mxd::parallel::dense_only(d)) {
       out.assign(t.data(), t.data() + t.size());
     } else {
-      const index_t cols = name == "gate_bias" ? 1 : t.cols();
-      out.assign(t.data() + first * cols, t.data() + (first + n) * cols);
+      const index_t w = d.unit_size();
+      out.assign(t.data() + first * w, t.data() + (first + n) * w);
     }
   });
   return out;
@@ -235,8 +235,8 @@ void check_against_single(Mode mode, bool variant, int steps) {
   const Run<T> again = train_parallel<T>(mode, c, steps, 7);
   CHECK(same_bits(got.weights, again.weights));
   bool replicated_same = true;
-  got.weights.for_each([&](const char* name, const Tensor<T>& t) {
-    if (sharded && !mxd::parallel::dense_only(name)) return;
+  got.weights.for_each_param([&](const mxd::ParamDesc& d, const Tensor<T>& t) {
+    if (sharded && !mxd::parallel::dense_only(d)) return;
     Tensor<T> root = t;
     world->broadcast(root.view(), 0);
     replicated_same = replicated_same && std::memcmp(root.data(), t.data(), t.bytes()) == 0;

@@ -48,9 +48,9 @@ struct TranscoderConfig {
 };
 
 /// Transcoder weights. W_enc is kept latent-major [M, I] (a latent's encoder is a row); files
-/// use the authors' [I, M] layout.
+/// use the authors' [I, M] layout. for_each, for_each_param, borrow, ...: ParamSet (params.hpp).
 template <class T, class Device = cpu>
-struct TranscoderParams {
+struct TranscoderParams : ParamSet<TranscoderParams<T, Device>, TranscoderConfig> {
   TranscoderConfig config;
   Tensor<T, Device> W_enc;   // [M, I]
   Tensor<T, Device> b_enc;   // [1, M]
@@ -59,56 +59,25 @@ struct TranscoderParams {
   Tensor<T, Device> W_skip;  // [O, I]   skip only
 
   TranscoderParams() = default;
-  explicit TranscoderParams(const TranscoderConfig& c) : config(c) {
-    c.validate();
-    W_enc.resize(c.n_latents, c.d_in);
-    b_enc.resize(1, c.n_latents);
-    W_dec.resize(c.n_latents, c.d_out);
-    b_out.resize(1, c.d_out);
-    if (c.skip) W_skip.resize(c.d_out, c.d_in);
-  }
+  explicit TranscoderParams(const TranscoderConfig& c) : config(c) { this->allocate(); }
 
-  /// Transcoder weights over memory someone else owns, as Params::borrow: `memory(name, rows,
-  /// cols)` returns a contiguous row-major block in mxd's layouts (W_enc [M, I], b_enc [1, M]).
+  /// The parameters of config c, in for_each order, with their members: the one list.
+  /// "W_enc" is held [M, I] here and [I, M] in files.
   template <class F>
-  static TranscoderParams borrow(const TranscoderConfig& c, F&& memory) {
-    c.validate();
-    TranscoderParams p;
-    p.config = c;
-    auto bind = [&](const char* name, Tensor<T, Device>& t, index_t rows, index_t cols) {
-      t = Tensor<T, Device>::borrow(memory(name, rows, cols), rows, cols);
-    };
-    bind("W_enc", p.W_enc, c.n_latents, c.d_in);
-    bind("b_enc", p.b_enc, 1, c.n_latents);
-    bind("W_dec", p.W_dec, c.n_latents, c.d_out);
-    bind("b_dec_out", p.b_out, 1, c.d_out);
-    if (c.skip) bind("W_skip.weight", p.W_skip, c.d_out, c.d_in);
-    return p;
+  static void layout(const TranscoderConfig& c, F&& f) {
+    using P = ParamDesc;
+    const index_t I = c.d_in, M = c.n_latents, O = c.d_out;
+    f(P("W_enc", M, I, P::units | P::file_transposed), &TranscoderParams::W_enc);
+    f(P("b_enc", 1, M, P::units | P::vector), &TranscoderParams::b_enc);
+    f(P("W_dec", M, O, P::units), &TranscoderParams::W_dec);
+    f(P("b_dec_out", 1, O, P::vector), &TranscoderParams::b_out);
+    if (c.skip) f(P("W_skip.weight", O, I), &TranscoderParams::W_skip);
   }
-
-  /// True for the parameter stored transposed in files: W_enc is [I, M] there.
-  static bool transposed_in_file(const std::string& reference_name) {
-    return reference_name == "W_enc";
-  }
-
-  /// f(reference_name, tensor) for every parameter; "W_enc" in the internal [M, I] layout.
-  template <class F>
-  void for_each(F&& f) {
-    each(*this, f);
-  }
-  template <class F>
-  void for_each(F&& f) const {
-    each(*this, f);
-  }
-
-private:
-  template <class Self, class F>
-  static void each(Self& p, F& f) {
-    f("W_enc", p.W_enc);
-    f("b_enc", p.b_enc);
-    f("W_dec", p.W_dec);
-    f("b_dec_out", p.b_out);
-    if (p.config.skip) f("W_skip.weight", p.W_skip);
+  /// A config with every optional parameter (skip).
+  static TranscoderConfig every_param() {
+    TranscoderConfig c;
+    c.skip = true;
+    return c;
   }
 };
 

@@ -130,23 +130,14 @@ inline TranscoderConfig read_transcoder_config(SafetensorsReader& f) {
   c.k = parse_index("k", k->second);
   c.skip = f.contains("W_skip.weight");
   c.validate();
-  // Every shape against the others before anything is allocated (see read_config).
-  const std::int64_t I = c.d_in, M = c.n_latents, O = c.d_out;
-  detail::expect_shape(f, "b_enc", {M});
-  detail::expect_shape(f, "W_dec", {M, O});
-  detail::expect_shape(f, "b_dec_out", {O});
-  if (c.skip) detail::expect_shape(f, "W_skip.weight", {O, I});
+  expect_param_shapes<TranscoderParams<float>>(f, c);  // before anything is allocated
   return c;
 }
 
 /// Loads a transcoder's parameters.
 template <class T>
 TranscoderParams<T> load_transcoder(SafetensorsReader& f, const TranscoderConfig& c) {
-  TranscoderParams<T> p(c);
-  p.for_each([&](const char* name, Tensor<T>& t) {
-    read_file_layout<TranscoderParams<T>>(f, name, name, t);
-  });
-  return p;
+  return load_param_set<TranscoderParams<T>>(f, c);
 }
 
 /// Restores the optimizer's moments and step count saved with the checkpoint; the parameter
@@ -154,13 +145,13 @@ TranscoderParams<T> load_transcoder(SafetensorsReader& f, const TranscoderConfig
 template <class T, class Set>
 void load_optimizer(SafetensorsReader& f, AdamW<T, cpu, Set>& opt) {
   MXD_CHECK(f.contains("optim.step"), f.path(), ": checkpoint holds no optimizer state");
-  opt.m.for_each([&](const char* name, Tensor<T>& t) {
-    read_file_layout<Set>(f, std::string("optim.m.") + name, name, t);
+  opt.m.for_each_param([&](const ParamDesc& d, Tensor<T>& t) {
+    read_file_layout(f, std::string("optim.m.") + d.name, d, t);
   });
-  opt.v.for_each([&](const char* name, Tensor<T>& t) {
-    read_file_layout<Set>(f, std::string("optim.v.") + name, name, t);
+  opt.v.for_each_param([&](const ParamDesc& d, Tensor<T>& t) {
+    read_file_layout(f, std::string("optim.v.") + d.name, d, t);
     for (index_t i = 0; i < t.size(); ++i)  // second moments are squares: negative ones give NaN
-      MXD_CHECK(t[i] >= T(0), f.path(), ": optim.v.", name, " holds the negative value ",
+      MXD_CHECK(t[i] >= T(0), f.path(), ": optim.v.", d.name, " holds the negative value ",
                 double(t[i]), " at element ", i);
   });
   const auto step = f.read_all<std::int64_t>("optim.step", {1});

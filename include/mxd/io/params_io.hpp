@@ -82,38 +82,69 @@ void check_loaded(const SafetensorsReader& f, const std::string& key, const std:
 
 }  // namespace detail
 
-/// A parameter's values and shape in its file layout, for any parameter set `Set` (Params,
-/// TranscoderParams) that says which tensor it stores transposed; biases are 1-D in files.
-template <class Set, class T>
-std::vector<T> file_layout(const std::string& name, const Tensor<T>& t,
+/// A parameter's values and shape in its file layout (ParamDesc: transposed ones as
+/// [cols, rows], biases 1-D); the shape is t's.
+template <class T>
+std::vector<T> file_layout(const ParamDesc& d, const Tensor<T>& t,
                            std::vector<std::int64_t>& shape) {
-  if (Set::transposed_in_file(name)) {
+  if (d.transposed) {
     shape = {t.cols(), t.rows()};
     std::vector<T> out(static_cast<std::size_t>(t.size()));
     for (index_t r = 0; r < t.rows(); ++r)
       for (index_t c = 0; c < t.cols(); ++c) out[c * t.rows() + r] = t(r, c);
     return out;
   }
-  shape = is_bias(name) ? std::vector<std::int64_t>{t.cols()}
-                        : std::vector<std::int64_t>{t.rows(), t.cols()};
+  shape = d.bias ? std::vector<std::int64_t>{t.cols()}
+                 : std::vector<std::int64_t>{t.rows(), t.cols()};
   return std::vector<T>(t.data(), t.data() + t.size());
 }
 
-/// Reads tensor `key`, stored in the file layout of parameter `name`, into `t` (already shaped);
-/// a shape mismatch is an error naming the key.
+/// The same for parameter `name` of a set `Set` (Params, TranscoderParams), for callers that
+/// hold only a name.
 template <class Set, class T>
-void read_file_layout(SafetensorsReader& f, const std::string& key, const std::string& name,
+std::vector<T> file_layout(const std::string& name, const Tensor<T>& t,
+                           std::vector<std::int64_t>& shape) {
+  return file_layout(Set::find(name), t, shape);
+}
+
+/// Reads tensor `key`, stored in the file layout of parameter d, into `t` (already shaped);
+/// a shape mismatch is an error naming the key.
+template <class T>
+void read_file_layout(SafetensorsReader& f, const std::string& key, const ParamDesc& d,
                       Tensor<T>& t) {
   std::vector<std::int64_t> shape;
-  file_layout<Set>(name, t, shape);
+  file_layout(d, t, shape);
   const std::vector<T> v = f.read_all<T>(key, shape);
   detail::check_loaded(f, key, v, shape);
-  if (Set::transposed_in_file(name)) {
+  if (d.transposed) {
     for (index_t r = 0; r < t.rows(); ++r)
       for (index_t c = 0; c < t.cols(); ++c) t(r, c) = v[c * t.rows() + r];
   } else {
     std::copy(v.begin(), v.end(), t.data());
   }
+}
+
+/// The same for parameter `name` of a set `Set`, for callers that hold only a name.
+template <class Set, class T>
+void read_file_layout(SafetensorsReader& f, const std::string& key, const std::string& name,
+                      Tensor<T>& t) {
+  read_file_layout(f, key, Set::find(name), t);
+}
+
+/// Throws unless the file holds every parameter of a set `Set` of config c in its file shape,
+/// each checked against the config (so against the others) before anything is allocated.
+template <class Set, class Cfg>
+void expect_param_shapes(const SafetensorsReader& f, const Cfg& c) {
+  Set::describe(c, [&](const ParamDesc& d) { detail::expect_shape(f, d.name, d.file_shape()); });
+}
+
+/// Reads every parameter of a set `Set` (Params, TranscoderParams) of config c under its
+/// reference name, converting to the set's T and layouts.
+template <class Set, class Cfg>
+Set load_param_set(SafetensorsReader& f, const Cfg& c) {
+  Set p(c);
+  p.for_each_param([&](const ParamDesc& d, auto& t) { read_file_layout(f, d.name, d, t); });
+  return p;
 }
 
 /// An MxD parameter's values and shape in the reference layout (W_cond [O, N], biases 1-D).
@@ -161,18 +192,7 @@ inline Config read_config(const SafetensorsReader& f) {
   c.glu = flag("glu", "W_glu.weight");
   c.skip = flag("skip", "W_skip.weight");
   c.validate();
-  const std::int64_t I = c.d_in, H = c.d_hidden, O = c.d_out, N = c.n_experts;
-  detail::expect_shape(f, "b_enc", {H});
-  detail::expect_shape(f, "W_dec", {H, O});
-  detail::expect_shape(f, "gate", {N, I});
-  detail::expect_shape(f, "gate_bias", {N});
-  detail::expect_shape(f, "W_cond", {O, N});
-  detail::expect_shape(f, "b_dec_out", {O});
-  if (c.glu) {
-    detail::expect_shape(f, "W_glu.weight", {H, I});
-    detail::expect_shape(f, "W_glu.bias", {H});
-  }
-  if (c.skip) detail::expect_shape(f, "W_skip.weight", {O, I});
+  expect_param_shapes<Params<float>>(f, c);
   return c;
 }
 
@@ -203,9 +223,7 @@ Tensor<T> read_matrix(SafetensorsReader& f, const std::string& name, index_t col
 /// Loads every parameter of `cfg` under the reference names, converting to T and C to [N, O].
 template <class T>
 Params<T> load_params(SafetensorsReader& f, const Config& cfg) {
-  Params<T> p(cfg);
-  p.for_each([&](const char* name, Tensor<T>& t) { read_file_layout<Params<T>>(f, name, name, t); });
-  return p;
+  return load_param_set<Params<T>>(f, cfg);
 }
 
 /// Writes the config's options as metadata strings (sizes are implied by the shapes).
@@ -225,10 +243,10 @@ inline void add_config_metadata(SafetensorsWriter& w, const Config& c) {
 template <template <class, class> class Set, class T>
 void add_params(SafetensorsWriter& w, const Set<T, cpu>& p, DType dtype = dtype_of<T>(),
                 const std::string& prefix = "") {
-  p.for_each([&](const char* name, const Tensor<T>& t) {
+  p.for_each_param([&](const ParamDesc& d, const Tensor<T>& t) {
     std::vector<std::int64_t> shape;
-    const std::vector<T> values = file_layout<Set<T, cpu>>(name, t, shape);
-    w.add(prefix + name, shape, values.data(), dtype);
+    const std::vector<T> values = file_layout(d, t, shape);
+    w.add(prefix + d.name, shape, values.data(), dtype);
   });
 }
 

@@ -12,7 +12,6 @@
 /// Include from a .cu file with <mxd/cuda.cuh>; link mxd::cuda and mxd::mpi.
 #pragma once
 
-#include <string>
 #include <vector>
 
 #include "../cuda.cuh"
@@ -59,32 +58,33 @@ public:
   }
 
   /// Sums a device gradient set (Params or TranscoderParams on cuda) over the ranks: the
-  /// picked tensors are packed into one host buffer, all-reduced and copied back.
+  /// tensors whose descriptor `pick(desc)` accepts (e.g. dense_only; all by default) are packed
+  /// into one host buffer, all-reduced and copied back.
   template <class Set, class Pick>
   void all_reduce_grads(Communicator& comm, Set& g, Pick&& pick) {
     if (comm.size() == 1) return;
     index_t total = 0;
-    g.for_each([&](const char* name, Tensor<T, cuda>& t) {
-      if (pick(std::string(name))) total += t.size();
+    g.for_each_param([&](const ParamDesc& d, Tensor<T, cuda>& t) {
+      if (pick(d)) total += t.size();
     });
     a_.resize(1, total, false);
     index_t at = 0;
-    g.for_each([&](const char* name, Tensor<T, cuda>& t) {
-      if (!pick(std::string(name))) return;
+    g.for_each_param([&](const ParamDesc& d, Tensor<T, cuda>& t) {
+      if (!pick(d)) return;
       copy_to_host<T>(t.view(), View<T>(a_.data() + at, t.rows(), t.cols()));
       at += t.size();
     });
     comm.all_reduce(a_.view());
     at = 0;
-    g.for_each([&](const char* name, Tensor<T, cuda>& t) {
-      if (!pick(std::string(name))) return;
+    g.for_each_param([&](const ParamDesc& d, Tensor<T, cuda>& t) {
+      if (!pick(d)) return;
       copy_to_device<T>(ConstView<T>(a_.data() + at, t.rows(), t.cols()), t.view());
       at += t.size();
     });
   }
   template <class Set>
   void all_reduce_grads(Communicator& comm, Set& g) {
-    all_reduce_grads(comm, g, [](const std::string&) { return true; });
+    all_reduce_grads(comm, g, [](const ParamDesc&) { return true; });
   }
 
 private:

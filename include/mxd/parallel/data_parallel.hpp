@@ -15,9 +15,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <string>
 #include <vector>
 
+#include "../params.hpp"
 #include "../workspace.hpp"
 #include "communicator.hpp"
 
@@ -35,17 +35,15 @@ inline std::vector<index_t> batch_rows(index_t B, int ranks) {
   return split(B, ranks, row_align);
 }
 
-/// True for an MxD's dense (replicated) parameters: under expert parallelism only their
+/// True for the dense (replicated) parameters of a set: under expert parallelism only their
 /// gradients are summed across ranks (each rank's expert gradients are already complete).
-inline bool dense_only(const std::string& reference_name) {
-  return reference_name != "gate" && reference_name != "gate_bias" && reference_name != "W_cond";
-}
+inline bool dense_only(const ParamDesc& d) { return !d.per_unit; }
 
-/// Sums a gradient set (Params, TranscoderParams: anything with for_each(name, tensor)) over
-/// the ranks in place. Tensors are packed, in for_each order, into buckets of at most
-/// `bucket_elements` values that are all-reduced one at a time: few, large messages, and a
-/// fixed order of operations whatever the shapes. Each element's sum is in rank order
-/// (Communicator::all_reduce), so the result does not depend on the bucket size.
+/// Sums a gradient set (Params, TranscoderParams; for all tensors anything with
+/// for_each(name, tensor)) over the ranks in place. Tensors are packed, in for_each order, into
+/// buckets of at most `bucket_elements` values that are all-reduced one at a time: few, large
+/// messages, and a fixed order of operations whatever the shapes. Each element's sum is in rank
+/// order (Communicator::all_reduce), so the result does not depend on the bucket size.
 template <class T>
 class GradientReducer {
 public:
@@ -53,12 +51,33 @@ public:
     MXD_CHECK(cap_ > 0, "GradientReducer: bucket of ", cap_, " elements");
   }
 
-  /// All tensors of g, or only those whose reference name `pick(name)` accepts.
+  /// The tensors of g whose descriptor `pick(desc)` accepts (e.g. dense_only).
   template <class Set, class Pick>
   void operator()(Communicator& comm, Set& g, Pick&& pick) {
+    reduce(comm, [&](auto&& visit) {
+      g.for_each_param([&](const ParamDesc& d, Tensor<T>& t) {
+        if (pick(d)) visit(t);
+      });
+    });
+  }
+  /// All tensors of g.
+  template <class Set>
+  void operator()(Communicator& comm, Set& g) {
+    reduce(comm, [&](auto&& visit) { g.for_each([&](const char*, Tensor<T>& t) { visit(t); }); });
+  }
+
+private:
+  struct Part {
+    T* dst;
+    index_t at, n;
+  };
+
+  // each(visit) calls visit(tensor) for the tensors to sum, in order (twice: size, then data).
+  template <class Each>
+  void reduce(Communicator& comm, Each&& each) {
     if (comm.size() == 1) return;
     index_t total = 0;
-    g.for_each([&](const char* name, Tensor<T>& t) { total += pick(std::string(name)) ? t.size() : 0; });
+    each([&](Tensor<T>& t) { total += t.size(); });
     bucket_.resize(static_cast<std::size_t>(std::min(cap_, total)));
     const index_t cap = std::max<index_t>(1, std::min(cap_, total));
     parts_.clear();
@@ -70,8 +89,7 @@ public:
       parts_.clear();
       fill = 0;
     };
-    g.for_each([&](const char* name, Tensor<T>& t) {
-      if (!pick(std::string(name))) return;
+    each([&](Tensor<T>& t) {
       for (index_t done = 0; done < t.size();) {  // a tensor larger than a bucket spans several
         const index_t n = std::min(t.size() - done, cap - fill);
         std::memcpy(bucket_.data() + fill, t.data() + done, n * sizeof(T));
@@ -83,16 +101,7 @@ public:
     });
     flush();
   }
-  template <class Set>
-  void operator()(Communicator& comm, Set& g) {
-    (*this)(comm, g, [](const std::string&) { return true; });
-  }
 
-private:
-  struct Part {
-    T* dst;
-    index_t at, n;
-  };
   index_t cap_;
   std::vector<T> bucket_;
   std::vector<Part> parts_;

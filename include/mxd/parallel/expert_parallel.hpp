@@ -30,7 +30,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "../backend/cpu.hpp"
@@ -59,26 +58,22 @@ inline Config shard_config(Config c, index_t count) {
   return c;
 }
 
-/// A rank's parameter set: the dense part of `full` and experts [first, first + count).
+/// A rank's parameter set: the dense part of `full` and experts [first, first + count) of its
+/// per-expert parameters (ParamDesc::per_unit: rows, or a bias's columns).
 template <class T>
 Params<T> shard_params(const Params<T>& full, index_t first, index_t count) {
   const Config& c = full.config;
   MXD_CHECK(first >= 0 && count > 0 && first + count <= c.n_experts, "shard_params: experts [",
             first, ", ", first + count, ") outside the ", c.n_experts, " experts");
   Params<T> s(shard_config(c, count));
-  Params<T>& out = s;
-  full.for_each([&](const char* name, const Tensor<T>& t) {
-    Tensor<T>* dst = nullptr;
-    out.for_each([&](const char* n2, Tensor<T>& u) {
-      if (std::string(n2) == name) dst = &u;
-    });
-    const std::string n(name);
-    if (n == "gate" || n == "W_cond")
-      std::copy(t.data() + first * t.cols(), t.data() + (first + count) * t.cols(), dst->data());
-    else if (n == "gate_bias")
-      std::copy(t.data() + first, t.data() + first + count, dst->data());
-    else
-      std::copy(t.data(), t.data() + t.size(), dst->data());
+  std::vector<Tensor<T>*> out;  // the shard's tensors, in the same (layout) order as full's
+  s.for_each([&](const char*, Tensor<T>& u) { out.push_back(&u); });
+  std::size_t i = 0;
+  full.for_each_param([&](const ParamDesc& d, const Tensor<T>& t) {
+    Tensor<T>& dst = *out[i++];
+    const index_t w = d.unit_size();
+    if (d.per_unit) std::copy(t.data() + first * w, t.data() + (first + count) * w, dst.data());
+    else std::copy(t.data(), t.data() + t.size(), dst.data());
   });
   return s;
 }
@@ -90,18 +85,16 @@ template <class T>
 void gather_experts(Communicator& comm, const Params<T>& local, Params<T>& full,
                     const std::vector<index_t>& shards, int root = 0) {
   const bool here = comm.rank() == root;
-  local.for_each([&](const char* name, const Tensor<T>& t) {
-    const std::string n(name);
-    Tensor<T>* dst = nullptr;
-    if (here)
-      full.for_each([&](const char* n2, Tensor<T>& u) {
-        if (n == n2) dst = &u;
-      });
-    if (n == "gate" || n == "W_cond" || n == "gate_bias") {
-      // gate_bias is [1, N_r]: gathered as N_r rows of one value.
-      const index_t cols = n == "gate_bias" ? 1 : t.cols();
-      View<T> out = here ? View<T>(dst->data(), dst->size() / cols, cols) : View<T>();
-      comm.gather<T>(ConstView<T>(t.data(), t.size() / cols, cols), out, shards, root);
+  std::vector<Tensor<T>*> out;  // full's tensors on root, in the same order as local's
+  if (here) full.for_each([&](const char*, Tensor<T>& u) { out.push_back(&u); });
+  std::size_t i = 0;
+  local.for_each_param([&](const ParamDesc& d, const Tensor<T>& t) {
+    Tensor<T>* dst = here ? out[i++] : nullptr;
+    if (d.per_unit) {
+      // Gathered as rows of unit_size values (a bias [1, N_r]: N_r rows of one value).
+      const index_t cols = d.unit_size();
+      View<T> to = here ? View<T>(dst->data(), dst->size() / cols, cols) : View<T>();
+      comm.gather<T>(ConstView<T>(t.data(), t.size() / cols, cols), to, shards, root);
     } else if (here) {
       std::copy(t.data(), t.data() + t.size(), dst->data());
     }
