@@ -5,11 +5,14 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 #include <mxd/baselines/transcoder.hpp>
 #include <mxd/train/baseline.hpp>
 #include <mxd/train/clip.hpp>
+
+#include "testing.hpp"
 
 using namespace mxd;
 
@@ -25,7 +28,8 @@ TEST_CASE("clip_grad_norm scales every gradient by max_norm / (norm + 1e-6) when
   });
   const double norm = std::sqrt(sq);
   TranscoderParams<double> before = g;
-  CHECK(train::clip_grad_norm(g, 1.0) == doctest::Approx(norm).epsilon(1e-12));
+  Context<cpu> ctx;
+  CHECK(train::clip_grad_norm(ctx, g, 1.0) == doctest::Approx(norm).epsilon(1e-12));
   double after = 0;
   g.for_each([&](const char*, Tensor<double>& t) {
     for (index_t j = 0; j < t.size(); ++j) after += t[j] * t[j];
@@ -34,10 +38,29 @@ TEST_CASE("clip_grad_norm scales every gradient by max_norm / (norm + 1e-6) when
   CHECK(g.W_skip[0] == doctest::Approx(before.W_skip[0] / (norm + 1e-6)).epsilon(1e-12));
   // Below max_norm: unchanged, bit for bit.
   TranscoderParams<double> small = before;
-  train::clip_grad_norm(small, 2 * norm);
+  train::clip_grad_norm(ctx, small, 2 * norm);
   CHECK(std::memcmp(small.W_enc.data(), before.W_enc.data(), before.W_enc.bytes()) == 0);
-  CHECK_THROWS_WITH_AS(train::clip_grad_norm(small, 0.0), "clip_grad_norm: max_norm = 0 must be finite and > 0",
+  CHECK_THROWS_WITH_AS(train::clip_grad_norm(ctx, small, 0.0), "clip_grad_norm: max_norm = 0 must be finite and > 0",
                        Error);
+}
+
+TEST_CASE("the clipping norm and the clipped gradients are the same bits for 1 and 4 threads") {
+  // 20,000 x 8 values: ten of sum_squares' fixed chunks, so the threads share the sum.
+  TranscoderParams<float> g(TranscoderConfig{8, 8, 20000, 4, false});
+  std::uint64_t seed = 3;
+  g.for_each([&](const char*, Tensor<float>& t) { t = mxd_test::random_matrix<float>(t.rows(), t.cols(), seed++); });
+  TranscoderParams<float> g4 = g;
+  Context<cpu> one, four;
+  one.threads = 1;
+  four.threads = 4;
+  const double n1 = train::clip_grad_norm(one, g, 1.0), n4 = train::clip_grad_norm(four, g4, 1.0);
+  CHECK(n1 > 1.0);
+  CHECK(std::memcmp(&n1, &n4, sizeof n1) == 0);
+  g.for_each([&](const char* name, Tensor<float>& t) {
+    g4.for_each([&](const char* n2, Tensor<float>& u) {
+      if (std::strcmp(name, n2) == 0) CHECK(std::memcmp(t.data(), u.data(), t.bytes()) == 0);
+    });
+  });
 }
 
 TEST_CASE("experts_for_latents matches like for like, exactly when M = N + H") {

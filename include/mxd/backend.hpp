@@ -21,6 +21,8 @@
 ///     expert_weight_grads(ctx, idx, val, ds, order, offsets, dv, x, dC, dG, db_gate, accumulate)
 ///     activation_backward(ctx, act, hpre, g, dz, dhpre, dg)    through act (and GLU)
 ///     find_non_finite(ctx, v) -> index_t                       first NaN/Inf position, or -1
+///     sum_squares(ctx, v) -> double                            sum of v's squares, in double
+///     scale(ctx, v, s)                                         v *= s (in double, rounded once)
 ///     adamw_update(ctx, p, g, m, v, step)                      one torch.optim.AdamW update
 ///     remove_parallel_rows(ctx, C, g)                          g[n] -= (g[n].c[n] / |c[n]|^2) c[n]
 ///     normalize_rows(ctx, C)                                   rows of C to unit norm
@@ -76,6 +78,8 @@ constexpr bool backend_contract_holds() {
          std::is_same_v<decltype(be::template expert_weight_grads<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<Ri>(), arg<Ri>(), arg<R>(), arg<R>(), arg<W>(), arg<W>(), arg<W>(), false)), V> &&
          std::is_same_v<decltype(be::template activation_backward<T>(arg<Ctx>(), Activation(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template find_non_finite<T>(arg<Ctx>(), arg<R>())), index_t> &&
+         std::is_same_v<decltype(be::template sum_squares<T>(arg<Ctx>(), arg<R>())), double> &&
+         std::is_same_v<decltype(be::template scale<T>(arg<Ctx>(), arg<W>(), double())), V> &&
          std::is_same_v<decltype(be::template adamw_update<T>(arg<Ctx>(), arg<W>(), arg<R>(), arg<W>(), arg<W>(), arg<Step>())), V> &&
          std::is_same_v<decltype(be::template remove_parallel_rows<T>(arg<Ctx>(), arg<R>(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template normalize_rows<T>(arg<Ctx>(), arg<W>())), V>;

@@ -141,6 +141,8 @@ private:
 // I = d_in, H = d_hidden, O = d_out, N = n_experts.
 template <class T, class Device = cpu>
 struct Params : ParamSet<Params<T, Device>, Config> {
+  using Scalar = T;
+  using device = Device;
   Config config;
   Tensor<T, Device> E;       // [I, H]  encoder              (W_enc)
   Tensor<T, Device> b_enc;   // [1, H]                        (b_enc)

@@ -174,6 +174,16 @@ void norm_dec(Tensor<T>& hC, Tensor<T>& hg) {
 }
 
 template <class T>
+double clip_grad_norm(TranscoderParams<T>& hg, double max_norm) {
+  Context<cuda> ctx;
+  TranscoderParams<T, cuda> g = to_device(hg);
+  const double norm = mxd::train::clip_grad_norm(ctx, g, max_norm);
+  ctx.synchronize();
+  hg = to_host(g);
+  return norm;
+}
+
+template <class T>
 Params<T> round_trip(const Params<T>& p) {
   return to_host(to_device(p));
 }
@@ -221,6 +231,7 @@ std::string adamw_step_error(const Params<T>& p, const Params<T>& g) {
   template void gemm<T>(bool, bool, T, const Tensor<T>&, index_t, index_t, const Tensor<T>&,   \
                         index_t, index_t, T, Tensor<T>&, index_t, index_t, Math);              \
   template void norm_dec<T>(Tensor<T>&, Tensor<T>&);                                           \
+  template double clip_grad_norm<T>(TranscoderParams<T>&, double);                             \
   template index_t find_non_finite<T>(const Tensor<T>&);                                       \
   template std::string adamw_step_error<T>(const Params<T>&, const Params<T>&);                \
   template Params<T> round_trip<T>(const Params<T>&);                                          \

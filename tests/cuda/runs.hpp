@@ -117,6 +117,11 @@ void gemm(bool trans_a, bool trans_b, T alpha, const Tensor<T>& A, index_t a_row
 template <class T>
 void norm_dec(Tensor<T>& C, Tensor<T>& g);
 
+/// train::clip_grad_norm on a device copy of the transcoder gradients g (copied back);
+/// returns the norm before clipping.
+template <class T>
+double clip_grad_norm(mxd::TranscoderParams<T>& g, double max_norm);
+
 // backend<cuda>::find_non_finite on a device copy of v, and the message of a GPU AdamW step
 // whose gradients are `g` ("" if it passed).
 template <class T>

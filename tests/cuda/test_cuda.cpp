@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #include <mxd/io/checkpoint.hpp>
 
@@ -564,6 +565,29 @@ TEST_CASE_TEMPLATE("norm_dec's kernels equal the CPU's: gradients lose their par
   int zero_row = 0;
   for (index_t o = 0; o < O; ++o) zero_row += C(5, o) == T(0) && g(5, o) == cpu_g(5, o);
   CHECK(zero_row == O);
+}
+
+TEST_CASE_TEMPLATE("gradient clipping on the GPU equals the CPU's: the norm to double rounding, "
+                   "the scaled gradients to the type's", T, float, double) {
+  // 20,000 latents x 8: more values than one block-stride pass of the fixed 256-block grid.
+  mxd::TranscoderConfig tc{8, 8, 20000, 4, true};
+  mxd::TranscoderParams<T> g(tc);
+  index_t seed = 7;
+  g.for_each([&](const char*, Tensor<T>& t) { t = random_matrix<T>(t.rows(), t.cols(), seed++); });
+  mxd::TranscoderParams<T> cpu_g = g;
+  Context<cpu> ctx;
+  const double cpu_norm = mxd::train::clip_grad_norm(ctx, cpu_g, 1.0);
+  const double norm = cu::clip_grad_norm(g, 1.0);
+  CHECK(std::abs(norm - cpu_norm) <= 1e-13 * cpu_norm);  // sums in double, other order
+  REQUIRE(cpu_norm > 1.0);  // it clipped
+  // The same coefficient to the last bit is not promised (it comes from the norm), so compare
+  // to the tensor type's rounding.
+  g.for_each([&](const char* name, Tensor<T>& t) {
+    CAPTURE(name);
+    cpu_g.for_each([&](const char* n2, Tensor<T>& u) {
+      if (std::string(name) == n2) CHECK(rel_error(t.data(), u.data(), t.size()) <= tolerance<T>());
+    });
+  });
 }
 
 TEST_CASE_TEMPLATE("device losses and their gradients equal the host losses", T, float, double) {

@@ -384,6 +384,30 @@ struct backend<cpu> {
     return bad.load() == none ? -1 : bad.load();
   }
 
+  /// The sum of v's squares, in double: fixed chunks of 2^14 values summed in order, so the
+  /// result does not depend on the thread count. v: [rows, cols], contiguous.
+  template <class T>
+  static double sum_squares(Ctx& ctx, cview<T> v) {
+    constexpr index_t grain = 1 << 14;
+    std::vector<double> part(static_cast<std::size_t>((v.size() + grain - 1) / grain), 0.0);
+    detail::parallel_chunks(ctx.resolved_threads(), v.size(), grain, [&](index_t i0, index_t i1) {
+      double s = 0;
+      for (index_t i = i0; i < i1; ++i) s += double(v.data[i]) * double(v.data[i]);
+      part[static_cast<std::size_t>(i0 / grain)] = s;
+    });
+    double sum = 0;
+    for (double s : part) sum += s;
+    return sum;
+  }
+
+  /// v *= s, each product taken in double and rounded once. v: [rows, cols], contiguous.
+  template <class T>
+  static void scale(Ctx& ctx, View<T, cpu> v, double s) {
+    detail::parallel_chunks(ctx.resolved_threads(), v.size(), 1 << 14, [&](index_t i0, index_t i1) {
+      for (index_t i = i0; i < i1; ++i) v.data[i] = static_cast<T>(double(v.data[i]) * s);
+    });
+  }
+
   /// One torch.optim.AdamW update of a parameter tensor, in torch's order of operations:
   /// p *= 1 - lr wd;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;
   /// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). p, g, m, v: same shape.

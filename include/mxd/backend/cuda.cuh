@@ -232,6 +232,34 @@ __global__ void first_non_finite_kernel(const T* data, index_t n, unsigned long 
     if (!isfinite(data[i])) atomicMin(first, static_cast<unsigned long long>(i));
 }
 
+// Sums of squares in double, per block of a fixed grid (sum_squares_blocks): the same
+// partition on every GPU, so the same bits.
+constexpr int sum_squares_blocks = 256;
+template <class T>
+__global__ void sum_squares_kernel(const T* data, index_t n, double* partial) {
+  __shared__ double shared[block];
+  double s = 0;
+  for (index_t i = blockIdx.x * index_t(block) + threadIdx.x; i < n; i += index_t(gridDim.x) * block)
+    s += double(data[i]) * double(data[i]);
+  s = block_sum<block>(s, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+// One block: *out = the sum of the n partials, in a fixed tree.
+template <class Acc>
+__global__ void sum_partials_kernel(const Acc* partial, int n, Acc* out) {
+  __shared__ Acc shared[block];
+  Acc s = 0;
+  for (int i = threadIdx.x; i < n; i += block) s += partial[i];
+  s = block_sum<block>(s, shared);
+  if (threadIdx.x == 0) *out = s;
+}
+template <class T>
+__global__ void scale_flat_kernel(T* data, index_t n, double s) {
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < n;
+       i += index_t(gridDim.x) * blockDim.x)
+    data[i] = static_cast<T>(double(data[i]) * s);
+}
+
 // One block per row: out[b] = (accumulate ? out[b] : 0) + sum_j w[b,j] rows[idx[b,j]], in
 // slot order.
 template <class T>
@@ -595,6 +623,32 @@ struct backend<cuda> {
     MXD_CUDA_CHECK(cudaMemcpyAsync(&host, first, sizeof host, cudaMemcpyDeviceToHost, ctx.stream()));
     ctx.synchronize();
     return host == none ? -1 : static_cast<index_t>(host);
+  }
+
+  /// The sum of v's squares in double, as backend<cpu>::sum_squares (another summation order:
+  /// equal up to rounding). v: [rows, cols], contiguous. Waits for the stream.
+  template <class T>
+  static double sum_squares(Ctx& ctx, cview<T> v) {
+    if (v.empty()) return 0;
+    constexpr int parts = detail::cu::sum_squares_blocks;
+    auto* partial = static_cast<double*>(ctx.scratch((parts + 1) * sizeof(double)));
+    MXD_CUDA_LAUNCH(detail::cu::sum_squares_kernel<T>, parts, block, ctx.stream(), v.data,
+                    v.size(), partial);
+    MXD_CUDA_LAUNCH(detail::cu::sum_partials_kernel<double>, 1, block, ctx.stream(), partial, parts,
+                    partial + parts);
+    double host = 0;
+    MXD_CUDA_CHECK(cudaMemcpyAsync(&host, partial + parts, sizeof host, cudaMemcpyDeviceToHost,
+                                   ctx.stream()));
+    ctx.synchronize();
+    return host;
+  }
+
+  /// v *= s, as backend<cpu>::scale (the same bits). v: [rows, cols], contiguous.
+  template <class T>
+  static void scale(Ctx& ctx, View<T, cuda> v, double s) {
+    if (v.empty()) return;
+    MXD_CUDA_LAUNCH(detail::cu::scale_flat_kernel<T>, detail::cu::grid_for(v.size(), block), block,
+                    ctx.stream(), v.data, v.size(), s);
   }
 
   /// One torch.optim.AdamW update, as backend<cpu>::adamw_update. p, g, m, v: same shape.

@@ -51,6 +51,8 @@ struct TranscoderConfig {
 /// use the authors' [I, M] layout. for_each, for_each_param, borrow, ...: ParamSet (params.hpp).
 template <class T, class Device = cpu>
 struct TranscoderParams : ParamSet<TranscoderParams<T, Device>, TranscoderConfig> {
+  using Scalar = T;
+  using device = Device;
   TranscoderConfig config;
   Tensor<T, Device> W_enc;   // [M, I]
   Tensor<T, Device> b_enc;   // [1, M]
