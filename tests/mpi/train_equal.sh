@@ -3,7 +3,8 @@
 # `mxd train` under mpirun equals one process with the same global batch: P = 2, 3 in both
 # modes (float64: 1e-10; float32: 1e-4), checkpoints (weights and AdamW state) of the MxD and
 # the baseline compared tensor by tensor; the same P twice gives identical files; a run
-# resumed from its checkpoint under mpirun ends with the same bytes; --data files too.
+# resumed from its checkpoint under mpirun ends with the same bytes; --data files too; the
+# baseline's --tc-* recipe flags too.
 #
 #   train_equal.sh MXD MPI_FILES WORK MPIEXEC...
 set -u
@@ -58,5 +59,28 @@ cmp "$work/resumed/topk_transcoder.safetensors" "$work/experts3_f64_10/topk_tran
 run data_single 0 --dtype f64 --steps 6 --data "$work/acts.safetensors"
 run data_files2 2 --dtype f64 --steps 6 --data "$work/acts.safetensors" --parallel data
 same data_files2 data_single 1e-10
+# The baseline's recipe (SAELens's): MSE over the whole batch, tied init, clipping after the
+# gradient sum, no warm-up, free decoder rows, and AuxK with every rank's selection and the
+# whole batch's residual; a 40-row dead window, so latents die and AuxK acts within 10 steps.
+recipe=(--dtype f64 --steps 10 --tc-recipe saelens --dead-window 40)
+run recipe_single 0 "${recipe[@]}"
+run recipe_data2 2 "${recipe[@]}" --parallel data
+run recipe_experts3 3 "${recipe[@]}" --parallel experts
+same recipe_data2 recipe_single 1e-10
+same recipe_experts3 recipe_single 1e-10
+# AuxK for both models under --parallel data.
+run aux_single 0 --dtype f64 --steps 10 --aux-k 4 --dead-window 40
+run aux_data3 3 --dtype f64 --steps 10 --aux-k 4 --dead-window 40 --parallel data
+same aux_data3 aux_single 1e-10
+for m in mxd topk_transcoder; do  # dead-unit counts are integers: the same bytes
+  cmp "$work/aux_data3/$m.dead.safetensors" "$work/aux_single/$m.dead.safetensors" ||
+    { echo "FAIL: $m's dead units under --parallel data differ"; fail=1; }
+done
+cmp -s "$work/recipe_data2/topk_transcoder.dead.safetensors" "$work/recipe_single/topk_transcoder.dead.safetensors" ||
+  { echo "FAIL: the recipe's dead latents under --parallel data differ"; fail=1; }
+# Not vacuous: AuxK and the recipe change what trains.
+cmp -s "$work/aux_single/mxd.safetensors" "$work/single_f64_10/mxd.safetensors" && { echo "FAIL: --aux-k changed nothing"; fail=1; }
+cmp -s "$work/recipe_single/topk_transcoder.safetensors" "$work/single_f64_10/topk_transcoder.safetensors" &&
+  { echo "FAIL: --tc-recipe saelens changed nothing"; fail=1; }
 [ "$fail" = 0 ] && echo "mpirun runs equal the single process"
 exit "$fail"

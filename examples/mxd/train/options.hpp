@@ -374,16 +374,14 @@ inline Options parse_options(Args& args, Dist& dist) {
             "(--baseline none, or --models without topk or skip)");
   MXD_CHECK(!o.tc.tied_init || o.layer.d_in == o.layer.d_out, "--tc-init tied needs d_in == d_out "
             "(the encoder starts as the decoder's transpose), got ", o.layer.d_in, " and ", o.layer.d_out);
-  MXD_CHECK(o.tc.clip_grad == 0 || !o.cuda, "--tc-clip-grad (and --tc-recipe saelens, which clips) is "
-            "not supported with --device cuda yet");
-  MXD_CHECK(o.tc.is_default() || !dist.comm, "--tc-recipe and --tc-* are not supported with --parallel yet");
   const bool any_aux = o.aux.enabled() || o.tc.aux_k > 0;
   MXD_CHECK(any_aux || (!args.has("aux-coef") && !args.has("dead-window")),
             "--aux-coef and --dead-window need --aux-k K > 0 (the AuxK loss is off without it)");
   if (o.cuda) require_cuda();
   MXD_CHECK(!(dist.comm && o.cuda), "--parallel runs on the CPU (--device cuda is one process)");
-  MXD_CHECK(!(dist.comm && o.aux.enabled()),
-            "--aux-k is not supported with --parallel yet (each rank would count dead units alone)");
+  MXD_CHECK(!(dist.comm && dist.mode == Parallel::experts && o.aux.enabled() && o.train_mxd),
+            "--aux-k ", o.aux.k, " is not supported for the MxD with --parallel experts (its dead "
+            "experts would be sharded too); --parallel data, or --tc-aux-k for the baseline alone");
   if (dist.comm) o.dist = &dist;
   const double timeout = args.get_double("timeout", default_timeout);
   MXD_CHECK(timeout >= 0, "--timeout = ", timeout, " must be >= 0 (0: wait forever)");

@@ -42,12 +42,27 @@ public:
   void gradients(Model& m) override { reduce_(comm_, m.g); }
   // A non-finite gradient in one rank's update stops every rank.
   void update(const std::function<void()>& f) override { comm_.together(f); }
+  // AuxK: the residual's mean and variance are the whole batch's, and every rank's tracker
+  // records every rank's selection, so dead units are the one process's.
+  train::SumAcross sum_across() override {
+    return [this](double* v, index_t n) { comm_.all_reduce(View<double>(v, 1, n)); };
+  }
+  void record(train::DeadUnits& dead, ConstView<std::int32_t> idx, View<T> val) override {
+    const index_t B = batch_rows();
+    all_idx_.resize(B, idx.cols, false);
+    all_val_.resize(B, val.cols, false);
+    comm_.all_gather<std::int32_t>(idx, all_idx_.view(), rows);
+    comm_.all_gather<T>(val, all_val_.view(), rows);
+    dead.record(ConstView<std::int32_t>(all_idx_.view()), all_val_.view());
+  }
 
   std::vector<index_t> rows;
 
 protected:
   Communicator& comm_;
   GradientReducer<T> reduce_;
+  Tensor<std::int32_t> all_idx_;  // [B, k] the batch's selection, every rank's rows
+  Tensor<T> all_val_;
 };
 
 /// The MxD with its experts sharded over the ranks (ExpertParallel): forward and backward are
@@ -66,6 +81,11 @@ public:
     ep_.backward(m.p, x, dy, m.ws, m.g);
   }
   void gradients(Model& m) override { this->reduce_(this->comm_, m.g, dense_only); }
+  // Sharded experts would need AuxK's dead experts split the same way: not supported.
+  train::SumAcross sum_across() override {
+    MXD_CHECK(false, "AuxK is not supported with sharded experts (--parallel experts)");
+    return {};
+  }
 
 private:
   ExpertParallel<T>& ep_;

@@ -57,11 +57,12 @@ struct auxk_ops<cuda> {
 
   /// As auxk_ops<cpu>::residual_loss: e = target - pred into scratch, the device FVU of e_hat
   /// against e (sums in double, fixed order), its gradient scaled by coef. 0 when the residual
-  /// has no variance. All [B, O] device views.
+  /// has no variance. All [B, O] device views. One process only (as --parallel: the CPU's).
   template <class T>
   static double residual_loss(Context<cuda>& ctx, double coef, ConstView<T, cuda> pred,
                               ConstView<T, cuda> target, ConstView<T, cuda> e_hat,
-                              View<T, cuda> scratch, View<T, cuda> grad) {
+                              View<T, cuda> scratch, View<T, cuda> grad, const SumAcross& sum) {
+    MXD_CHECK(!sum, "auxk_backward on the GPU: a batch split over processes is not supported");
     constexpr int block = mxd::detail::cu::block;
     cudaStream_t s = ctx.stream();
     MXD_CUDA_LAUNCH(mxd::detail::cu::auxk_residual_kernel<T>,

@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -73,6 +74,10 @@ struct AuxK {
 };
 
 
+/// Sums n doubles in place over the processes of a distributed run, so that the loss's
+/// normalisation is the whole batch's (parallel::DataParallel gives one); empty: one process.
+using SumAcross = std::function<void(double* values, index_t n)>;
+
 /// The few element-wise steps of the aux loss that backend<Device> has no primitive for.
 /// Specialised below for cpu and in train/aux_loss.cuh for cuda.
 template <class Device>
@@ -89,18 +94,22 @@ struct auxk_ops<cpu> {
 
   /// With e = target - pred: returns coef |e - e_hat|^2 / |e - mean_rows e|^2 and writes its
   /// gradient coef 2 (e_hat - e) / |e - mean e|^2 to grad; returns 0 (grad unwritten) when
-  /// the denominator is 0. Sums in double, in a fixed order. pred, target, e_hat, grad: [B, O];
-  /// scratch is unused here.
+  /// the denominator is 0. Sums in double, in a fixed order; with `sum`, the mean and both
+  /// sums are the whole batch's over the processes. pred, target, e_hat, grad: [B, O] (this
+  /// process's rows); scratch is unused here.
   template <class T>
   static double residual_loss(Context<cpu>&, double coef, ConstView<T, cpu> pred,
                               ConstView<T, cpu> target, ConstView<T, cpu> e_hat,
-                              View<T, cpu> /*scratch*/, View<T, cpu> grad) {
+                              View<T, cpu> /*scratch*/, View<T, cpu> grad, const SumAcross& sum) {
     const index_t B = pred.rows, O = pred.cols;
-    std::vector<double> mean(static_cast<std::size_t>(O), 0.0);
+    std::vector<double> mean(static_cast<std::size_t>(O) + 1, 0.0);  // column sums, then rows
     for (index_t r = 0; r < B; ++r)
       for (index_t o = 0; o < O; ++o) mean[o] += double(target(r, o)) - double(pred(r, o));
-    for (double& m : mean) m /= double(B);
-    double var = 0, err = 0;
+    mean[O] = double(B);
+    if (sum) sum(mean.data(), O + 1);
+    for (index_t o = 0; o < O; ++o) mean[o] /= mean[O];
+    double var_err[2] = {0, 0};
+    double &var = var_err[0], &err = var_err[1];
     for (index_t r = 0; r < B; ++r)
       for (index_t o = 0; o < O; ++o) {
         const double e = double(target(r, o)) - double(pred(r, o)), d = e - mean[o];
@@ -108,6 +117,7 @@ struct auxk_ops<cpu> {
         var += d * d;
         err += f * f;
       }
+    if (sum) sum(var_err, 2);
     if (!(var > 0)) return 0;
     const double scale = 2 * coef / var;
     for (index_t r = 0; r < B; ++r)
@@ -154,7 +164,7 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
                   InView<T, Device> x, InView<T, Device> pred, InView<T, Device> target,
                   InView<T, Device> u, InView<T, Device> gate, InView<T, Device> gate_bias,
                   InView<T, Device> dec, View<T, Device> d_gate, View<T, Device> d_gate_bias,
-                  View<T, Device> d_dec, AuxKWorkspace<T, Device>& aw) {
+                  View<T, Device> d_dec, AuxKWorkspace<T, Device>& aw, const SumAcross& sum) {
   using be = backend<Device>;
   using ops = auxk_ops<Device>;
   using CV = ConstView<T, Device>;
@@ -224,7 +234,7 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
   be::gather_rows(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, aw.v.view(), false);
   be::modulate(ctx, u, CV(aw.v.view()), CV(), aw.e_hat.view(), false);
   aw.loss = ops::template residual_loss<T>(ctx, cfg.coef, pred, target, CV(aw.e_hat.view()),
-                                           aw.scratch.view(), aw.grad.view());
+                                           aw.scratch.view(), aw.grad.view(), sum);
   if (aw.loss == 0) return 0;  // no variance to explain (or e_hat == e): no gradient
 
   // The sparse expert backward of layer.hpp over the aux selection, u constant:
@@ -258,7 +268,8 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
 template <class T, class Device>
 double auxk_backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, Device> pred,
                      InView<T, Device> target, Workspace<T, Device>& ws, const DeadUnits& dead,
-                     const AuxK& cfg, AuxKWorkspace<T, Device>& aw, Grads<T, Device>& grads) {
+                     const AuxK& cfg, AuxKWorkspace<T, Device>& aw, Grads<T, Device>& grads,
+                     const SumAcross& sum = {}) {
   const Config& c = p.config;
   MXD_CHECK(ws.batch == x.rows, "auxk_backward: workspace holds a forward of ", ws.batch,
             " rows but x has ", x.rows, " (call forward on this batch first)");
@@ -269,7 +280,7 @@ double auxk_backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, 
   using CV = ConstView<T, Device>;
   return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(ws.u.view()),
                                        p.G.view(), p.b_gate.view(), p.C.view(), grads.G.view(),
-                                       grads.b_gate.view(), grads.C.view(), aw);
+                                       grads.b_gate.view(), grads.C.view(), aw, sum);
 }
 
 /// The same for a TopK or skip transcoder (u = 1): the dead latents' rows of W_enc, b_enc and
@@ -278,7 +289,8 @@ template <class T, class Device>
 double auxk_backward(const TranscoderParams<T, Device>& p, InView<T, Device> x,
                      InView<T, Device> pred, InView<T, Device> target,
                      TranscoderWorkspace<T, Device>& ws, const DeadUnits& dead, const AuxK& cfg,
-                     AuxKWorkspace<T, Device>& aw, TranscoderParams<T, Device>& grads) {
+                     AuxKWorkspace<T, Device>& aw, TranscoderParams<T, Device>& grads,
+                     const SumAcross& sum = {}) {
   const TranscoderConfig& c = p.config;
   MXD_CHECK(ws.batch == x.rows, "auxk_backward: workspace holds a forward of ", ws.batch,
             " rows but x has ", x.rows, " (call transcoder_forward on this batch first)");
@@ -290,7 +302,7 @@ double auxk_backward(const TranscoderParams<T, Device>& p, InView<T, Device> x,
   return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(),
                                        p.W_enc.view(), p.b_enc.view(), p.W_dec.view(),
                                        grads.W_enc.view(), grads.b_enc.view(),
-                                       grads.W_dec.view(), aw);
+                                       grads.W_dec.view(), aw, sum);
 }
 
 }  // namespace mxd::train

@@ -32,7 +32,7 @@ struct StepOptions {
   Loss loss = Loss::nmse_ref;  // the training loss (the authors': nmse_ref)
   bool norm_dec = true;        // decoder rows kept at unit norm (normalize_decoder)
   AuxK aux;                    // the AuxK loss for dead units (off unless aux.k > 0)
-  double clip_grad = 0;        // clip the gradient to this global L2 norm (0: off; host only)
+  double clip_grad = 0;        // clip the gradient to this global L2 norm (0: off)
 };
 
 /// The workspace a parameter set trains with.
@@ -96,6 +96,13 @@ struct Reducer {
   virtual double loss(double share) { return share; }
   /// Sums this batch's gradients over the processes.
   virtual void gradients(Model&) {}
+  /// Sums n values in place over the processes (AuxK's batch statistics); none for one.
+  virtual train::SumAcross sum_across() { return {}; }
+  /// Records the batch's selection in the dead-unit tracker (every process's rows, in order).
+  /// idx, val: [rows, k] of this process, on the host.
+  virtual void record(DeadUnits& dead, ConstView<std::int32_t> idx, View<T> val) {
+    dead.record(idx, val);
+  }
   /// Runs the optimizer update (a distributed run stops every process on its error).
   virtual void update(const std::function<void()>& f) { f(); }
 };
@@ -120,22 +127,19 @@ double step(Model& m, InView<typename Model::Scalar, typename Model::device> x,
   m.aux_loss = 0;
   if (o.aux.enabled()) {
     m.aux_loss = auxk_backward(m.p, x, InView<T, D>(m.pred.view()), target, m.ws, m.dead, o.aux,
-                               m.aux_ws, m.g);
+                               m.aux_ws, m.g, r.sum_across());
     if constexpr (std::is_same_v<D, cpu>) {
-      m.dead.record(m.ws.topk_idx.view(), m.ws.topk_val.view());
+      r.record(m.dead, m.ws.topk_idx.view(), m.ws.topk_val.view());
     } else {
       m.host_idx.resize(m.ws.topk_idx.rows(), m.ws.topk_idx.cols(), false);
       m.host_val.resize(m.ws.topk_val.rows(), m.ws.topk_val.cols(), false);
       memory<D>::download(m.host_idx.data(), m.ws.topk_idx.data(), m.host_idx.bytes());
       memory<D>::download(m.host_val.data(), m.ws.topk_val.data(), m.host_val.bytes());
-      m.dead.record(m.host_idx.view(), m.host_val.view());
+      r.record(m.dead, m.host_idx.view(), m.host_val.view());
     }
   }
   r.gradients(m);
-  if (o.clip_grad > 0) {  // SAELens's clip_grad_norm_, after the sum over processes
-    if constexpr (std::is_same_v<D, cpu>) clip_grad_norm(m.g, o.clip_grad);
-    else MXD_CHECK(false, "gradient clipping (StepOptions.clip_grad) runs on the host only");
-  }
+  if (o.clip_grad > 0) clip_grad_norm(ctx, m.g, o.clip_grad);  // SAELens's, after the sum over processes
   if (o.norm_dec) project_decoder_grads(m.p, m.g, ctx);
   r.update([&] { m.opt.step(m.p, m.g, ctx); });
   if (o.norm_dec) normalize_decoder(m.p, ctx);
