@@ -22,8 +22,9 @@ What is SAELens's and what is not:
   epoch (a torch generator, not mxd's order).
 
 Writes DIR/topk_transcoder.safetensors in mxd's transcoder format (decoder norms folded into
-the encoder, exactly) and DIR/metrics.json like `mxd train`'s (held-out FVU, dead fraction).
-`--probe` only prints SAELens's version (exit 1 without it).
+the encoder, checked against SAELens's forward) and DIR/metrics.json like `mxd train`'s (held-out FVU, dead fraction).
+`--probe` only prints SAELens's version (exit 1 without it); `--no-rescale` turns off the one
+default of SAELens's that mxd's imitation lacks, to see what it is worth.
 """
 import argparse
 import dataclasses
@@ -48,6 +49,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-fraction", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-rescale", action="store_true",
+                    help="rescale_acts_by_decoder_norm=False (a diagnostic: mxd's imitation has no such "
+                         "rescaling; SAELens's default has it)")
     args = ap.parse_args(argv)
     import sae_lens
     if args.probe:
@@ -96,7 +100,8 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     sae = TargetSwapped(TopKTrainingSAEConfig(d_in=d_in, d_sae=args.latents, k=args.k,
-                                              apply_b_dec_to_input=False))
+                                              apply_b_dec_to_input=False,
+                                              rescale_acts_by_decoder_norm=not args.no_rescale))
     cfg = SAETrainerConfig(total_training_samples=args.steps * args.batch,
                            train_batch_size_samples=args.batch, lr=args.lr, device="cpu",
                            lr_end=args.lr / 10)  # as LanguageModelSAERunnerConfig sets it (unused: constant lr)
@@ -109,24 +114,30 @@ def main(argv=None):
         xh, yh = x[n - held:], y[n - held:]
         sae.eval()
         ref = sae.decode(sae.encode(xh))  # SAELens's own forward, before the fold
-        sae.fold_W_dec_norm()  # exact: selection and output unchanged (_fold_norm_topk)
+        if not args.no_rescale:  # selection and output unchanged up to rounding (_fold_norm_topk)
+            sae.fold_W_dec_norm()
         p = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec_out": sae.b_dec}
         p = {k: v.detach().float().contiguous().clone() for k, v in p.items()}
         top = torch.topk(torch.relu(xh @ p["W_enc"] + p["b_enc"]), args.k, dim=-1)
         acts = torch.zeros(len(xh), args.latents).scatter(-1, top.indices, top.values)
         pred = acts @ p["W_dec"] + p["b_dec_out"]  # layers.TranscoderLayer's formula
-        fold_err = float((pred - ref).abs().max())
-        if fold_err > 1e-4 * float(ref.abs().max()):
-            raise SystemExit(f"the folded weights disagree with SAELens's forward by {fold_err}")
+        # Folding rounds the pre-activations differently, so a near-tie at the k-th latent can
+        # flip in a row or two; any more is a wrong conversion.
+        row_err, tol = (pred - ref).abs().amax(-1), 1e-4 * float(ref.abs().max())
+        flipped, fold_err = int((row_err > tol).sum()), float(row_err[row_err <= tol].max())
+        if flipped > 1e-3 * len(xh):
+            raise SystemExit(f"the folded weights disagree with SAELens's forward in {flipped} of {len(xh)} rows")
         fvu = float(((pred - yh) ** 2).sum() / ((yh - yh.mean(0)) ** 2).sum())
         dead = 1.0 - float((acts > 0).any(0).float().mean())
     meta = {"model": "topk_transcoder", "d_in": str(d_in), "d_out": str(d_out),
             "n_latents": str(args.latents), "k": str(args.k), "skip": "0",
-            "trained_by": f"sae_lens {sae_lens.__version__} TopKTrainingSAE, SAETrainer, target swapped"}
+            "trained_by": f"sae_lens {sae_lens.__version__} TopKTrainingSAE, SAETrainer, target swapped",
+            "rescale_acts_by_decoder_norm": str(int(not args.no_rescale))}
     save_file(p, str(out / "topk_transcoder.safetensors"), metadata=meta)
     metrics = {"models": [{"name": "topk_transcoder", "k": args.k, "params": sum(v.numel() for v in p.values()),
                            "fvu": fvu, "dead_fraction": dead, "train_dead_fraction":
                            float(trainer.dead_neurons.float().mean()), "fold_max_abs_err": fold_err,
+                           "fold_flipped_rows": flipped,
                            "seconds": seconds, "sae_lens": sae_lens.__version__}]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps(metrics["models"][0]))
