@@ -22,9 +22,10 @@ What is SAELens's and what is not:
   epoch (a torch generator, not mxd's order).
 
 Writes DIR/topk_transcoder.safetensors in mxd's transcoder format (decoder norms folded into
-the encoder, checked against SAELens's forward) and DIR/metrics.json like `mxd train`'s (held-out FVU, dead fraction).
-`--probe` only prints SAELens's version (exit 1 without it); `--no-rescale` turns off the one
-default of SAELens's that mxd's imitation lacks, to see what it is worth.
+the encoder, checked against SAELens's forward) and DIR/metrics.json like `mxd train`'s
+(held-out FVU, dead fraction). `--probe` only prints SAELens's version (exit 1 without it);
+`--no-rescale` turns off SAELens's decoder-norm rescaling, which mxd's imitation has no
+counterpart for, to see what it is worth.
 """
 import argparse
 import dataclasses
