@@ -3,7 +3,8 @@
 the fortunes with an MxD, a TopK transcoder, a skip transcoder and an MxD with the skip path,
 and both transcoders again with SAELens's training recipe (`--tc-recipe saelens`); each pair
 matched exactly in parameters, same k, trained by `mxd train --data --models`, at several
-seeds. Each is spliced back in and held-out next-token CE measured, as mean ± std.
+seeds. Each is spliced back in and held-out next-token CE measured, as mean ± std. With
+--saelens-python, a reference row too: the TopK transcoder trained by SAELens itself.
 
     /usr/bin/python3 examples/lm/experiment.py --mxd build/examples/mxd --out examples/lm/results --ablation
 
@@ -90,6 +91,10 @@ def main(argv=None):
     ap.add_argument("--scaling-steps", help="comma-separated lengths (steps) of the training-length study at "
                     "scaling_k, one run continued with --resume (default 125,250,500,1000; e.g. up to 16000 "
                     "for 16M tokens)")
+    ap.add_argument("--saelens-python",
+                    help="a Python with sae_lens (e.g. /work/venv215/bin/python): adds the reference row "
+                         "topk_saelens_lib, the TopK transcoder trained by SAELens itself "
+                         "(saelens_reference.py); without it the row is reported skipped")
     ap.add_argument("--cached-only", action="store_true",
                     help="train nothing: tabulate the runs already cached in --out")
     args = ap.parse_args(argv)

@@ -18,6 +18,11 @@ METHODS = ["mxd", "topk_transcoder", "skip_transcoder", "mxd_skip", "topk_saelen
 # The paper's three methods, MxD with the skip transcoder's linear skip path (its expert count
 # lowered to keep the parameter count), and both transcoders trained with SAELens's recipe
 # (--tc-recipe saelens) instead of the MxD authors'; `runs` says how `mxd train` trains them.
+REFERENCE = ["topk_saelens_lib"]
+# A reference row, not one of the compared methods: the TopK transcoder trained by SAELens
+# itself (saelens_reference.py, run by --saelens-python), to check mxd's imitation of its recipe.
+TABLED = METHODS + REFERENCE
+SAELENS_SCRIPT = Path(__file__).resolve().parent / "saelens_reference.py"
 
 
 # --- the trained layers, read from mxd's safetensors files, computed in plain torch ----------
@@ -209,28 +214,62 @@ def train_tool(mxd, data, out_dir, c, k, steps, seed, threads, log, resume=None,
     """`mxd train --data` at one k; returns the metrics rows. A finished run in out_dir is
     reused when it was made by the same command (cmd.json), refused when not; with
     cached_only an unfinished one is not run (None)."""
-    out_dir = Path(out_dir)
-    metrics, cmd_file = out_dir / "metrics.json", out_dir / "cmd.json"
     cmd = ["train", "--data", str(data), "--k", str(k), "--d-hidden", str(c["hidden"]),
            "--batch", str(c["batch"]), "--steps", str(steps), "--lr", str(c["lr"]),
            "--warmup", str(c["warmup"]), "--seed", str(seed), "--log-every", "25", *flags]
+    full = [mxd, *cmd, "--threads", str(threads), "--out", str(out_dir)]
+    if resume:
+        full += ["--resume", str(resume)]
+    else:  # a run killed before metrics.json leaves checkpoints that a fresh run replaces
+        full += ["--overwrite"]
+    return cached_run(out_dir, cmd, full, log, cached_only)
+
+
+def cached_run(out_dir, cmd, full, log, cached_only, log_file=None):
+    """Runs `full` (which writes out_dir/metrics.json; its output to log_file, else dropped)
+    unless out_dir already holds the run of `cmd`; returns its metrics rows, or None when
+    cached_only and not cached."""
+    out_dir = Path(out_dir)
+    metrics, cmd_file = out_dir / "metrics.json", out_dir / "cmd.json"
     if metrics.exists():
         if cmd_file.exists() and json.loads(cmd_file.read_text()) != cmd:
             raise SystemExit(f"{out_dir} caches a run of another command ({cmd_file}); remove it")
         return json.loads(metrics.read_text())["models"]
     if cached_only:
         return None
-    full = [mxd, *cmd, "--threads", str(threads), "--out", str(out_dir)]
-    if resume:
-        full += ["--resume", str(resume)]
-    else:  # a run killed before metrics.json leaves checkpoints that a fresh run replaces
-        full += ["--overwrite"]
     log(" ".join(full))
     t0 = time.time()
-    subprocess.run(full, check=True, stdout=subprocess.DEVNULL)
+    if log_file:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "w") as f:
+            subprocess.run(full, check=True, stdout=f, stderr=subprocess.STDOUT)
+    else:
+        subprocess.run(full, check=True, stdout=subprocess.DEVNULL)
     write_text(cmd_file, json.dumps(cmd) + "\n")
     log(f"  {time.time() - t0:.0f} s")
     return json.loads(metrics.read_text())["models"]
+
+
+def saelens_probe(python):
+    """Why the SAELens reference row cannot be trained with `python`, or None when it can."""
+    if not python:
+        return "no --saelens-python given"
+    try:
+        r = subprocess.run([python, str(SAELENS_SCRIPT), "--probe"], capture_output=True, text=True)
+    except OSError as e:
+        return f"{python}: {e}"
+    if r.returncode:
+        return f"`import sae_lens` fails under {python}: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
+def train_saelens(python, data, out_dir, c, k, seed, threads, log, cached_only=False):
+    """saelens_reference.py at one k (the experiment's width, batch, lr, steps); its output
+    goes to out_dir/log.txt. Returns the metrics rows, as train_tool does."""
+    cmd = ["--data", str(data), "--k", str(k), "--latents", str(c["latents"]), "--batch", str(c["batch"]),
+           "--steps", str(c["steps"]), "--lr", str(c["lr"]), "--seed", str(seed)]
+    full = [str(python), str(SAELENS_SCRIPT), *cmd, "--threads", str(threads), "--out", str(out_dir)]
+    return cached_run(out_dir, cmd, full, log, cached_only, log_file=Path(out_dir) / "log.txt")
 
 
 def evaluate(model, c, path, data, starts, ce_orig, ce_abl, backend):
@@ -343,6 +382,10 @@ def run_all(args, c, out, model, train, held, log):
         f"{ce_lin:.4f} (+{ce_lin - ce_orig:.4f}) on the held-out bytes")
 
     rows = []
+    # The reference row needs SAELens in another Python; without it, reported skipped (cached
+    # runs are still tabulated).
+    skipped = {}
+    sl_skip = saelens_probe(args.saelens_python) if args.ks else None
     for k in args.ks:
         for seed in args.seeds:
             for tag, flags, files in runs(c):
@@ -366,11 +409,27 @@ def run_all(args, c, out, model, train, held, log):
                         log(f"  {method:16s} k={k:3d} seed {seed} steps={s:5d} CE {r['ce']:.4f} "
                             f"(+{r['delta_ce']:.4f}) recovered {r['fraction_recovered']:.3f} nmse {r['nmse']:.4f}")
                 write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+            d = out / f"train_saelenslib_k{k}_s{c['steps']}_seed{seed}"
+            tool = train_saelens(args.saelens_python, acts, d, c, k, seed, args.threads, log,
+                                 cached_only=args.cached_only or sl_skip is not None)
+            if tool is None:
+                if sl_skip:
+                    skipped["topk_saelens_lib"] = sl_skip
+                continue
+            path = d / "topk_transcoder.safetensors"
+            r = evaluated(cache, str(path.relative_to(out)),
+                          lambda: evaluate(model, c, path, held, starts, ce_orig, ce_abl, args.backend))
+            r.update(method="topk_saelens_lib", k=k, seed=seed, steps=c["steps"], tokens=c["steps"] * c["batch"],
+                     tool_fvu=tool[0]["fvu"], checkpoint=str(path.relative_to(out)))
+            rows.append(r)
+            log(f"  {'topk_saelens_lib':16s} k={k:3d} seed {seed} steps={c['steps']:5d} CE {r['ce']:.4f} "
+                f"(+{r['delta_ce']:.4f}) recovered {r['fraction_recovered']:.3f} nmse {r['nmse']:.4f}")
+            write_text(cache_path, json.dumps(cache, indent=1) + "\n")
     ablation = run_ablation(args, c, out, model, held, starts, ce_orig, ce_abl, cache, log) if args.ablation else []
     write_text(cache_path, json.dumps(cache, indent=1) + "\n")
     result = {"config": c, "ks": args.ks, "seeds": args.seeds, "ce_original": ce_orig, "ce_mean_ablated": ce_abl,
               "eval_tokens": len(starts) * ctx, "train_rows": len(train_starts) * ctx, "linear": linear,
-              "rows": rows, "ablation": ablation}
+              "rows": rows, "ablation": ablation, "skipped": skipped}
     write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     write_text(out / "results.md", table(result))
     if rows:
@@ -431,7 +490,8 @@ def verdict(a, b, lower_is_better=True):
 
 
 PAIRS = [("mxd", "topk_transcoder"), ("mxd", "topk_saelens"), ("mxd_skip", "skip_transcoder"),
-         ("mxd_skip", "skip_saelens"), ("mxd", "skip_transcoder"), ("topk_saelens", "topk_transcoder")]
+         ("mxd_skip", "skip_saelens"), ("mxd", "skip_transcoder"), ("topk_saelens", "topk_transcoder"),
+         ("mxd", "topk_saelens_lib"), ("topk_saelens", "topk_saelens_lib")]
 
 
 def table(result):
@@ -447,10 +507,12 @@ def table(result):
                   f"held-out bytes; spliced in, CE {lin['ce']:.4f} (delta {lin['delta_ce']:+.4f}, "
                   f"{lin['fraction_recovered']:.3f} recovered).", ""]
     agg = aggregate(final_rows(result), ("method", "k"))
+    for m, why in result.get("skipped", {}).items():
+        lines += [f"{m} (the TopK transcoder trained by SAELens itself, a reference row): skipped, {why}.", ""]
     if agg:
         lines += ["| method | k | params | seeds | delta CE | CE recovered | NMSE | dead |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for (m, k), a in sorted(agg.items(), key=lambda i: (METHODS.index(i[0][0]), i[0][1])):
+        for (m, k), a in sorted(agg.items(), key=lambda i: (TABLED.index(i[0][0]), i[0][1])):
             lines.append(f"| {m} | {k} | {a['params']} | {a['n']} | {pm(a['delta_ce'], sign=True)} | "
                          f"{pm(a['fraction_recovered'], 3)} | {pm(a['nmse'])} | {pm(a['dead_fraction'], 3)} |")
         lines += ["", "Pairs (delta CE; a win only where the mean ± std intervals do not overlap):", "",
@@ -486,9 +548,9 @@ def table(result):
 
 
 COLORS = {"mxd": "#d62728", "topk_transcoder": "#1f77b4", "skip_transcoder": "#2ca02c", "mxd_skip": "#9467bd",
-          "topk_saelens": "#17becf", "skip_saelens": "#bcbd22"}
+          "topk_saelens": "#17becf", "skip_saelens": "#bcbd22", "topk_saelens_lib": "#7f7f7f"}
 MARKS = {"mxd": "circle", "topk_transcoder": "square", "skip_transcoder": "diamond", "mxd_skip": "triangle",
-         "topk_saelens": "square", "skip_saelens": "diamond"}
+         "topk_saelens": "square", "skip_saelens": "diamond", "topk_saelens_lib": "square"}
 
 
 def line_plot(title, xlabel, ylabel, series, xticks, log_x=True, log_y=False):
@@ -552,7 +614,7 @@ def marker(kind, x, y, col):
 def frontier_svg(result):
     agg = aggregate(final_rows(result), ("method", "k"))
     series = {m: sorted((k, a["delta_ce"][0], a["delta_ce"][1]) for (mm, k), a in agg.items() if mm == m)
-              for m in METHODS}
+              for m in TABLED}
     return line_plot("held-out CE increase with the MLP replaced (bars: ± std over seeds)",
                      "k (experts / latents per token)", "delta CE (nats/byte)",
                      {m: v for m, v in series.items() if v}, sorted({k for _, k in agg}))

@@ -2,7 +2,8 @@
 """The fast version of the whole LM experiment (tiny LM, few steps, one k) in a fresh
 directory, then checks of what it produced:
   - the LM learned (held-out CE below the uniform ln 256) and the table has every method at
-    every seed, and the recipe ablation every knob;
+    every seed, and the recipe ablation every knob; the SAELens reference row (which needs
+    --saelens-python) is reported skipped;
   - the torch layers that are spliced into the LM compute what mxd computes: their FVU on the
     tool's held-out rows equals the FVU `mxd train` reported, and the MxD's outputs equal
     `mxd eval`'s on the same rows;
@@ -57,6 +58,8 @@ def main():
               f"one row per method and seed ({len(seeds)} seeds)")
         check(len(res["ablation"]) == len(layers.ABLATION) * len(seeds), "one ablation row per knob and seed")
         check("±" in (out / "results.md").read_text(), "the table gives mean ± std")
+        check("topk_saelens_lib" in res["skipped"] and "topk_saelens_lib" in (out / "results.md").read_text(),
+              "without --saelens-python the SAELens reference row is reported skipped")
         for f in ("results.md", "frontier.svg"):
             check((out / f).stat().st_size > 0, f"{f} written")
 
