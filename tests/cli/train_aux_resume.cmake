@@ -31,7 +31,7 @@ foreach(i 0 1)
 endforeach()
 foreach(bad "--aux-k;-1;--aux-k = -1 must be >= 0" "--aux-k;2;--aux-coef;0;--aux-coef = 0 must be positive"
             "--aux-k;2;--dead-window;0;--dead-window = 0 must be positive"
-            "--dead-window;100;--aux-coef and --dead-window need --aux-k")
+            "--tc-recipe;authors;--dead-window;100;--aux-coef and --dead-window need --aux-k")
   list(POP_BACK bad expected)
   execute_process(COMMAND ${MXD} train ${bad} --out ${WORK_DIR}/bad RESULT_VARIABLE rc ERROR_VARIABLE err)
   if(rc EQUAL 0 OR NOT err MATCHES "mxd: error: ${expected}")

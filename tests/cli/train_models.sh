@@ -5,7 +5,8 @@
 #   - a model trained alone (--models topk) equals the same model trained beside the MxD;
 #   - --latents matches each pair exactly: MxD = TopK, MxD+skip = skip transcoder;
 #   - a baseline alone resumes (--resume) to the bytes of an uninterrupted run;
-#   - the recipe flags run and change the baseline only (the MxD stays bit for bit);
+#   - the recipe flags run and change the baseline only (the MxD stays bit for bit); SAELens's
+#     recipe is the default, with uniform init where d_in != d_out;
 #   - bad values end in exit status 1 with one stderr line "mxd: error: ..." naming them.
 #
 #   train_models.sh MXD WORK_DIR
@@ -59,13 +60,19 @@ run half --steps 5 --checkpoint-every 0 --models skip --latents 64 &&
   run whole --steps 10 --models skip --latents 64 &&
   same half/skip_transcoder.safetensors whole/skip_transcoder.safetensors "--models skip: resumed = uninterrupted"
 
-# The recipe flags change the baseline only.
+# The recipe flags change the baseline only; SAELens's recipe is the default.
 run recipe --steps 10 --models mxd,topk --latents 512 --tc-recipe saelens &&
-  same pair/mxd.safetensors recipe/mxd.safetensors "--tc-recipe saelens: the MxD unchanged" &&
-  { ! cmp -s pair/topk_transcoder.safetensors recipe/topk_transcoder.safetensors &&
-    ok "--tc-recipe saelens: the transcoder trained otherwise" || bad "--tc-recipe saelens changed nothing"; }
+  same pair/topk_transcoder.safetensors recipe/topk_transcoder.safetensors "--tc-recipe saelens: the default" &&
+  run authors --steps 10 --models mxd,topk --latents 512 --tc-recipe authors &&
+  same pair/mxd.safetensors authors/mxd.safetensors "--tc-recipe authors: the MxD unchanged" &&
+  { ! cmp -s pair/topk_transcoder.safetensors authors/topk_transcoder.safetensors &&
+    ok "--tc-recipe authors: the transcoder trained otherwise" || bad "--tc-recipe authors changed nothing"; }
+# d_in != d_out: the default cannot tie the encoder to the decoder, so it starts uniform.
+run untied --steps 3 --models topk --latents 64 --d-out 8 &&
+  run untied_explicit --steps 3 --models topk --latents 64 --d-out 8 --tc-recipe saelens --tc-init uniform &&
+  same untied/topk_transcoder.safetensors untied_explicit/topk_transcoder.safetensors "d_in != d_out: the default starts uniform"
 for flags in "--tc-loss mse" "--tc-init tied" "--tc-clip-grad 1" "--tc-warmup 0" "--tc-aux-k 8" \
-             "--tc-norm-dec off" "--tc-recipe saelens --tc-aux-k 0"; do
+             "--tc-norm-dec off" "--tc-recipe saelens --tc-aux-k 0" "--tc-recipe authors --tc-init tied"; do
   d=knob_$(tr -c 'a-z0-9' _ <<<"$flags")
   # shellcheck disable=SC2086
   run "$d" --steps 3 --models topk --latents 64 $flags && ok "--models topk $flags runs"
@@ -100,6 +107,7 @@ refuse "--tc-recipe = 'sae'" --tc-recipe sae
 refuse "--tc-warmup = -1 is out of range" --tc-warmup -1
 refuse "but none trains" --models mxd --tc-loss mse
 refuse "--tc-init tied needs d_in == d_out" --d-out 8 --tc-init tied
+refuse "--tc-init tied needs d_in == d_out" --d-out 8 --tc-recipe saelens
 refuse "names no mxd.safetensors (use the --models it was trained with)" --steps 10 --resume half
 [ "$fail" = 0 ] && echo "every --models, --latents and --tc-* case behaved as documented"
 exit "$fail"

@@ -103,7 +103,8 @@ struct Row {
   // --parallel, per rank: bytes sent per step, the model's memory after its last step
   // (parameters, gradients, AdamW moments, workspace) and the process's peak resident memory.
   std::vector<double> rank_bytes_per_step, rank_memory, rank_peak_rss;
-  double train_dead = -1;  // --aux-k: fraction of units dead in training at the end
+  double train_dead = -1;  // with AuxK: fraction of units dead in training at the end
+  train::AuxK aux;         // the model's AuxK settings (off: k = 0)
 };
 
 // Collective: every rank's bytes per step and memory of model m, on every rank.

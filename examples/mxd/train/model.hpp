@@ -67,7 +67,7 @@ public:
   // True when predict() is collective (every rank calls it, even with no rows).
   bool collective_forward() const { return ep_ != nullptr; }
 
-  // One step on (x, target); returns the reference loss before the update (train::step).
+  // One step on (x, target); returns its training loss before the update (train::step).
   // Under --parallel, x and target are this rank's rows and the loss is the whole batch's.
   double train_step(const Tensor<T>& x, const Tensor<T>& target) {
     if (gpu_) return gpu_->train_step(x, target);

@@ -49,20 +49,22 @@ const char* const train_help =
     "  --k K[,K...]      experts/latents per row; a list sweeps k and plots the frontier\n"
     "  --baseline B      topk | skip | none (default topk)\n"
     "  --no-norm-dec     do not keep expert vectors (and transcoder decoder rows) unit norm\n"
-    "baseline recipe (the transcoder only; defaults: the MxD authors' recipe, as the MxD).\n"
-    "SAELens's recipe trains a better TopK transcoder (lower FVU on the built-in teacher,\n"
-    "lower spliced CE in examples/lm's LM at one seed; examples/lm/README.md, \"The\n"
-    "baseline's recipe\"), but is not the default: --device cuda refuses --tc-clip-grad\n"
-    "and --parallel the --tc-* flags, so a default would differ by device:\n"
-    "  --tc-recipe R     authors | saelens: SAELens 6.x's TopK recipe, the following flags at\n"
-    "                    mse, tied, 1, 0, d_in / 2, off (each may still be given)\n"
-    "  --tc-loss L       nmse_ref (the authors') | mse\n"
-    "  --tc-init I       uniform (the authors') | tied: decoder rows at norm 0.1, encoder its\n"
-    "                    transpose (SAELens; needs d_in == d_out)\n"
-    "  --tc-clip-grad X  clip the baseline's gradient to global L2 norm X (default 0: off)\n"
-    "  --tc-warmup W     the baseline's warm-up steps (default: --warmup)\n"
-    "  --tc-aux-k K      AuxK for the baseline alone (default: --aux-k; 0: off)\n"
-    "  --tc-norm-dec on|off  unit-norm decoder rows for the TopK baseline (default: as the MxD)\n"
+    "baseline recipe (the transcoder only; the MxD always trains by its authors' recipe).\n"
+    "The default is SAELens's: it trains a better transcoder than the MxD authors' recipe\n"
+    "(lower FVU on the built-in teacher, lower spliced CE in examples/lm's LM, three seeds\n"
+    "each; examples/lm/README.md, \"The baseline's recipe\"), so MxD is compared with a\n"
+    "baseline as strong as the community's:\n"
+    "  --tc-recipe R     saelens (default) | authors: SAELens 6.x's TopK recipe sets the\n"
+    "                    following flags to mse, tied (uniform when d_in != d_out and no\n"
+    "                    --tc-recipe is given), 1, 0, d_in / 2, off; authors' to nmse_ref,\n"
+    "                    uniform, 0, --warmup, --aux-k, as the MxD (each may still be given)\n"
+    "  --tc-loss L       mse (SAELens's) | nmse_ref (the authors')\n"
+    "  --tc-init I       tied (SAELens's): decoder rows at norm 0.1, encoder their transpose\n"
+    "                    (needs d_in == d_out) | uniform (the authors')\n"
+    "  --tc-clip-grad X  clip the baseline's gradient to global L2 norm X (0: off)\n"
+    "  --tc-warmup W     the baseline's warm-up steps\n"
+    "  --tc-aux-k K      AuxK for the baseline alone (0: off)\n"
+    "  --tc-norm-dec on|off  unit-norm decoder rows for the TopK baseline\n"
     "training:\n"
     "  --batch B         rows per step (default 512)\n"
     "  --steps S         total steps (default 2000)\n"
@@ -88,9 +90,10 @@ const char* const train_help =
     "  --checkpoint-every N  commit a checkpoint pair every N steps (default 500; 0: at the end only)\n"
     "                    and when SIGINT or SIGTERM ends the run after the current step (a\n"
     "                    second one stops at once)\n"
-    "  --aux-k K         AuxK auxiliary loss for dead experts/latents (both models; default 0:\n"
-    "                    off, the authors' recipe): per row the K dead units with the largest\n"
-    "                    gate scores model the residual (Gao et al. 2024 use about d_in / 2)\n"
+    "  --aux-k K         AuxK auxiliary loss for dead experts (default 0: off, the authors'\n"
+    "                    recipe; the baseline's too with --tc-recipe authors, SAELens's sets\n"
+    "                    its own, --tc-aux-k): per row the K dead units with the largest gate\n"
+    "                    scores model the residual (Gao et al. 2024 use about d_in / 2)\n"
     "  --aux-coef A      its weight (default 1/32, Gao et al.'s alpha; needs --aux-k)\n"
     "  --dead-window W   a unit is dead when none of the last W training tokens selected it\n"
     "                    (default 8192, the held-out rows the dead fraction counts; needs --aux-k)\n"
@@ -343,10 +346,14 @@ inline Options parse_options(Args& args, Dist& dist) {
   MXD_CHECK(o.aux.coef > 0, "--aux-coef = ", o.aux.coef, " must be positive");
   MXD_CHECK(o.aux.dead_window > 0, "--dead-window = ", o.aux.dead_window, " must be positive");
   // The baseline's recipe (--tc-*, train/baseline.hpp): a bundle, then each flag over it.
-  const std::string recipe = args.get("tc-recipe", "authors");
+  // SAELens's by default: it trains the stronger baseline (examples/lm/README.md, "The
+  // baseline's recipe"). Its tied init needs d_in == d_out; elsewhere the default starts
+  // from the uniform init instead.
+  const std::string recipe = args.get("tc-recipe", "saelens");
   MXD_CHECK(recipe == "authors" || recipe == "saelens", "--tc-recipe = '", recipe,
             "' is not authors or saelens");
   if (recipe == "saelens") o.tc = train::BaselineRecipe::saelens(o.layer.d_in);
+  if (!args.has("tc-recipe") && o.layer.d_in != o.layer.d_out) o.tc.tied_init = false;
   if (args.has("tc-loss")) {
     const std::string v = args.get("tc-loss", "");
     MXD_CHECK(v == "nmse_ref" || v == "mse", "--tc-loss = '", v, "' is not nmse_ref or mse");
@@ -369,9 +376,13 @@ inline Options parse_options(Args& args, Dist& dist) {
     MXD_CHECK(v == "on" || v == "off", "--tc-norm-dec = '", v, "' is not on or off");
     o.tc.norm_dec = v == "on";
   }
-  MXD_CHECK(o.tc.is_default() || o.baseline != "none",
+  bool tc_given = false;
+  for (const char* f : {"tc-recipe", "tc-loss", "tc-init", "tc-clip-grad", "tc-warmup", "tc-aux-k", "tc-norm-dec"})
+    tc_given = tc_given || args.has(f);
+  MXD_CHECK(!tc_given || o.baseline != "none",
             "--tc-recipe and --tc-* set the transcoder baseline's training, but none trains "
             "(--baseline none, or --models without topk or skip)");
+  if (o.baseline == "none") o.tc = {};  // nothing to train: no AuxK for the dead-window check
   MXD_CHECK(!o.tc.tied_init || o.layer.d_in == o.layer.d_out, "--tc-init tied needs d_in == d_out "
             "(the encoder starts as the decoder's transpose), got ", o.layer.d_in, " and ", o.layer.d_out);
   const bool any_aux = o.aux.enabled() || o.tc.aux_k > 0;

@@ -50,16 +50,23 @@ inline void report(const Options& o, const std::vector<Row>& rows, const std::ve
     models.push_back({{"name", r.name}, {"params", r.params}, {"k", r.k}, {"nmse", r.eval.nmse},
                       {"fvu", r.eval.fvu}, {"dead_fraction", r.eval.dead_fraction},
                       {"tokens_per_s", r.tokens_per_s}});
-    if (o.aux.enabled())
-      models.back().update({{"aux_k", o.aux.k}, {"aux_coef", o.aux.coef},
-                            {"dead_window", o.aux.dead_window},
+    if (r.aux.enabled())  // each model's own: the baseline's recipe may differ (--tc-aux-k)
+      models.back().update({{"aux_k", r.aux.k}, {"aux_coef", r.aux.coef},
+                            {"dead_window", r.aux.dead_window},
                             {"train_dead_fraction", r.train_dead}});
-    else if (r.train_dead >= 0)  // --tc-aux-k alone: the baseline's
-      models.back()["train_dead_fraction"] = r.train_dead;
   }
   if (o.aux.enabled())
     std::printf("AuxK loss on: k_aux %lld, coef %g, dead window %lld tokens\n", (long long)o.aux.k,
                 o.aux.coef, (long long)o.aux.dead_window);
+  if (o.baseline != "none") {  // the baseline's recipe as it ran (--tc-*; SAELens's by default)
+    const Recipes r = recipes(o);
+    char clip[32] = "off", aux[32] = "off";
+    if (r.tc_step.clip_grad > 0) std::snprintf(clip, sizeof clip, "%g", r.tc_step.clip_grad);
+    if (r.tc_step.aux.enabled()) std::snprintf(aux, sizeof aux, "k_aux %lld", (long long)r.tc_step.aux.k);
+    std::printf("baseline recipe: %s loss, %s init, clip %s, warm-up %lld, AuxK %s, %s decoder rows\n",
+                loss_name(r.tc_step.loss), o.tc.tied_init ? "tied" : "uniform", clip,
+                (long long)r.tc_adamw.warmup_steps, aux, r.tc_step.norm_dec ? "unit-norm" : "free");
+  }
   namespace fs = std::filesystem;
   const fs::path out(o.out);
   nlohmann::json metrics{{"models", models}};
@@ -68,8 +75,13 @@ inline void report(const Options& o, const std::vector<Row>& rows, const std::ve
                            {"processes", d->size()}, {"ranks", ranks}};
   io::write_file_durable((out / "metrics.json").string(), metrics.dump(2) + "\n");
   Axes loss_axes;
-  loss_axes.title = sweep ? "training loss (reference normalized MSE); dashed: the baseline at the same k"
-                          : "training loss (reference normalized MSE)";
+  // Each model's own training loss: the baseline's may be another (--tc-loss).
+  const Loss tc_loss = recipes(o).tc_step.loss;
+  loss_axes.title = o.baseline == "none" || tc_loss == Loss::nmse_ref
+                        ? std::string("training loss (reference normalized MSE)")
+                        : std::string("training loss (MxD: reference normalized MSE; baseline: ") +
+                              loss_name(tc_loss) + ")";
+  if (sweep) loss_axes.title += "; dashed: the baseline at the same k";
   loss_axes.x_label = "step";
   loss_axes.y_label = "loss";
   loss_axes.log_y = true;

@@ -75,9 +75,10 @@ void init_transcoder_tied(TranscoderParams<T>& p, std::uint64_t seed, double dec
   }
 }
 
-/// How `mxd train` trains its transcoder baseline. The defaults are the MxD authors' recipe
-/// (what the MxD itself uses); `saelens()` is SAELens 6.x's TopK recipe as far as mxd can
-/// follow it (see README, "The paper's experiment in miniature").
+/// How `mxd train` trains its transcoder baseline. A default-constructed one is the MxD
+/// authors' recipe (what the MxD itself uses); `saelens()` is SAELens 6.x's TopK recipe as far
+/// as mxd can follow it, and `mxd train`'s default (examples/lm/README.md, "The baseline's
+/// recipe").
 struct BaselineRecipe {
   Loss loss = Loss::nmse_ref;  // --tc-loss: nmse_ref (authors) or mse (SAELens)
   bool tied_init = false;      // --tc-init tied: SAELens's init_transcoder_tied
@@ -87,10 +88,6 @@ struct BaselineRecipe {
   index_t aux_k = -1;          // --tc-aux-k: -1 = the MxD's --aux-k (SAELens: d_in / 2)
   int norm_dec = -1;           // --tc-norm-dec: -1 = as the MxD (--no-norm-dec), 0 off, 1 on
 
-  bool is_default() const {
-    return loss == Loss::nmse_ref && !tied_init && clip_grad == 0 && warmup < 0 && aux_k < 0 &&
-           norm_dec < 0;
-  }
   /// SAELens 6.x's TopK SAE trainer, for a transcoder of input width d_in: MSE, clipping at
   /// 1, tied init at norm 0.1, no warm-up, AuxK with k_aux = d_in / 2, free decoder rows.
   static BaselineRecipe saelens(index_t d_in) {
