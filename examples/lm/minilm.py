@@ -370,7 +370,9 @@ def main(argv=None):
         for baseline in ("topk", "skip"):
             # The MxD trains once, beside the TopK transcoder; the skip transcoder alone.
             names = (["mxd"] if baseline == "topk" else []) + [f"{baseline}_transcoder"]
-            flags = ["--models", "mxd,topk" if baseline == "topk" else "skip", "--expansion", str(c["expansion"])]
+            # The MxD authors' recipe for the transcoders, named, as in the tables (not the tool's default).
+            flags = ["--models", "mxd,topk" if baseline == "topk" else "skip", "--expansion", str(c["expansion"]),
+                     "--tc-recipe", "authors"]
             d = run_dir(out, baseline, k, args.steps)
             tool = layers.train_tool(args.mxd, acts, d, c, k, args.steps, 0, args.threads, log, flags=flags)
             trained += [(name, k, args.steps, d, tool) for name in names]
