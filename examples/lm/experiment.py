@@ -8,6 +8,9 @@ seeds. Each is spliced back in and held-out next-token CE measured, as mean ± s
 
     /usr/bin/python3 examples/lm/experiment.py --mxd build/examples/mxd --out examples/lm/results --ablation
 
+With --mlp glu the LM's MLPs are SwiGLU (about the GELU MLP's parameters), far less linear,
+so that a skip path's linear share does not decide the comparison (issue 23, item 7).
+
 Every stage is cached in --out (lm.pt, acts_*.safetensors, train_*/, ablation_*/,
 evaluation.json) and reused by later runs: one command reproduces every table and plot.
 """
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm  # noqa: E402
 import layers  # noqa: E402
 
-FULL = dict(d=64, layers=4, heads=4, hidden=256, ctx=128, lm_steps=600, lm_batch=32, lm_lr=3e-3,
+FULL = dict(d=64, layers=4, heads=4, hidden=256, ctx=128, mlp="gelu", lm_steps=600, lm_batch=32, lm_lr=3e-3,
             layer=1, dump_windows=4096, eval_windows=256, ks=[8, 16, 32, 64], seeds=[0, 1, 2],
             latents=2048, steps=1000, batch=1024, lr=4e-4, warmup=100, scaling_k=32,
             scaling_steps=[125, 250, 500, 1000], ablation_ks=[8, 32], ablation_steps=300)
@@ -32,8 +35,16 @@ FAST = dict(FULL, d=32, layers=2, heads=2, hidden=128, ctx=32, lm_steps=30, lm_b
             warmup=5, scaling_steps=[], ablation_ks=[8], ablation_steps=10)
 # What lm.pt and the activation dump depend on: the caches of an --out made with other values
 # are refused. (The trained layers are cached per run directory, with the command that made them.)
-CACHED = ("d", "layers", "heads", "hidden", "ctx", "lm_steps", "lm_batch", "lm_lr", "layer",
+CACHED = ("d", "layers", "heads", "hidden", "ctx", "mlp", "lm_steps", "lm_batch", "lm_lr", "layer",
           "dump_windows", "eval_windows")
+# Caches made before a setting existed were made with its default.
+DEFAULTS = {"mlp": "gelu"}
+
+
+def glu_config(c):
+    """c with a SwiGLU MLP whose width keeps the GELU MLP's parameter count (nearest): the GELU
+    MLP has (2 d + 1) hidden + d parameters, the GLU (3 d + 2) hidden + d; 170 for d 64, hidden 256."""
+    return dict(c, mlp="glu", hidden=round(c["hidden"] * (2 * c["d"] + 1) / (3 * c["d"] + 2)))
 
 
 def log(msg):
@@ -45,9 +56,10 @@ def check_cache(out, c):
     path = out / "config.json"
     if path.exists() and (out / "lm.pt").exists():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in CACHED if old.get(k) != c.get(k))
+        was = {k: old.get(k, DEFAULTS.get(k)) for k in CACHED}
+        diff = sorted(k for k in CACHED if was[k] != c.get(k))
         if diff:
-            raise SystemExit(f"{out} caches a run with other settings ({', '.join(f'{k}: {old.get(k)} -> {c.get(k)}' for k in diff)}); "
+            raise SystemExit(f"{out} caches a run with other settings ({', '.join(f'{k}: {was[k]} -> {c.get(k)}' for k in diff)}); "
                              "use another --out or empty it")
     layers.write_text(path, json.dumps(c, indent=1) + "\n")
 
@@ -57,7 +69,7 @@ def get_lm(out, c, train):
     if path.exists():
         return lm.load_lm(path)
     t0 = time.time()
-    cfg = {k: c[k] for k in ("d", "layers", "heads", "hidden", "ctx")}
+    cfg = {k: c[k] for k in ("d", "layers", "heads", "hidden", "ctx", "mlp")}
     model = lm.train_lm(train, cfg, c["lm_steps"], c["lm_batch"], c["lm_lr"], seed=0, log=log)
     lm.save_lm(model, path)
     log(f"trained the LM in {time.time() - t0:.0f} s -> {path}")
@@ -77,6 +89,9 @@ def main(argv=None):
     ap.add_argument("--mxd", required=True, help="path of the mxd tool (build/examples/mxd)")
     ap.add_argument("--out", required=True, help="output and cache directory")
     ap.add_argument("--fast", action="store_true", help="tiny LM, few steps, one k (the ctest run)")
+    ap.add_argument("--mlp", choices=["gelu", "glu"], default="gelu",
+                    help="the LM's MLP: GPT-2's GELU (default) or a SwiGLU of about its parameters, "
+                         "much less linear; the MxD then mirrors it (--glu --activation silu)")
     ap.add_argument("--stage", choices=["lm", "all"], default="all", help="stop after training the LM")
     ap.add_argument("--threads", type=int, default=1, help="threads of torch and of mxd (default 1)")
     ap.add_argument("--backend", choices=["torch", "mxd_torch"], default=default_backend(),
@@ -99,6 +114,8 @@ def main(argv=None):
                     help="train nothing: tabulate the runs already cached in --out")
     args = ap.parse_args(argv)
     c = FAST if args.fast else FULL
+    if args.mlp == "glu":
+        c = glu_config(c)
     args.ks = [] if args.ks == "none" else [int(v) for v in args.ks.split(",")] if args.ks else c["ks"]
     args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else c["seeds"]
     if args.scaling_steps:  # not a cached setting: each length is its own run folder

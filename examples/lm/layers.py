@@ -28,21 +28,26 @@ SAELENS_SCRIPT = Path(__file__).resolve().parent / "saelens_reference.py"
 # --- the trained layers, read from mxd's safetensors files, computed in plain torch ----------
 
 class MxDLayer(nn.Module):
-    """y = (act(x E + b_enc) D) * (a C^T) (+ x W_skip^T) + b_out, a = top-k(relu(x G^T + b_gate)).
+    """y = (z D) * (a C^T) (+ x W_skip^T) + b_out, a = top-k(relu(x G^T + b_gate)), with
+    z = act(x E + b_enc), or with GLU z = act(x E + b_enc) * (x W_glu^T + b_glu).
     Written from the paper's equations in plain torch, independently of mxd's C++."""
 
     def __init__(self, path):
         super().__init__()
         t, meta = lm.load_file(path)
-        if meta.get("model", "mxd") != "mxd" or meta.get("glu", "0") != "0":
-            raise ValueError(f"{path}: not a (non-GLU) MxD checkpoint: metadata {meta}")
+        if meta.get("model", "mxd") != "mxd":
+            raise ValueError(f"{path}: not an MxD checkpoint: metadata {meta}")
         self.p, self.k, self.units = t, int(meta["k"]), t["gate"].shape[0]
-        self.act = {"gelu": F.gelu, "relu": F.relu}[meta["activation"]]
+        self.act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[meta["activation"]]
+        self.glu = meta.get("glu", "0") == "1"
         self.n_params = sum(v.numel() for n, v in t.items() if not n.startswith("optim."))
 
     def forward(self, x):  # x: [..., d_in] -> y: [..., d_out]; last selection in self.idx
         p = self.p
-        u = self.act(x @ p["W_enc"] + p["b_enc"]) @ p["W_dec"]
+        z = self.act(x @ p["W_enc"] + p["b_enc"])
+        if self.glu:
+            z = z * (x @ p["W_glu.weight"].T + p["W_glu.bias"])
+        u = z @ p["W_dec"]
         top = torch.topk(F.relu(x @ p["gate"].T + p["gate_bias"]), self.k, dim=-1)
         self.idx, self.val = top.indices, top.values
         y = u * (torch.zeros(*x.shape[:-1], self.units).scatter(-1, top.indices, top.values) @ p["W_cond"].T)
@@ -198,10 +203,13 @@ def skip_latents(c):
 
 def runs(c):
     """`mxd train` runs per (k, seed) as (tag, flags, {checkpoint file: method}): each model is
-    trained once (--models), each pair in one run with the same batches, matched exactly."""
-    return [("pair", ["--models", "mxd,topk", "--latents", str(c["latents"]), "--tc-recipe", "authors"],
+    trained once (--models), each pair in one run with the same batches, matched exactly
+    (to the nearest expert with a GLU MxD, which mirrors a GLU LM's MLP as the paper's do)."""
+    glu = ["--glu", "--activation", "silu"] if c.get("mlp") == "glu" else []
+    return [("pair", ["--models", "mxd,topk", "--latents", str(c["latents"]), "--tc-recipe", "authors", *glu],
              {"mxd": "mxd", "topk_transcoder": "topk_transcoder"}),
-            ("skip", ["--models", "mxd,skip", "--skip", "--latents", str(skip_latents(c)), "--tc-recipe", "authors"],
+            ("skip", ["--models", "mxd,skip", "--skip", "--latents", str(skip_latents(c)), "--tc-recipe", "authors",
+                      *glu],
              {"mxd": "mxd_skip", "skip_transcoder": "skip_transcoder"}),
             ("topksl", ["--models", "topk", "--latents", str(c["latents"]), "--tc-recipe", "saelens"],
              {"topk_transcoder": "topk_saelens"}),

@@ -48,15 +48,33 @@ def split(entries, every=10):
     return enc(train), enc(held)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block; `mlp` is the module the experiment replaces (as GPT-2's)."""
+class GLU(nn.Module):
+    """Llama's SwiGLU MLP, down(silu(gate(x)) * up(x)) (with biases, as the GELU MLP): a
+    product of two projections, so less of it is linear than of a GELU MLP."""
 
-    def __init__(self, d, heads, hidden):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, hidden), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `mlp` is the module the experiment replaces (as GPT-2's):
+    GPT-2's GELU MLP, or with mlp="glu" a SwiGLU one."""
+
+    def __init__(self, d, heads, hidden, mlp="gelu"):
         super().__init__()
         self.heads = heads
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        if mlp == "glu":
+            self.mlp = GLU(d, hidden)
+        elif mlp == "gelu":
+            self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        else:
+            raise ValueError(f"unknown mlp {mlp!r} (gelu or glu)")
 
     def forward(self, x):  # x: [B, L, d]
         B, L, d = x.shape
@@ -72,11 +90,11 @@ class Block(nn.Module):
 class ByteLM(nn.Module):
     """Byte-level causal LM: 256 tokens, learned positions, `layers` pre-norm blocks."""
 
-    def __init__(self, d=64, layers=4, heads=4, hidden=256, ctx=128):
+    def __init__(self, d=64, layers=4, heads=4, hidden=256, ctx=128, mlp="gelu"):
         super().__init__()
-        self.config = dict(d=d, layers=layers, heads=heads, hidden=hidden, ctx=ctx)
+        self.config = dict(d=d, layers=layers, heads=heads, hidden=hidden, ctx=ctx, mlp=mlp)
         self.wte, self.wpe = nn.Embedding(256, d), nn.Embedding(ctx, d)
-        self.h = nn.ModuleList(Block(d, heads, hidden) for _ in range(layers))
+        self.h = nn.ModuleList(Block(d, heads, hidden, mlp) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d)
         for name, p in self.named_parameters():  # GPT-2's initialisation
             if p.dim() == 2:

@@ -10,7 +10,10 @@ directory, then checks of what it produced:
   - each pair is matched exactly in parameters (MxD = TopK, MxD+skip = skip transcoder), and
     the seeds train different layers;
   - with --mxd-torch: the same layers loaded by mxd_torch's from_file give the same outputs and,
-    spliced into the LM, the same CE.
+    spliced into the LM, the same CE;
+  - --mlp glu (one k, one seed): the SwiGLU LM learns, its dump is its MLP's input and output,
+    its MLP spliced back through the Probe leaves the CE as it was, and the GLU MxD spliced in
+    computes what mxd computes (torch FVU = the tool's).
 
     test_experiment.py path/to/mxd [--mxd-torch]
 """
@@ -114,7 +117,42 @@ def main():
                 check(err < 1e-5, f"{r['method']}: mxd_torch from_file = torch layer (max relative error {err:.1e})")
                 ce, _ = layers.spliced_ce(model, experiment.FAST["layer"], layer, held, starts)
                 check(abs(ce - r["ce"]) < 1e-5 * r["ce"], f"{r['method']}: spliced CE with mxd_torch {ce:.6f} = {r['ce']:.6f}")
+    check_glu(mxd)
     print("1 passed, 0 failed")
+
+
+def fvu(pred, y):
+    return float(((pred.double() - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+def check_glu(mxd):
+    c = experiment.glu_config(experiment.FAST)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        experiment.main(["--mxd", mxd, "--out", str(out), "--fast", "--mlp", "glu", "--ks", "8", "--seeds", "0"])
+        res = json.loads((out / "results.json").read_text())
+        check(res["ce_original"] < math.log(256), f"GLU LM learned: held-out CE {res['ce_original']:.4f} < ln 256")
+        model = lm.load_lm(out / "lm.pt")
+        mlp = model.h[c["layer"]].mlp
+        check(isinstance(mlp, lm.GLU) and model.config["hidden"] == c["hidden"], "lm.pt reloads the GLU MLP")
+        t, _ = lm.load_file(out / "acts_train.safetensors")
+        with torch.no_grad():
+            err = float((mlp(t["x"]) - t["y"]).abs().max() / t["y"].abs().max())
+        check(err < 2e-3, f"the dump's y is the GLU MLP of its x (max relative error {err:.1e}, float16 dump)")
+        _, entries = lm.corpus()
+        held = lm.split(entries)[1]
+        starts = lm.eval_starts(held, c["ctx"], c["eval_windows"])
+        ce, probe = layers.spliced_ce(model, c["layer"], mlp, held, starts)
+        check(ce == res["ce_original"] and probe.err == 0, f"the GLU MLP spliced back: CE {ce:.6f} unchanged")
+        x, y = held_rows(out / "acts_train.safetensors")
+        for r in res["rows"]:
+            layer = layers.load_layer(out / r["checkpoint"])
+            with torch.no_grad():
+                f = fvu(layer(x), y.double())
+            check(abs(f - r["tool_fvu"]) <= 1e-4 * r["tool_fvu"],
+                  f"GLU LM, {r['method']} ({r['params']} parameters): torch FVU {f:.6g} = tool's {r['tool_fvu']:.6g}")
+        mxd_row = next(r for r in res["rows"] if r["method"] == "mxd")
+        check(layers.load_layer(out / mxd_row["checkpoint"]).glu, "the MxD mirrors the GLU MLP (--glu)")
 
 
 if __name__ == "__main__":
