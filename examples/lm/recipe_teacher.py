@@ -1,12 +1,13 @@
 # SPDX-License-Identifier: MIT
 """The TopK transcoder's training recipe, knob by knob, on `mxd train`'s built-in teacher (a
-GELU MLP 64 -> 256 -> 64 on x ~ N(0, I)): the MxD authors' recipe (mxd's default), each knob
-of SAELens 6.x's alone, all of them (--tc-recipe saelens), and the two that carry the effect
-together (tied init, no warm-up), a short run at k = 8 and 32; then those recipes at 1000 steps. Transcoder alone (--models topk), 2048 latents, batch
-1024, lr 4e-4, warm-up 100 unless removed; held-out NMSE (reference), FVU and dead fraction,
-mean ± sample std over seeds. Needs no LM and no torch (numpy only for the table).
+GELU MLP 64 -> 256 -> 64 on x ~ N(0, I)): the MxD authors' recipe, each knob of SAELens 6.x's
+alone, all of them (--tc-recipe saelens, mxd's default), and the two that carry the effect
+together (tied init, no warm-up), a short run at k = 8 and 32; then those recipes at 1000
+steps. Transcoder alone (--models topk), 2048 latents, batch 1024, lr 4e-4, warm-up 100 unless
+removed; held-out NMSE (reference), FVU and dead fraction, mean ± sample std over seeds. Needs
+no LM and no torch (numpy only for the table).
 
-    python3 examples/lm/recipe_teacher.py --mxd build/examples/mxd --out examples/lm/results/recipe_teacher
+    /usr/bin/python3 examples/lm/recipe_teacher.py --mxd build/examples/mxd --out examples/lm/results/recipe_teacher
 
 Every run is cached in --out (one folder each) and reused; --cached-only tabulates what is there.
 """
@@ -81,7 +82,7 @@ def main(argv=None):
                 if r:
                     long_.setdefault((name, k, a.long_steps), []).append(r)
     text = (f"Each knob alone and all together, {a.short_steps} steps:\n\n" + table(short, [n for n, _ in KNOBS]) +
-            f"\nThe two recipes at {a.long_steps} steps:\n\n" + table(long_, [n for n, _ in RECIPES]))
+            f"\nThe recipes at {a.long_steps} steps:\n\n" + table(long_, [n for n, _ in RECIPES]))
     (out / "results.md").write_text(text)
     print(text)
     return 0
