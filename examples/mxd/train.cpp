@@ -287,18 +287,18 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   std::vector<Row> rows;
   if (log_cols.empty()) log_cols.push_back(col_step);
   if (mxd) {
-    rows.push_back({"mxd", mxd->n_params(), mxd->k(), evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}, {}});
+    rows.push_back({"mxd", mxd->n_params(), mxd->k(), evaluate(*mxd, src, B, d), rate(time_mxd), {}, {}, {},
+                    -1, r.mxd_step.aux});
     add_rank_figures(rows.back(), *mxd, d, o.steps - start);
-    rows.back().aux = r.mxd_step.aux;
     if (r.mxd_step.aux.enabled()) rows.back().train_dead = mxd->train_dead_fraction();
     log_cols.push_back(col_mxd);
     log_names.push_back("mxd" + suffix);
     curves.push_back(c_mxd);
   }
   if (tc) {
-    rows.push_back({tc->name, tc->n_params(), tc->k(), evaluate(*tc, src, B, d), rate(time_tc), {}, {}, {}});
+    rows.push_back({tc->name, tc->n_params(), tc->k(), evaluate(*tc, src, B, d), rate(time_tc), {}, {}, {},
+                    -1, r.tc_step.aux});
     add_rank_figures(rows.back(), *tc, d, o.steps - start);
-    rows.back().aux = r.tc_step.aux;
     if (r.tc_step.aux.enabled()) rows.back().train_dead = tc->train_dead_fraction();
     log_cols.push_back(col_tc);
     log_names.push_back(tc->name + suffix);
