@@ -88,15 +88,6 @@ inline at::Tensor empty_like_param(const char* name, index_t rows, index_t cols,
   return at::empty({rows, cols}, opts);
 }
 
-// The scalar type and device of a parameter set (Params<T, D>, TranscoderParams<T, D>).
-template <class Set>
-struct set_traits;
-template <template <class, class> class SetT, class T, class D>
-struct set_traits<SetT<T, D>> {
-  using scalar = T;
-  using device = D;
-};
-
 // The element type of an mxd::Tensor.
 template <class X>
 struct element_of;
@@ -110,7 +101,7 @@ struct element_of<mxd::Tensor<T, D>> {
 template <class Set, class Config>
 Set borrow_set(const Config& c, const std::vector<at::Tensor>& tensors, const char* what,
                const at::Device& device) {
-  using T = typename set_traits<Set>::scalar;
+  using T = typename Set::Scalar;
   std::size_t i = 0;
   Set s = Set::borrow(c, [&](const char* name, index_t rows, index_t cols) {
     MXD_CHECK(i < tensors.size(), what, ": ", tensors.size(), " tensors given, but ", name,
@@ -136,7 +127,7 @@ template <class Set, class Config>
 std::pair<Set, std::vector<at::Tensor>> allocate_set(const Config& c, at::TensorOptions opts,
                                                      GradBuffers* reuse = nullptr,
                                                      const std::vector<bool>& reuse_ok = {}) {
-  using T = typename set_traits<Set>::scalar;
+  using T = typename Set::Scalar;
   std::vector<at::Tensor> out;
   Set s = Set::borrow(c, [&](const char* name, index_t rows, index_t cols) {
     const std::size_t i = out.size();
@@ -447,8 +438,8 @@ struct Optimizer {
 // and returns what must live while the step runs (a device guard).
 template <class Set, class Config, class Prepare>
 struct OptimizerT : Optimizer {
-  using T = typename set_traits<Set>::scalar;
-  using D = typename set_traits<Set>::device;
+  using T = typename Set::Scalar;
+  using D = typename Set::device;
   Config config;
   at::Device device;
   mxd::AdamW<T, D, Set> opt;
