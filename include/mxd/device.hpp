@@ -9,16 +9,6 @@
 #define MXD_HOST_DEVICE inline
 #endif
 
-/// For an MXD_HOST_DEVICE function template that the host also instantiates with host-only
-/// types (Eigen array expressions: the AdamW bodies of elementwise.hpp), before `template`:
-/// nvcc then checks each instantiation only where it runs, rather than warning that the
-/// host's calls host functions.
-#if defined(__CUDACC__)
-#define MXD_HOST_DEVICE_TEMPLATE _Pragma("nv_exec_check_disable")
-#else
-#define MXD_HOST_DEVICE_TEMPLATE
-#endif
-
 /// MXD_HOST_DEVICE that the host compiler always inlines (as nvcc's __forceinline__ does), for
 /// bodies too large for its own judgement that the host loop must still have in one piece.
 #if defined(__CUDACC__) || !defined(__GNUC__)

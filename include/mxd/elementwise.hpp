@@ -67,26 +67,21 @@ struct AdamWScalars {
   }
 };
 
-// One torch.optim.AdamW update, in torch's order of operations, in two steps:
+// One torch.optim.AdamW update of one element, in torch's order of operations, in two steps:
 //     adamw_moments:  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
 //     adamw_param:    p *= 1 - lr wd;  p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-// G, M, V, P are T for one element (the GPU's kernel), or Eigen arrays for a chunk at once
-// (the host's loop: each statement is then a vectorised pass over the chunk, and Eigen's
-// sqrt, found by argument-dependent lookup, the packet one).
 
-/// AdamW's moments of an element (or chunk): m = lerp(m, g, 1 - beta1), v = beta2 v + (1 - beta2) g^2.
-MXD_HOST_DEVICE_TEMPLATE
-template <class T, class G, class M, class V>
-MXD_HOST_DEVICE_INLINE void adamw_moments(const G& g, M& m, V& v, const AdamWScalars<T>& s) {
+/// AdamW's moments of an element: m = lerp(m, g, 1 - beta1), v = beta2 v + (1 - beta2) g^2.
+template <class T>
+MXD_HOST_DEVICE_INLINE void adamw_moments(T g, T& m, T& v, const AdamWScalars<T>& s) {
   if (s.w < T(0.5)) m += s.w * (g - m);  // torch's lerp
   else m = g - (g - m) * (T(1) - s.w);
   v = v * s.b2 + s.one_minus_b2 * g * g;
 }
 
-/// AdamW's step of a parameter element (or chunk) given its new moments m and v.
-MXD_HOST_DEVICE_TEMPLATE
-template <class T, class P, class M, class V>
-MXD_HOST_DEVICE_INLINE void adamw_param(P& p, const M& m, const V& v, const AdamWScalars<T>& s) {
+/// AdamW's step of a parameter element given its new moments m and v.
+template <class T>
+MXD_HOST_DEVICE_INLINE void adamw_param(T& p, T m, T v, const AdamWScalars<T>& s) {
   using std::sqrt;
   p *= s.decay;
   p += -s.step_size * (m / (sqrt(v) / s.bc2 + s.eps));

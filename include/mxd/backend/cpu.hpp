@@ -415,16 +415,16 @@ struct backend<cpu> {
   static void adamw_update(Ctx& ctx, View<T, cpu> p, cview<T> g, View<T, cpu> m, View<T, cpu> v,
                            const AdamWStep& s) {
     const auto sc = detail::AdamWScalars<T>::from(s);
-    using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
-    // The GPU's element bodies over Eigen arrays of L2-sized chunks: each statement a
-    // vectorised pass (std::sqrt's errno blocks that in a scalar loop), the same operations
-    // per element.
+    // The GPU's element body, element by element. Not over Eigen arrays: with EIGEN_FAST_MATH
+    // (Eigen's default) their packet sqrt is an approximation (AVX-512: float and double;
+    // AVX: float) and their scalar sqrt exact, and which elements take the packet path
+    // depends on the buffers' addresses, so borrowed and owned parameters parted ways. The
+    // loop is memory-bound either way.
     detail::parallel_chunks(ctx.resolved_threads(), p.size(), 1 << 14, [&](index_t i0, index_t i1) {
-      const index_t n = i1 - i0;
-      Eigen::Map<Arr> P(p.data + i0, n), Mo(m.data + i0, n), Vo(v.data + i0, n);
-      Eigen::Map<const Arr> Gr(g.data + i0, n);
-      detail::adamw_moments(Gr, Mo, Vo, sc);
-      detail::adamw_param(P, Mo, Vo, sc);
+      for (index_t i = i0; i < i1; ++i) {
+        detail::adamw_moments(g.data[i], m.data[i], v.data[i], sc);
+        detail::adamw_param(p.data[i], m.data[i], v.data[i], sc);
+      }
     });
   }
 
