@@ -28,11 +28,15 @@ import layers  # noqa: E402
 FULL = dict(d=64, layers=4, heads=4, hidden=256, ctx=128, mlp="gelu", lm_steps=600, lm_batch=32, lm_lr=3e-3,
             layer=1, dump_windows=4096, eval_windows=256, ks=[8, 16, 32, 64], seeds=[0, 1, 2],
             latents=2048, steps=1000, batch=1024, lr=4e-4, warmup=100, scaling_k=32,
-            scaling_steps=[125, 250, 500, 1000], ablation_ks=[8, 32], ablation_steps=300)
+            scaling_steps=[125, 250, 500, 1000, 2000, 4000], sweep_steps=4000, ablation_ks=[8, 32],
+            ablation_steps=300)
+# steps: the main length (1.02M tokens, the tables' first); scaling_steps: the training-length
+# study at scaling_k; sweep_steps: every k again at this length (4.1M tokens, where the study's
+# order of the methods stopped moving), each run continued from its `steps` run.
 # The ctest version: the same code on a tiny LM, few steps, one k, two seeds.
 FAST = dict(FULL, d=32, layers=2, heads=2, hidden=128, ctx=32, lm_steps=30, lm_batch=16, layer=1,
             dump_windows=64, eval_windows=16, ks=[8], seeds=[0, 1], latents=256, steps=20, batch=256,
-            warmup=5, scaling_steps=[], ablation_ks=[8], ablation_steps=10)
+            warmup=5, scaling_steps=[], sweep_steps=40, ablation_ks=[8], ablation_steps=10)
 # What lm.pt and the activation dump depend on: the caches of an --out made with other values
 # are refused. (The trained layers are cached per run directory, with the command that made them.)
 CACHED = ("d", "layers", "heads", "hidden", "ctx", "mlp", "lm_steps", "lm_batch", "lm_lr", "layer",
@@ -104,8 +108,11 @@ def main(argv=None):
                     help="also train the TopK transcoder under each knob of SAELens's recipe "
                          "(ablation_ks, ablation_steps) and tabulate it")
     ap.add_argument("--scaling-steps", help="comma-separated lengths (steps) of the training-length study at "
-                    "scaling_k, one run continued with --resume (default 125,250,500,1000; e.g. up to 16000 "
+                    "scaling_k, one run continued with --resume (default 125,...,4000; e.g. up to 16000 "
                     "for 16M tokens)")
+    ap.add_argument("--sweep-steps", type=int,
+                    help="the second length of every k, each run continued from the main one (default "
+                         "4000, 4.1M tokens; 0: none)")
     ap.add_argument("--saelens-python",
                     help="a Python with sae_lens (e.g. /work/venv215/bin/python): adds the reference row "
                          "topk_saelens_lib, the TopK transcoder trained by SAELens itself "
@@ -122,6 +129,10 @@ def main(argv=None):
         c = dict(c, scaling_steps=sorted(int(v) for v in args.scaling_steps.split(",")))
         if c["steps"] not in c["scaling_steps"]:
             raise SystemExit(f"--scaling-steps must include the main length, {c['steps']} steps")
+    if args.sweep_steps is not None:  # not a cached setting either
+        c = dict(c, sweep_steps=args.sweep_steps or None)
+    if c["sweep_steps"] and c["sweep_steps"] <= c["steps"]:
+        raise SystemExit(f"--sweep-steps {c['sweep_steps']} must be longer than the main length, {c['steps']} steps")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_cache(out, c)

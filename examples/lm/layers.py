@@ -22,6 +22,7 @@ REFERENCE = ["topk_saelens_lib"]
 # A reference row, not one of the compared methods: the TopK transcoder trained by SAELens
 # itself (saelens_reference.py, run by --saelens-python), to check mxd's imitation of its recipe.
 TABLED = METHODS + REFERENCE
+PAPER = METHODS[:4]  # the paper's comparison, each transcoder by the authors' recipe, and MxD+skip
 SAELENS_SCRIPT = Path(__file__).resolve().parent / "saelens_reference.py"
 
 
@@ -217,6 +218,14 @@ def runs(c):
              {"skip_transcoder": "skip_saelens"})]
 
 
+def lengths(c, k):
+    """The lengths (steps) at which k's runs are tabulated, each continued from the one before
+    (`--resume`, which ends with the bytes of an uninterrupted run): the main length, the k
+    sweep's second length, and at scaling_k the training-length study's."""
+    chain = {c["steps"]} | ({c["sweep_steps"]} if c.get("sweep_steps") else set())
+    return sorted(chain | (set(c["scaling_steps"]) if k == c["scaling_k"] else set()))
+
+
 def train_tool(mxd, data, out_dir, c, k, steps, seed, threads, log, resume=None, flags=(),
                cached_only=False):
     """`mxd train --data` at one k; returns the metrics rows. A finished run in out_dir is
@@ -397,9 +406,8 @@ def run_all(args, c, out, model, train, held, log):
     for k in args.ks:
         for seed in args.seeds:
             for tag, flags, files in runs(c):
-                chain = k == c["scaling_k"] and c["scaling_steps"]
                 prev = None
-                for s in c["scaling_steps"] if chain else [c["steps"]]:
+                for s in lengths(c, k):
                     d = out / f"train_{tag}_k{k}_s{s}_seed{seed}"
                     tool = train_tool(args.mxd, acts, d, c, k, s, seed, args.threads, log,
                                       resume=prev, flags=flags, cached_only=args.cached_only)
@@ -440,11 +448,12 @@ def run_all(args, c, out, model, train, held, log):
               "rows": rows, "ablation": ablation, "skipped": skipped}
     write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     write_text(out / "results.md", table(result))
-    if rows:
-        write_text(out / "frontier.svg", frontier_svg(result))
-    if len({r["steps"] for r in rows}) > 1:
+    for name, steps in (("frontier.svg", c["steps"]), ("frontier_sweep.svg", c.get("sweep_steps"))):
+        if rows_at(result, steps):
+            write_text(out / name, frontier_svg(result, steps))
+    if len({r["steps"] for r in rows if r["k"] == c["scaling_k"]}) > 1:
         write_text(out / "scaling.svg", scaling_svg(result))
-    log(f"wrote {out}/results.md, results.json, frontier.svg")
+    log(f"wrote {out}/results.md, results.json, frontier*.svg")
     print(table(result))
     return 0
 
@@ -455,8 +464,7 @@ def write_text(path, text):
     Path(tmp).replace(path)
 
 
-def final_rows(result):
-    steps = result["config"]["steps"]
+def rows_at(result, steps):
     return [r for r in result["rows"] if r["steps"] == steps]
 
 
@@ -479,7 +487,7 @@ def aggregate(rows, keys):
     return out
 
 
-def pm(stat, digits=4, sign=False):
+def pm(stat, digits=4, sign=False):  # callers give delta CE 5 digits: its gaps at 4M tokens are ~1e-4
     m, sd, n = stat
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
     return f.format(m) + (f" ± {sd:.{digits}f}" if n > 1 else "")
@@ -514,45 +522,87 @@ def table(result):
                   f"FVU {lin['fvu_tool_rows']:.4f} on the tool's held-out rows, NMSE {lin['nmse']:.4f} on the "
                   f"held-out bytes; spliced in, CE {lin['ce']:.4f} (delta {lin['delta_ce']:+.4f}, "
                   f"{lin['fraction_recovered']:.3f} recovered).", ""]
-    agg = aggregate(final_rows(result), ("method", "k"))
     for m, why in result.get("skipped", {}).items():
         lines += [f"{m} (the TopK transcoder trained by SAELens itself, a reference row): skipped, {why}.", ""]
-    if agg:
-        lines += ["| method | k | params | seeds | delta CE | CE recovered | NMSE | dead |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for (m, k), a in sorted(agg.items(), key=lambda i: (TABLED.index(i[0][0]), i[0][1])):
-            lines.append(f"| {m} | {k} | {a['params']} | {a['n']} | {pm(a['delta_ce'], sign=True)} | "
-                         f"{pm(a['fraction_recovered'], 3)} | {pm(a['nmse'])} | {pm(a['dead_fraction'], 3)} |")
-        lines += ["", "Pairs (delta CE; a win only where the mean ± std intervals do not overlap):", "",
-                  "| k | first | second | first's delta CE | second's delta CE | lower |", "|---:|---|---|---:|---:|---|"]
-        for k in sorted({k for _, k in agg}):
-            for a, b in PAIRS:
-                if (a, k) in agg and (b, k) in agg:
-                    v = verdict(agg[(a, k)]["delta_ce"], agg[(b, k)]["delta_ce"])
-                    who = {"first": a, "second": b}.get(v, v)
-                    lines.append(f"| {k} | {a} | {b} | {pm(agg[(a, k)]['delta_ce'], sign=True)} | "
-                                 f"{pm(agg[(b, k)]['delta_ce'], sign=True)} | {who} |")
-    sk = result["config"]["scaling_k"]
-    sc = aggregate([r for r in result["rows"] if r["k"] == sk], ("method", "tokens"))
-    tokens = sorted({t for _, t in sc})
-    if len(tokens) > 1:
-        methods = [m for m in METHODS if any((m, t) in sc for t in tokens)]
-        lines += ["", f"Training length at k = {sk} (delta CE, mean ± std over seeds):", "",
-                  "| tokens | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
-        for t in tokens:
-            lines.append(f"| {t} | " + " | ".join(pm(sc[(m, t)]["delta_ce"], sign=True) if (m, t) in sc else ""
-                                                  for m in methods) + " |")
+    c = result["config"]
+    for steps in (c["steps"], c.get("sweep_steps")):
+        agg = aggregate(rows_at(result, steps), ("method", "k")) if steps else {}
+        if agg:
+            lines += k_table(agg, steps, steps * c["batch"])
+    lines += scaling_table(result)
     abl = aggregate(result.get("ablation", []), ("recipe", "k"))
     if abl:
         steps = result["ablation"][0]["steps"]
-        lines += ["", f"The TopK transcoder's recipe, knob by knob ({steps} steps of {result['config']['batch']} "
+        lines += [f"The TopK transcoder's recipe, knob by knob ({steps} steps of {result['config']['batch']} "
                   "rows, `--models topk`; mean ± std over seeds):", "",
                   "| recipe | k | seeds | delta CE | CE recovered | NMSE | dead |", "|---|---:|---:|---:|---:|---:|---:|"]
         names = [n for _, n, _ in ABLATION]
         for (name, k), a in sorted(abl.items(), key=lambda i: (i[0][1], names.index(i[0][0]))):
-            lines.append(f"| {name} | {k} | {a['n']} | {pm(a['delta_ce'], sign=True)} | "
+            lines.append(f"| {name} | {k} | {a['n']} | {pm(a['delta_ce'], 5, sign=True)} | "
                          f"{pm(a['fraction_recovered'], 3)} | {pm(a['nmse'])} | {pm(a['dead_fraction'], 3)} |")
     return "\n".join(lines) + "\n"
+
+
+def k_table(agg, steps, tokens):
+    """Every method at every k after `steps` steps (agg: aggregate over ("method", "k")), then
+    the pairs' verdicts."""
+    lines = [f"After {tokens} training tokens ({steps} steps):", "",
+             "| method | k | params | seeds | delta CE | CE recovered | NMSE | dead |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (m, k), a in sorted(agg.items(), key=lambda i: (TABLED.index(i[0][0]), i[0][1])):
+        lines.append(f"| {m} | {k} | {a['params']} | {a['n']} | {pm(a['delta_ce'], 5, sign=True)} | "
+                     f"{pm(a['fraction_recovered'], 3)} | {pm(a['nmse'])} | {pm(a['dead_fraction'], 3)} |")
+    lines += ["", f"Pairs after {tokens} tokens (delta CE; a win only where the mean ± std intervals do not "
+              "overlap):", "", "| k | first | second | first's delta CE | second's delta CE | lower |",
+              "|---:|---|---|---:|---:|---|"]
+    for k in sorted({k for _, k in agg}):
+        for a, b in PAIRS:
+            if (a, k) in agg and (b, k) in agg:
+                v = verdict(agg[(a, k)]["delta_ce"], agg[(b, k)]["delta_ce"])
+                who = {"first": a, "second": b}.get(v, v)
+                lines.append(f"| {k} | {a} | {b} | {pm(agg[(a, k)]['delta_ce'], 5, sign=True)} | "
+                             f"{pm(agg[(b, k)]['delta_ce'], 5, sign=True)} | {who} |")
+    return lines + [""]
+
+
+def order(sc, methods, tokens):
+    """`methods` by mean delta CE at `tokens`, lowest first (sc: aggregate over ("method", "tokens"))."""
+    return tuple(sorted((m for m in methods if (m, tokens) in sc), key=lambda m: sc[(m, tokens)]["delta_ce"][0]))
+
+
+def settled(sc, methods, tokens):
+    """The first three lengths t, 2t, 4t with one order of all `methods`, or None: where two
+    successive doublings of the training leave the ranking unchanged (issue 23's criterion)."""
+    for t in tokens:
+        run = [t, 2 * t, 4 * t]
+        if all(u in tokens for u in run):
+            orders = {order(sc, methods, u) for u in run}
+            if len(orders) == 1 and len(next(iter(orders))) == len(methods):
+                return run
+    return None
+
+
+def scaling_table(result):
+    """delta CE at every length of the training-length study (k = scaling_k), the order of the
+    methods at each, and where the paper's four stop moving."""
+    sk = result["config"]["scaling_k"]
+    sc = aggregate([r for r in result["rows"] if r["k"] == sk], ("method", "tokens"))
+    tokens = sorted({t for _, t in sc})
+    if len(tokens) < 2:
+        return []
+    methods = [m for m in METHODS if any((m, t) in sc for t in tokens)]
+    lines = [f"Training length at k = {sk} (delta CE, mean ± std over seeds; order: the paper's four "
+             "methods by mean, lowest first):", "",
+             "| tokens | " + " | ".join(methods) + " | order |", "|---:|" + "---:|" * len(methods) + "---|"]
+    for t in tokens:
+        lines.append(f"| {t} | " + " | ".join(pm(sc[(m, t)]["delta_ce"], 5, sign=True) if (m, t) in sc else ""
+                                              for m in methods) + " | " + " < ".join(order(sc, PAPER, t)) + " |")
+    run = settled(sc, PAPER, tokens)
+    lines += ["", f"The order of the paper's four methods is the same at {run[0]}, {run[1]} and {run[2]} tokens: "
+              "two successive doublings leave it unchanged." if run else
+              f"The order of the paper's four methods still moved within the last two doublings (to {tokens[-1]} "
+              "tokens)."]
+    return lines + [""]
 
 
 COLORS = {"mxd": "#d62728", "topk_transcoder": "#1f77b4", "skip_transcoder": "#2ca02c", "mxd_skip": "#9467bd",
@@ -619,11 +669,11 @@ def marker(kind, x, y, col):
     return f'<polygon points="{x:.1f},{y - 5.5:.1f} {x + 5.5:.1f},{y:.1f} {x:.1f},{y + 5.5:.1f} {x - 5.5:.1f},{y:.1f}" fill="{col}"/>'
 
 
-def frontier_svg(result):
-    agg = aggregate(final_rows(result), ("method", "k"))
+def frontier_svg(result, steps):
+    agg = aggregate(rows_at(result, steps), ("method", "k"))
     series = {m: sorted((k, a["delta_ce"][0], a["delta_ce"][1]) for (mm, k), a in agg.items() if mm == m)
               for m in TABLED}
-    return line_plot("held-out CE increase with the MLP replaced (bars: ± std over seeds)",
+    return line_plot(f"CE increase, MLP replaced, {steps * result['config']['batch'] / 1e6:.1f}M tokens (bars: ± std)",
                      "k (experts / latents per token)", "delta CE (nats/byte)",
                      {m: v for m, v in series.items() if v}, sorted({k for _, k in agg}))
 

@@ -115,6 +115,18 @@ def dump(model, tok, sentences, c, path, batch=32):
     return y_sum / rows
 
 
+def check_dump(out, c):
+    """out's dump (and so its runs) was made from c["train_sentences"] fortunes: refuse to mix
+    counts. A dump without dump.json is from before the option, made with the default."""
+    path, acts = out / "dump.json", out / "acts_train.safetensors"
+    if acts.exists():
+        was = json.loads(path.read_text())["train_sentences"] if path.exists() else CONFIG["train_sentences"]
+        if was != c["train_sentences"]:
+            raise SystemExit(f"{out} holds a dump of {was} training fortunes, not --train-sentences "
+                             f"{c['train_sentences']}; use another --out")
+    layers.write_text(path, json.dumps({"train_sentences": c["train_sentences"]}) + "\n")
+
+
 def run_dir(out, baseline, k, steps):
     """A run's directory; the default length keeps its old name, so cached runs keep their meaning."""
     suffix = "" if steps == CONFIG["steps"] else f"_s{steps}"
@@ -247,10 +259,14 @@ def training_length_table(rows):
              "on the held-out tokens without passes over the model: FVU of the MLP output (the tool's on "
              f"its 5% held-out rows, and on the held-out fortunes), without dimension {dim}, and of the "
              "block output after LayerNorm; the block output's mean pooling's cosine per sentence.", "",
-             f"| method | steps | FVU (tool) | FVU | FVU without dim {dim} | block FVU | pooled cosine |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| method | steps | FVU (tool) | its change | FVU | FVU without dim {dim} | block FVU | pooled cosine |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    prev = {}  # the tool's FVU at the method's previous length: where it stops improving
     for r in sorted(rows, key=lambda r: (layers.METHODS.index(r["method"]), r["steps"])):
-        lines.append(f"| {r['method']} | {r['steps']} | {r['tool_fvu']:.4f} | {r['fvu']:.4f} | "
+        was = prev.get(r["method"])
+        change = f"{r['tool_fvu'] / was - 1:+.1%}" if was else ""
+        prev[r["method"]] = r["tool_fvu"]
+        lines.append(f"| {r['method']} | {r['steps']} | {r['tool_fvu']:.4f} | {change} | {r['fvu']:.4f} | "
                      f"{r['outlier_dimension']['fvu_without']:.4f} | {r['block_fvu']:.4f} | {r['pooled_cosine']:.4f} |")
     return lines
 
@@ -346,15 +362,19 @@ def main(argv=None):
     ap.add_argument("--scaling-steps", type=int, nargs="*", default=CONFIG["scaling_steps"],
                     help=f"k = {CONFIG['scaling_k']}'s runs continued (--resume) to these lengths and "
                          "judged without passes over the model (diagnose)")
+    ap.add_argument("--train-sentences", type=int, default=CONFIG["train_sentences"],
+                    help="training fortunes dumped (default 800; 0: all of them, about 12k); an --out "
+                         "holds one dump, so another count needs another --out")
     args = ap.parse_args(argv)
-    c = CONFIG
+    c = dict(CONFIG, train_sentences=args.train_sentences)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_dump(out, c)
     lm.deterministic(0, args.threads)
     model, tok = load_minilm()
     _, entries = lm.corpus()
     short = [e for e in entries if len(e) < 300]   # sentence-sized fortunes
-    train = [e for i, e in enumerate(short) if i % 10][:c["train_sentences"]]
+    train = [e for i, e in enumerate(short) if i % 10][:c["train_sentences"] or None]
     held = [e for i, e in enumerate(short) if i % 10 == 0][:c["eval_sentences"]]
     acts, mean_path = out / "acts_train.safetensors", out / "mlp_mean.safetensors"
     if not (acts.exists() and mean_path.exists()):
@@ -424,7 +444,7 @@ def main(argv=None):
     layers.write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     lines = [f"all-MiniLM-L6-v2, layer {c['layer']}'s MLP replaced; {len(held)} held-out fortunes; "
              f"mean-ablated MLP: cosine {abl[0]:.4f}, nearest neighbour kept {abl[1]:.3f}; each layer trained "
-             f"{args.steps} steps of {c['batch']} rows.", "",
+             f"{args.steps} steps of {c['batch']} rows on the tokens of {len(train)} training fortunes.", "",
              "| method | k | params | cosine to original | nearest neighbour kept | FVU (tool) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (layers.METHODS.index(r["method"]), r["k"])):

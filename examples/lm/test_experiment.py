@@ -2,7 +2,8 @@
 """The fast version of the whole LM experiment (tiny LM, few steps, one k) in a fresh
 directory, then checks of what it produced:
   - the LM learned (held-out CE below the uniform ln 256) and the table has every method at
-    every seed, and the recipe ablation every knob; the SAELens reference row (which needs
+    every seed at both lengths (the main one and the k sweep's second, each of its runs
+    continued from the first), and the recipe ablation every knob; the SAELens reference row (which needs
     --saelens-python) is reported skipped;
   - the torch layers that are spliced into the LM compute what mxd computes: their FVU on the
     tool's held-out rows equals the FVU `mxd train` reported, and the MxD's outputs equal
@@ -13,7 +14,9 @@ directory, then checks of what it produced:
     spliced into the LM, the same CE;
   - --mlp glu (one k, one seed): the SwiGLU LM learns, its dump is its MLP's input and output,
     its MLP spliced back through the Probe leaves the CE as it was, and the GLU MxD spliced in
-    computes what mxd computes (torch FVU = the tool's).
+    computes what mxd computes (torch FVU = the tool's);
+  - the training-length study's stopping rule (two successive doublings with one order of the
+    paper's four methods) on made-up means.
 
     test_experiment.py path/to/mxd [--mxd-torch]
 """
@@ -57,17 +60,24 @@ def main():
         res = json.loads((out / "results.json").read_text())
         seeds = experiment.FAST["seeds"]
         check(res["ce_original"] < math.log(256), f"the LM learned: held-out CE {res['ce_original']:.4f} < ln 256")
-        check(sorted(r["method"] for r in res["rows"]) == sorted(layers.METHODS * len(seeds)),
-              f"one row per method and seed ({len(seeds)} seeds)")
+        steps, sweep = experiment.FAST["steps"], experiment.FAST["sweep_steps"]
+        for s in (steps, sweep):
+            check(sorted(r["method"] for r in res["rows"] if r["steps"] == s) == sorted(layers.METHODS * len(seeds)),
+                  f"one row per method and seed ({len(seeds)} seeds) after {s} steps")
+        check(all(r["steps"] in (steps, sweep) for r in res["rows"]), "no other length without --scaling-steps")
+        cmd = json.loads((out / f"train_pair_k{experiment.FAST['ks'][0]}_s{sweep}_seed0" / "cmd.json").read_text())
+        check(cmd[cmd.index("--steps") + 1] == str(sweep), f"the k sweep's second length trains to {sweep} steps")
+        md = (out / "results.md").read_text()
+        check(all(f"After {s * experiment.FAST['batch']} training tokens" in md for s in (steps, sweep)),
+              "results.md tabulates both lengths")
         check(len(res["ablation"]) == len(layers.ABLATION) * len(seeds), "one ablation row per knob and seed")
         check("±" in (out / "results.md").read_text(), "the table gives mean ± std")
         check("topk_saelens_lib" in res["skipped"] and "topk_saelens_lib" in (out / "results.md").read_text(),
               "without --saelens-python the SAELens reference row is reported skipped")
-        for f in ("results.md", "frontier.svg"):
+        for f in ("results.md", "frontier.svg", "frontier_sweep.svg"):
             check((out / f).stat().st_size > 0, f"{f} written")
 
         k = experiment.FAST["ks"][0]
-        steps = experiment.FAST["steps"]
         x, y = held_rows(out / "acts_train.safetensors")
         y = y.double()
         for r in res["rows"]:
@@ -118,7 +128,24 @@ def main():
                 ce, _ = layers.spliced_ce(model, experiment.FAST["layer"], layer, held, starts)
                 check(abs(ce - r["ce"]) < 1e-5 * r["ce"], f"{r['method']}: spliced CE with mxd_torch {ce:.6f} = {r['ce']:.6f}")
     check_glu(mxd)
+    check_settled()
     print("1 passed, 0 failed")
+
+
+def check_settled():
+    """The training-length study's stopping rule on made-up means: the order of the four
+    methods must hold at t, 2t and 4t, and a length missing from the doublings breaks the run."""
+    def sc(means):  # {tokens: [mean delta CE per method of layers.PAPER]}
+        return {(m, t): {"delta_ce": (v, 0.0, 3)} for t, vs in means.items() for m, v in zip(layers.PAPER, vs)}
+    moving = {1: [4, 3, 2, 1], 2: [3, 4, 2, 1], 4: [3, 4, 1, 2], 8: [3, 4, 1, 2], 16: [2, 4, 1, 0.5]}
+    check(layers.settled(sc(moving), layers.PAPER, sorted(moving)) is None,
+          "an order that changes within every two doublings has not settled")
+    moving[16] = [2, 5, 1, 1.5]
+    check(layers.settled(sc(moving), layers.PAPER, sorted(moving)) == [4, 8, 16],
+          "the same order at 4, 8 and 16 tokens has settled there")
+    del moving[8]
+    check(layers.settled(sc(moving), layers.PAPER, sorted(moving)) is None,
+          "a gap in the doublings (8 missing) does not count as settled")
 
 
 def fvu(pred, y):
@@ -129,8 +156,10 @@ def check_glu(mxd):
     c = experiment.glu_config(experiment.FAST)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        experiment.main(["--mxd", mxd, "--out", str(out), "--fast", "--mlp", "glu", "--ks", "8", "--seeds", "0"])
+        experiment.main(["--mxd", mxd, "--out", str(out), "--fast", "--mlp", "glu", "--ks", "8", "--seeds", "0",
+                         "--sweep-steps", "0"])
         res = json.loads((out / "results.json").read_text())
+        check({r["steps"] for r in res["rows"]} == {c["steps"]}, "--sweep-steps 0: only the main length")
         check(res["ce_original"] < math.log(256), f"GLU LM learned: held-out CE {res['ce_original']:.4f} < ln 256")
         model = lm.load_lm(out / "lm.pt")
         mlp = model.h[c["layer"]].mlp

