@@ -143,6 +143,10 @@ def check_settled():
     moving[16] = [2, 5, 1, 1.5]
     check(layers.settled(sc(moving), layers.PAPER, sorted(moving)) == [4, 8, 16],
           "the same order at 4, 8 and 16 tokens has settled there")
+    moving[32] = [2, 5, 1.5, 1]
+    check(layers.settled(sc(moving), layers.PAPER, sorted(moving)) is None,
+          "an order that moves again at 32 has not settled at 4-16")
+    del moving[32]
     del moving[8]
     check(layers.settled(sc(moving), layers.PAPER, sorted(moving)) is None,
           "a gap in the doublings (8 missing) does not count as settled")
