@@ -31,8 +31,9 @@ FULL = dict(d=64, layers=4, heads=4, hidden=256, ctx=128, mlp="gelu", lm_steps=6
             scaling_steps=[125, 250, 500, 1000, 2000, 4000], sweep_steps=4000, ablation_ks=[8, 32],
             ablation_steps=300)
 # steps: the main length (1.02M tokens, the tables' first); scaling_steps: the training-length
-# study at scaling_k; sweep_steps: every k again at this length (4.1M tokens, where the study's
-# order of the methods stopped moving), each run continued from its `steps` run.
+# study at scaling_k; sweep_steps: every k again at this length (4.1M tokens, the end of the
+# two doublings over which the study's order of the methods held), each run continued from
+# its `steps` run.
 # The ctest version: the same code on a tiny LM, few steps, one k, two seeds.
 FAST = dict(FULL, d=32, layers=2, heads=2, hidden=128, ctx=32, lm_steps=30, lm_batch=16, layer=1,
             dump_windows=64, eval_windows=16, ks=[8], seeds=[0, 1], latents=256, steps=20, batch=256,
