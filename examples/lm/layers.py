@@ -280,11 +280,11 @@ def saelens_probe(python):
     return None
 
 
-def train_saelens(python, data, out_dir, c, k, seed, threads, log, cached_only=False):
-    """saelens_reference.py at one k (the experiment's width, batch, lr, steps); its output
+def train_saelens(python, data, out_dir, c, k, steps, seed, threads, log, cached_only=False):
+    """saelens_reference.py at one k for `steps` (the experiment's width, batch, lr); its output
     goes to out_dir/log.txt. Returns the metrics rows, as train_tool does."""
     cmd = ["--data", str(data), "--k", str(k), "--latents", str(c["latents"]), "--batch", str(c["batch"]),
-           "--steps", str(c["steps"]), "--lr", str(c["lr"]), "--seed", str(seed)]
+           "--steps", str(steps), "--lr", str(c["lr"]), "--seed", str(seed)]
     full = [str(python), str(SAELENS_SCRIPT), *cmd, "--threads", str(threads), "--out", str(out_dir)]
     return cached_run(out_dir, cmd, full, log, cached_only, log_file=Path(out_dir) / "log.txt")
 
@@ -425,22 +425,24 @@ def run_all(args, c, out, model, train, held, log):
                         log(f"  {method:16s} k={k:3d} seed {seed} steps={s:5d} CE {r['ce']:.4f} "
                             f"(+{r['delta_ce']:.4f}) recovered {r['fraction_recovered']:.3f} nmse {r['nmse']:.4f}")
                 write_text(cache_path, json.dumps(cache, indent=1) + "\n")
-            d = out / f"train_saelenslib_k{k}_s{c['steps']}_seed{seed}"
-            tool = train_saelens(args.saelens_python, acts, d, c, k, seed, args.threads, log,
-                                 cached_only=args.cached_only or sl_skip is not None)
-            if tool is None:
-                if sl_skip:
-                    skipped["topk_saelens_lib"] = sl_skip
-                continue
-            path = d / "topk_transcoder.safetensors"
-            r = evaluated(cache, str(path.relative_to(out)),
-                          lambda: evaluate(model, c, path, held, starts, ce_orig, ce_abl, args.backend))
-            r.update(method="topk_saelens_lib", k=k, seed=seed, steps=c["steps"], tokens=c["steps"] * c["batch"],
-                     tool_fvu=tool[0]["fvu"], checkpoint=str(path.relative_to(out)))
-            rows.append(r)
-            log(f"  {'topk_saelens_lib':16s} k={k:3d} seed {seed} steps={c['steps']:5d} CE {r['ce']:.4f} "
-                f"(+{r['delta_ce']:.4f}) recovered {r['fraction_recovered']:.3f} nmse {r['nmse']:.4f}")
-            write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+            # SAELens's trainer has no resume: each length is a run of its own, from the start.
+            for s in [c["steps"]] + ([c["sweep_steps"]] if c["sweep_steps"] else []):
+                d = out / f"train_saelenslib_k{k}_s{s}_seed{seed}"
+                tool = train_saelens(args.saelens_python, acts, d, c, k, s, seed, args.threads, log,
+                                     cached_only=args.cached_only or sl_skip is not None)
+                if tool is None:
+                    if sl_skip:
+                        skipped["topk_saelens_lib"] = sl_skip
+                    continue
+                path = d / "topk_transcoder.safetensors"
+                r = evaluated(cache, str(path.relative_to(out)),
+                              lambda: evaluate(model, c, path, held, starts, ce_orig, ce_abl, args.backend))
+                r.update(method="topk_saelens_lib", k=k, seed=seed, steps=s, tokens=s * c["batch"],
+                         tool_fvu=tool[0]["fvu"], checkpoint=str(path.relative_to(out)))
+                rows.append(r)
+                log(f"  {'topk_saelens_lib':16s} k={k:3d} seed {seed} steps={s:5d} CE {r['ce']:.4f} "
+                    f"(+{r['delta_ce']:.4f}) recovered {r['fraction_recovered']:.3f} nmse {r['nmse']:.4f}")
+                write_text(cache_path, json.dumps(cache, indent=1) + "\n")
     ablation = run_ablation(args, c, out, model, held, starts, ce_orig, ce_abl, cache, log) if args.ablation else []
     write_text(cache_path, json.dumps(cache, indent=1) + "\n")
     result = {"config": c, "ks": args.ks, "seeds": args.seeds, "ce_original": ce_orig, "ce_mean_ablated": ce_abl,

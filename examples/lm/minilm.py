@@ -256,18 +256,21 @@ def training_length_table(rows):
         return []
     dim = rows[0]["outlier_dimension"]["index"]
     lines = ["", f"Training length at k = {rows[0]['k']} (each run continued with `mxd train --resume`), judged "
-             "on the held-out tokens without passes over the model: FVU of the MLP output (the tool's on "
-             f"its 5% held-out rows, and on the held-out fortunes), without dimension {dim}, and of the "
-             "block output after LayerNorm; the block output's mean pooling's cosine per sentence.", "",
-             f"| method | steps | FVU (tool) | its change | FVU | FVU without dim {dim} | block FVU | pooled cosine |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "on the held-out fortunes: FVU of the MLP output (the tool's on its 5% held-out rows, and on "
+             f"the held-out fortunes' tokens), without dimension {dim}, and of the block output after "
+             "LayerNorm; the block output's mean pooling's cosine per sentence; the sentence embedding's "
+             "cosine to the original and the nearest neighbour kept (passes over the model).", "",
+             f"| method | steps | FVU (tool) | its change | FVU | FVU without dim {dim} | block FVU | pooled cosine "
+             "| embedding cosine | nearest neighbour kept |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     prev = {}  # the tool's FVU at the method's previous length: where it stops improving
     for r in sorted(rows, key=lambda r: (layers.METHODS.index(r["method"]), r["steps"])):
         was = prev.get(r["method"])
         change = f"{r['tool_fvu'] / was - 1:+.1%}" if was else ""
         prev[r["method"]] = r["tool_fvu"]
         lines.append(f"| {r['method']} | {r['steps']} | {r['tool_fvu']:.4f} | {change} | {r['fvu']:.4f} | "
-                     f"{r['outlier_dimension']['fvu_without']:.4f} | {r['block_fvu']:.4f} | {r['pooled_cosine']:.4f} |")
+                     f"{r['outlier_dimension']['fvu_without']:.4f} | {r['block_fvu']:.4f} | {r['pooled_cosine']:.4f} | "
+                     f"{r['cosine']:.4f} | {r['nn_agreement']:.3f} |")
     return lines
 
 
@@ -433,11 +436,14 @@ def main(argv=None):
     tokens = load_held_tokens(out, model, tok, held, c)
     training_length = []
     for name, k, steps, d, tool in scaling:
-        r = diagnose(block, tok, tokens, layers.load_layer(d / f"{name}.safetensors"))
+        layer = layers.load_layer(d / f"{name}.safetensors")
+        r = diagnose(block, tok, tokens, layer)
+        cos, agree = evaluated(f"{d.name}/{name}", layer)
         training_length.append(dict(method=name, k=k, steps=steps, tool_fvu=next(m for m in tool if m["name"] == name)["fvu"],
+                                    cosine=cos, nn_agreement=agree,
                                     **{n: r[n] for n in ("fvu", "block_fvu", "block_cosine", "pooled_cosine", "outlier_dimension")}))
         log(f"  {name:16s} k={k:3d} steps={steps:5d} fvu {r['fvu']:.4f} block fvu {r['block_fvu']:.4f} "
-            f"pooled cosine {r['pooled_cosine']:.4f}")
+            f"pooled cosine {r['pooled_cosine']:.4f} cosine {cos:.4f} nn kept {agree:.3f}")
     result = {"config": c, "ks": args.ks, "steps": args.steps, "scaling_steps": args.scaling_steps,
               "mean_ablated": {"cosine": abl[0], "nn_agreement": abl[1]}, "held_out_sentences": len(held),
               "train_sentences": len(train), "rows": rows, "diagnosis": diagnosis, "training_length": training_length}

