@@ -601,10 +601,13 @@ def scaling_table(result):
         lines.append(f"| {t} | " + " | ".join(pm(sc[(m, t)]["delta_ce"], 5, sign=True) if (m, t) in sc else ""
                                               for m in methods) + " | " + " < ".join(order(sc, PAPER, t)) + " |")
     run = settled(sc, PAPER, tokens)
+    doublings = any(all(u in tokens for u in (t, 2 * t, 4 * t)) for t in tokens)
     lines += ["", f"The order of the paper's four methods is the same at {run[0]}, {run[1]} and {run[2]} tokens: "
               "two successive doublings leave it unchanged." if run else
               f"The order of the paper's four methods still moved within the last two doublings (to {tokens[-1]} "
-              "tokens)."]
+              "tokens)." if doublings else
+              "These lengths hold no two successive doublings (t, 2t, 4t): the rule that the order has "
+              "settled cannot be applied."]
     return lines + [""]
 
 

@@ -150,6 +150,11 @@ def check_settled():
     del moving[8]
     check(layers.settled(sc(moving), layers.PAPER, sorted(moving)) is None,
           "a gap in the doublings (8 missing) does not count as settled")
+    rows = [dict(method=m, k=32, tokens=t, params=1, **{stat: v for stat in layers.STATS})
+            for t, vs in ((1000, [4, 3, 2, 1]), (4000, [4, 3, 2, 1])) for m, v in zip(layers.PAPER, vs)]
+    text = "\n".join(layers.scaling_table({"config": {"scaling_k": 32}, "rows": rows}))
+    check("cannot be applied" in text and "still moved" not in text,
+          "two lengths 4x apart, one order: the table says the rule cannot be applied, not that the order moved")
 
 
 def fvu(pred, y):
