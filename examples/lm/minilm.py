@@ -369,7 +369,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=CONFIG["steps"], help="training steps of 512 rows")
     ap.add_argument("--scaling-steps", type=int, nargs="*", default=CONFIG["scaling_steps"],
                     help=f"k = {CONFIG['scaling_k']}'s runs continued (--resume) to these lengths and "
-                         "judged without passes over the model (diagnose)")
+                         f"judged by diagnose and by the sentence embeddings (default {' '.join(map(str, CONFIG['scaling_steps']))})")
     ap.add_argument("--train-sentences", type=int, default=CONFIG["train_sentences"],
                     help="training fortunes dumped (default 0: all 11,964 short ones); an --out "
                          "holds one dump, so another count needs another --out")
