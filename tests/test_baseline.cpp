@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
 // The baseline's training pieces (issue 23): gradient clipping by global norm
 // (train/clip.hpp) against torch's rule, the exact parameter match by latent count and the
-// tied initialisation (train/baseline.hpp), and their error messages.
+// tied initialisation (train/baseline.hpp), SAELens's ranking by decoder norm
+// (baselines/transcoder.hpp), and their error messages.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -15,6 +17,8 @@
 #include "testing.hpp"
 
 using namespace mxd;
+using mxd_test::random_matrix;
+using mxd_test::rel_error;
 
 TEST_CASE("clip_grad_norm scales every gradient by max_norm / (norm + 1e-6) when above it") {
   TranscoderParams<double> g(TranscoderConfig{3, 3, 4, 2, true});
@@ -105,4 +109,58 @@ TEST_CASE("init_transcoder_tied: decoder rows of norm 0.1, encoder its transpose
   for (index_t i = 0; i < p.W_skip.size(); ++i) CHECK(p.W_skip[i] == 0.0f);
   TranscoderParams<float> q(TranscoderConfig{8, 4, 16, 2, false});
   CHECK_THROWS_AS(train::init_transcoder_tied(q, 3), Error);
+}
+
+TEST_CASE("rank_by_decoder_norm selects by relu(pre) |W_dec[m]|, keeps relu(pre), and folds "
+          "into a plain transcoder with the same output") {
+  // Latent 0 has the larger pre-activation, latent 1 the larger product with its decoder
+  // norm: the plain transcoder keeps 0, the ranked one keeps 1, with value relu(pre_1).
+  TranscoderParams<double> p(TranscoderConfig{2, 2, 3, 1, false});
+  p.W_enc.set_zero();
+  p.W_enc(0, 0) = 2.0;   // pre_0 = 2 x_0
+  p.W_enc(1, 0) = 1.0;   // pre_1 = x_0
+  p.W_enc(2, 0) = -1.0;  // pre_2 < 0: never
+  p.W_dec.set_zero();
+  p.W_dec(0, 0) = 1.0;   // |W_dec[0]| = 1
+  p.W_dec(1, 1) = 3.0;   // |W_dec[1]| = 3
+  p.W_dec(2, 0) = 10.0;
+  p.b_out[0] = 0.5;
+  Tensor<double> x(1, 2), y(1, 2);
+  x[0] = 1.5;
+  x[1] = -4.0;
+  TranscoderWorkspace<double> ws;
+  transcoder_forward(p, x.view(), y.view(), ws);
+  CHECK(ws.topk_idx[0] == 0);
+  CHECK(ws.topk_val[0] == 3.0);
+  p.config.rank_by_decoder_norm = true;
+  transcoder_forward(p, x.view(), y.view(), ws);
+  CHECK(ws.topk_idx[0] == 1);
+  CHECK(ws.topk_val[0] == 1.5);               // relu(pre_1), not relu(pre_1) * 3
+  CHECK(y[0] == 0.5);
+  CHECK(y[1] == 4.5);                          // 1.5 * W_dec[1] (its norm not divided out)
+
+  // Folding, on random weights and many rows: the same selection and output, a plain file.
+  TranscoderParams<double> q(TranscoderConfig{6, 6, 40, 4, false, true});
+  index_t seed = 3;
+  q.for_each([&](const char*, Tensor<double>& t) { t = random_matrix<double>(t.rows(), t.cols(), seed++); });
+  for (index_t m = 0; m < 40; ++m)  // decoder norms spread over 0.1 .. 4
+    for (index_t o = 0; o < 6; ++o) q.W_dec(m, o) *= 0.1 + 0.1 * double(m);
+  const Tensor<double> xs = random_matrix<double>(50, 6, 9);
+  Tensor<double> y_ranked(50, 6), y_folded(50, 6);
+  TranscoderWorkspace<double> w1, w2;
+  const auto same_selection = [&] {
+    return std::equal(w1.topk_idx.data(), w1.topk_idx.data() + w1.topk_idx.size(), w2.topk_idx.data());
+  };
+  transcoder_forward(q, xs.view(), y_ranked.view(), w1);
+  TranscoderParams<double> folded = q;
+  fold_decoder_norm(folded);
+  CHECK(!folded.config.rank_by_decoder_norm);
+  transcoder_forward(folded, xs.view(), y_folded.view(), w2);
+  CHECK(same_selection());
+  CHECK(rel_error(y_folded.data(), y_ranked.data(), y_ranked.size()) <= 1e-14);  // double rounding
+  // And the ranking did matter here: the plain rule picks other latents.
+  TranscoderParams<double> plain = q;
+  plain.config.rank_by_decoder_norm = false;
+  transcoder_forward(plain, xs.view(), y_folded.view(), w2);
+  CHECK(!same_selection());
 }

@@ -22,12 +22,14 @@ TEST_CASE_TEMPLATE("nmse_ref and its gradient match the golden files", T, float,
   }
 }
 
-TEST_CASE("mse and fvu equal their definitions on a hand-made case") {
+TEST_CASE("mse, sse and fvu equal their definitions on a hand-made case") {
   Tensor<double> y(2, 2), t(2, 2);
   // t = [[1, 2], [3, 6]], y = [[1, 3], [2, 6]]: errors 0, 1, -1, 0.
   t[0] = 1; t[1] = 2; t[2] = 3; t[3] = 6;
   y[0] = 1; y[1] = 3; y[2] = 2; y[3] = 6;
   CHECK(loss<double>(Loss::mse, y.view(), t.view()) == doctest::Approx(2.0 / 4));
+  // sse (SAELens's): each row's sum, 1 and 1, averaged over the 2 rows.
+  CHECK(loss<double>(Loss::sse, y.view(), t.view()) == doctest::Approx(2.0 / 2));
   // column means 2 and 4: variance sum = 1 + 1 + 4 + 4 = 10.
   CHECK(loss<double>(Loss::fvu, y.view(), t.view()) == doctest::Approx(2.0 / 10));
   // nmse_ref: row norms sqrt(5), sqrt(45).
@@ -36,7 +38,7 @@ TEST_CASE("mse and fvu equal their definitions on a hand-made case") {
 }
 
 TEST_CASE("every loss gradient matches central finite differences") {
-  for (Loss kind : {Loss::nmse_ref, Loss::mse, Loss::fvu}) {
+  for (Loss kind : {Loss::nmse_ref, Loss::mse, Loss::sse, Loss::fvu}) {
     CAPTURE(loss_name(kind));
     Tensor<double> y = random_matrix<double>(3, 4, 21), t = random_matrix<double>(3, 4, 22);
     Tensor<double> dy(3, 4), scratch;

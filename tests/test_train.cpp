@@ -227,10 +227,13 @@ TEST_CASE("norm_dec keeps every expert vector at unit norm through training") {
   }
 }
 
-TEST_CASE("TopK and skip transcoder gradients match central finite differences") {
-  for (bool skip : {false, true}) {
+TEST_CASE("TopK and skip transcoder gradients match central finite differences, with and "
+          "without ranking by decoder norm") {
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool skip = variant & 1, rank = variant & 2;
     CAPTURE(skip);
-    TranscoderConfig c{5, 5, 12, 3, skip};
+    CAPTURE(rank);
+    TranscoderConfig c{5, 5, 12, 3, skip, rank};
     TranscoderParams<double> p(c), g(c);
     std::mt19937_64 rng(11);
     std::normal_distribution<double> nd(0, 1);
@@ -415,7 +418,14 @@ TEST_CASE("a transcoder checkpoint uses the authors' layout and round-trips") {
   CHECK(c.n_latents == 20);
   CHECK(c.k == 3);
   CHECK(same_bits_all(io::load_transcoder<float>(f, c), p));
+  CHECK(!c.rank_by_decoder_norm);
+  CHECK(f.metadata().count("rank_by_decoder_norm") == 0);  // a plain file stays as it was
   CHECK(error_of([&] { io::read_config(f); }).find("'topk_transcoder' model, not an MxD") != std::string::npos);
+  // Ranking by decoder norm changes the model's selection, so it travels with the file.
+  p.config.rank_by_decoder_norm = true;
+  io::save_checkpoint(path, p, &opt);
+  io::SafetensorsReader g(path);
+  CHECK(io::read_transcoder_config(g).rank_by_decoder_norm);
 }
 
 TEST_CASE("corrupt checkpoints and data files give clear errors") {

@@ -58,7 +58,9 @@ class MxDLayer(nn.Module):
 
 
 class TranscoderLayer(nn.Module):
-    """y = top-k(relu(x W_enc + b_enc)) W_dec (+ x W_skip^T) + b_out: TopK / skip transcoder."""
+    """y = top-k(relu(x W_enc + b_enc)) W_dec (+ x W_skip^T) + b_out: TopK / skip transcoder;
+    with rank_by_decoder_norm (SAELens's rule, mxd's default baseline) the k latents are those
+    of largest relu(pre) |W_dec row|, still weighted by relu(pre)."""
 
     def __init__(self, path):
         super().__init__()
@@ -67,12 +69,18 @@ class TranscoderLayer(nn.Module):
             raise ValueError(f"{path}: not a transcoder checkpoint: metadata {meta}")
         self.p, self.k, self.units = t, int(meta["k"]), t["W_enc"].shape[1]
         self.n_params = sum(v.numel() for n, v in t.items() if not n.startswith("optim."))
+        self.rank = t["W_dec"].norm(dim=1) if meta.get("rank_by_decoder_norm") == "1" else None
 
     def forward(self, x):  # x: [..., d_in] -> y: [..., d_out]
         p = self.p
-        top = torch.topk(F.relu(x @ p["W_enc"] + p["b_enc"]), self.k, dim=-1)
-        self.idx, self.val = top.indices, top.values
-        y = torch.zeros(*x.shape[:-1], self.units).scatter(-1, top.indices, top.values) @ p["W_dec"]
+        s = F.relu(x @ p["W_enc"] + p["b_enc"])
+        if self.rank is None:
+            top = torch.topk(s, self.k, dim=-1)
+            self.idx, self.val = top.indices, top.values
+        else:
+            self.idx = torch.topk(s * self.rank, self.k, dim=-1).indices
+            self.val = s.gather(-1, self.idx)
+        y = torch.zeros(*x.shape[:-1], self.units).scatter(-1, self.idx, self.val) @ p["W_dec"]
         if "W_skip.weight" in p:
             y = y + x @ p["W_skip.weight"].T
         return y + p["b_dec_out"]
@@ -336,11 +344,14 @@ ABLATION = [  # (slug, name, flags): the two recipes, then SAELens's knobs one a
     ("authors", "authors", ["--tc-recipe", "authors"]),
     ("all", "all (saelens)", ["--tc-recipe", "saelens"]),
     ("mse", "mse loss", ["--tc-recipe", "authors", "--tc-loss", "mse"]),
+    ("sse", "sse loss", ["--tc-recipe", "authors", "--tc-loss", "sse"]),
     ("clip", "clip grad 1", ["--tc-recipe", "authors", "--tc-clip-grad", "1"]),
     ("tied", "tied init 0.1", ["--tc-recipe", "authors", "--tc-init", "tied"]),
     ("no", "no warm-up", ["--tc-recipe", "authors", "--tc-warmup", "0"]),
     ("auxk", "AuxK d/2", ["--tc-recipe", "authors", "--tc-aux-k", "{aux_k}"]),
     ("free", "free decoder rows", ["--tc-recipe", "authors", "--tc-norm-dec", "off"]),
+    ("rank", "free rows, ranked by norm", ["--tc-recipe", "authors", "--tc-norm-dec", "off",
+                                           "--tc-rank-by-dec-norm", "on"]),
     ("tiednowarm", "tied init, no warm-up", ["--tc-recipe", "authors", "--tc-init", "tied", "--tc-warmup", "0"]),
 ]
 

@@ -49,7 +49,7 @@ std::vector<Row> train_at(const Options& o, index_t k, train::DataSource<T>& src
   std::unique_ptr<TranscoderModel<T>> tc;
   const std::string suffix = sweep ? "_k" + std::to_string(k) : "";
   const bool skip_tc = o.baseline == "skip";
-  TranscoderConfig tcc{cfg.d_in, cfg.d_out, o.tc_latents(), k, skip_tc};
+  TranscoderConfig tcc{cfg.d_in, cfg.d_out, o.tc_latents(), k, skip_tc, o.tc.rank_by_decoder_norm};
 
   const std::string tc_file = std::string(skip_tc ? "skip" : "topk") + "_transcoder.safetensors";
   io::CheckpointDir ckpt_dir(o.out, suffix);

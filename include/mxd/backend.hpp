@@ -26,6 +26,9 @@
 ///     adamw_update(ctx, p, g, m, v, step)                      one torch.optim.AdamW update
 ///     remove_parallel_rows(ctx, C, g)                          g[n] -= (g[n].c[n] / |c[n]|^2) c[n]
 ///     normalize_rows(ctx, C)                                   rows of C to unit norm
+///     row_norms(ctx, C, out)                                   out[n] = |C[n]|
+///     scale_rows(ctx, s, A, out)                               out[n] = s[n] A[n]
+///     divide_selected(ctx, idx, s, val)                        val[b, j] /= s[idx[b, j]] (0 where s is 0)
 ///
 /// The element-wise primitives' per-element bodies are written once, in elementwise.hpp (and
 /// beside what they serve: loss.hpp, steering.hpp), and called by both devices' loops.
@@ -82,7 +85,10 @@ constexpr bool backend_contract_holds() {
          std::is_same_v<decltype(be::template scale<T>(arg<Ctx>(), arg<W>(), double())), V> &&
          std::is_same_v<decltype(be::template adamw_update<T>(arg<Ctx>(), arg<W>(), arg<R>(), arg<W>(), arg<W>(), arg<Step>())), V> &&
          std::is_same_v<decltype(be::template remove_parallel_rows<T>(arg<Ctx>(), arg<R>(), arg<W>())), V> &&
-         std::is_same_v<decltype(be::template normalize_rows<T>(arg<Ctx>(), arg<W>())), V>;
+         std::is_same_v<decltype(be::template normalize_rows<T>(arg<Ctx>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template row_norms<T>(arg<Ctx>(), arg<R>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template scale_rows<T>(arg<Ctx>(), arg<R>(), arg<R>(), arg<W>())), V> &&
+         std::is_same_v<decltype(be::template divide_selected<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<W>())), V>;
 }
 
 }  // namespace mxd

@@ -56,6 +56,13 @@ MXD_HOST_DEVICE T modulate(const T& y, T u, T v, T b, bool accumulate) {
   return (accumulate ? y + out : out) + b;
 }
 
+/// divide_selected's element: v / s, or 0 where s is 0 (a latent with a zero decoder row
+/// decodes to nothing, whatever its score).
+template <class T>
+MXD_HOST_DEVICE T divide_or_zero(T v, T s) {
+  return s == T(0) ? T(0) : v / s;
+}
+
 /// An AdamWStep's scalars in the parameters' type T, as the update uses them.
 template <class T>
 struct AdamWScalars {

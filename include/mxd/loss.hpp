@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 /// @file loss.hpp
-/// @brief Reconstruction losses with their gradients: the reference "normalized MSE", MSE, FVU.
+/// @brief Reconstruction losses with their gradients: the reference "normalized MSE", MSE,
+/// SAELens's row-summed MSE, FVU.
 ///
 ///     double L = mxd::loss(mxd::Loss::nmse_ref, y, target, dy);   // dy = dL/dy, [B, O]
 ///
@@ -20,6 +21,7 @@ namespace mxd {
 enum class Loss {
   nmse_ref,  // mean over all elements of (y - t)^2 / ||t_row||_2, the authors' training loss
   mse,       // mean over all elements of (y - t)^2
+  sse,       // mean over rows of sum_o (y - t)^2: O times mse, SAELens's "mse_loss"
   fvu,       // sum (y - t)^2 / sum (t - mean_rows t)^2: fraction of variance unexplained
 };
 
@@ -27,6 +29,7 @@ inline const char* loss_name(Loss l) {
   switch (l) {
     case Loss::nmse_ref: return "nmse_ref";
     case Loss::mse: return "mse";
+    case Loss::sse: return "sse";
     case Loss::fvu: return "fvu";
   }
   return "?";
@@ -35,8 +38,9 @@ inline const char* loss_name(Loss l) {
 inline Loss parse_loss(const std::string& name) {
   if (name == "nmse_ref" || name == "nmse") return Loss::nmse_ref;
   if (name == "mse") return Loss::mse;
+  if (name == "sse") return Loss::sse;
   if (name == "fvu") return Loss::fvu;
-  throw Error("loss: unknown name '" + name + "' (expected nmse_ref, mse or fvu)");
+  throw Error("loss: unknown name '" + name + "' (expected nmse_ref, mse, sse or fvu)");
 }
 
 namespace detail {
@@ -54,16 +58,24 @@ index_t loss_mean_rows(Loss kind, InView<T, Device> y, InView<T, Device> t, View
   return mean_rows > 0 ? mean_rows : B;
 }
 
+/// The factor of the summed (weighted) squared errors: 1 / rows for sse, 1 / (rows O) for the
+/// others (fvu divides by its variance instead).
+inline double loss_scale(Loss kind, index_t rows, index_t O) {
+  return kind == Loss::sse ? 1.0 / static_cast<double>(rows)
+                           : 1.0 / (static_cast<double>(rows) * static_cast<double>(O));
+}
+
 /// dL/dy of one element, e = y - t in double, for the host loss() and the device one
-/// (backend/cuda/loss.cuh): nmse_ref 2 e / |t_row| * scale, mse 2 e * scale, fvu 2 e / var,
-/// where scale = 1 / (rows O) and var is fvu's denominator sum (t - mean_rows t)^2.
+/// (backend/cuda/loss.cuh): nmse_ref 2 e / |t_row| * scale, mse and sse 2 e * scale, fvu
+/// 2 e / var, where scale = loss_scale() and var is fvu's denominator sum (t - mean_rows t)^2.
 /// row_norm and var are read only by the kinds that use them (the GPU's kernel passes its
 /// memory, so it loads nothing else).
 MXD_HOST_DEVICE double loss_grad(Loss kind, double e, const double& row_norm, double scale,
                                  const double& var) {
   switch (kind) {
     case Loss::nmse_ref: return 2 * e / row_norm * scale;
-    case Loss::mse: return 2 * e * scale;
+    case Loss::mse:
+    case Loss::sse: return 2 * e * scale;
     case Loss::fvu: return 2 * e / var;
   }
   return 0;
@@ -73,7 +85,7 @@ MXD_HOST_DEVICE double loss_grad(Loss kind, double e, const double& row_norm, do
 
 /// Returns the loss of y against target t and, when dy is not empty, writes dL/dy to it.
 /// y, t, dy: [B, O] host views. A zero target row makes nmse_ref infinite, as in the reference.
-/// `mean_rows` (nmse_ref and mse; default B): the rows the mean is taken over. A process that
+/// `mean_rows` (nmse_ref, mse and sse; default B): the rows the mean is taken over. A process that
 /// holds rows of a larger batch passes that batch's size, so its dy and its share of the loss
 /// are exactly the single-process ones (the shares then add up to the loss).
 template <class T>
@@ -83,7 +95,7 @@ double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
   double total = 0;
   switch (kind) {
     case Loss::nmse_ref: {
-      const double scale = 1.0 / (static_cast<double>(Bm) * static_cast<double>(O));
+      const double scale = detail::loss_scale(kind, Bm, O);
       for (index_t r = 0; r < B; ++r) {
         double tn = 0;
         for (index_t o = 0; o < O; ++o) tn += double(t(r, o)) * double(t(r, o));
@@ -96,8 +108,9 @@ double loss(Loss kind, InView<T, cpu> y, InView<T, cpu> t, View<T> dy = {},
       }
       return total * scale;
     }
-    case Loss::mse: {
-      const double scale = 1.0 / (static_cast<double>(Bm) * static_cast<double>(O));
+    case Loss::mse:
+    case Loss::sse: {
+      const double scale = detail::loss_scale(kind, Bm, O);
       for (index_t r = 0; r < B; ++r)
         for (index_t o = 0; o < O; ++o) {
           const double e = double(y(r, o)) - double(t(r, o));

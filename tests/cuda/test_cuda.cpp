@@ -261,14 +261,22 @@ TEST_CASE_TEMPLATE("batch 1, k = 1, k = n_experts and large k equal the CPU back
   }
 }
 
-TEST_CASE_TEMPLATE("TopK and skip transcoders on the GPU equal the CPU's", T, float, double) {
-  for (bool skip : {false, true}) {
+TEST_CASE_TEMPLATE("TopK and skip transcoders on the GPU equal the CPU's, with and without "
+                   "ranking by decoder norm", T, float, double) {
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool skip = variant & 1, rank = variant & 2;
     CAPTURE(skip);
-    TranscoderParams<T> p(TranscoderConfig{12, 12, 96, 6, skip});
+    CAPTURE(rank);
+    TranscoderParams<T> p(TranscoderConfig{12, 12, 96, 6, skip, rank});
     init_transcoder(p, 81);
     std::mt19937_64 rng(82);
     fill_normal(p.b_enc, rng, 0.1, 0.2);  // mostly positive latents, so gradients flow
     if (skip) fill_normal(p.W_skip, rng, 0.3);
+    if (rank) {  // decoder norms spread from 0.2 to 5: the ranking moves the selection
+      fill_normal(p.W_dec, rng, 0.3);
+      for (index_t m = 0; m < 96; ++m)
+        for (index_t o = 0; o < 12; ++o) p.W_dec(m, o) *= T(0.2 + 0.05 * double(m));
+    }
     const Tensor<T> x = random_matrix<T>(19, 12, 83), dy = random_matrix<T>(19, 12, 84);
     const cu::TranscoderResult<T> d = cu::transcoder(p, x, dy);
     TranscoderParams<T> g(p.config);
@@ -592,7 +600,7 @@ TEST_CASE_TEMPLATE("gradient clipping on the GPU equals the CPU's: the norm to d
 
 TEST_CASE_TEMPLATE("device losses and their gradients equal the host losses", T, float, double) {
   const Tensor<T> y = random_matrix<T>(300, 70, 1), t = random_matrix<T>(300, 70, 2);
-  for (Loss kind : {Loss::nmse_ref, Loss::mse, Loss::fvu}) {
+  for (Loss kind : {Loss::nmse_ref, Loss::mse, Loss::sse, Loss::fvu}) {
     CAPTURE(loss_name(kind));
     Tensor<T> dy, cpu_dy(300, 70);
     const double l = cu::loss(kind, y, t, dy);

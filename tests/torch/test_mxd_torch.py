@@ -219,7 +219,11 @@ class AgainstTool(unittest.TestCase):
             layer = mxd_torch.MxD.from_file(os.path.join(tmp, "mxd.safetensors"), torch.float64)
             tc = mxd_torch.TopKTranscoder.from_file(os.path.join(tmp, "skip_transcoder.safetensors"),
                                                     torch.float64)
+            raw, meta = mxd_torch.read_safetensors(os.path.join(tmp, "skip_transcoder.safetensors"))
         self.assertIsInstance(tc, mxd_torch.SkipTranscoder)
+        # mxd train's default baseline ranks its latents by decoder norm (SAELens's rule): the
+        # file says so, and the module, which loads it folded, computes the file's model.
+        self.assertEqual(meta.get("rank_by_decoder_norm"), "1")
         x = torch.randn(10, 8, dtype=torch.float64)
         with torch.no_grad():
             p = dict(layer.named_parameters())
@@ -234,6 +238,11 @@ class AgainstTool(unittest.TestCase):
             vals, idx = s.topk(tc.config.k, dim=-1)
             a = torch.zeros_like(s).scatter(-1, idx, vals)
             y = a @ q["W_dec"] + x @ q["W_skip.weight"].T + q["b_dec_out"]
+            self.assertLessEqual(rel_error(tc(x), y), 1e-12)
+            pre = x @ raw["W_enc"] + raw["b_enc"]
+            _, idx = (torch.relu(pre) * raw["W_dec"].norm(dim=1)).topk(tc.config.k, dim=-1)
+            a = torch.zeros_like(pre).scatter(-1, idx, torch.relu(pre).gather(-1, idx))
+            y = a @ raw["W_dec"] + x @ raw["W_skip.weight"].T + raw["b_dec_out"]
             self.assertLessEqual(rel_error(tc(x), y), 1e-12)
 
     def test_module_files_read_by_the_tool(self):

@@ -53,6 +53,8 @@ inline void check_resume_flags(const Options& o, index_t k, const Config* mc, co
   const auto str = [](index_t v) { return std::to_string(static_cast<long long>(v)); };
   if (t && o.latents > 0) same("latents", str(o.latents), str(t->n_latents));
   if (t && !mc) same("k", str(k), str(t->k));
+  if (t) same("tc-rank-by-dec-norm", o.tc.rank_by_decoder_norm ? "on" : "off",
+              t->rank_by_decoder_norm ? "on" : "off");
   if (!mc) return;
   const Config& c = *mc;
   same("d-in", str(o.layer.d_in), str(c.d_in));

@@ -56,16 +56,20 @@ const char* const train_help =
     "latent dead; examples/lm/README.md, \"The baseline's recipe\"), so MxD is compared\n"
     "with a baseline as strong as the community's:\n"
     "  --tc-recipe R     saelens (default) | authors: SAELens 6.x's TopK recipe sets the\n"
-    "                    following flags to mse, tied (uniform when d_in != d_out and no\n"
-    "                    --tc-recipe is given), 1, 0, d_in / 2, off; authors' to nmse_ref,\n"
-    "                    uniform, 0, --warmup, --aux-k, as the MxD (each may still be given)\n"
-    "  --tc-loss L       mse (SAELens's) | nmse_ref (the authors')\n"
+    "                    following flags to sse, tied (uniform when d_in != d_out and no\n"
+    "                    --tc-recipe is given), 1, 0, d_in / 2, off, on; authors' to\n"
+    "                    nmse_ref, uniform, 0, --warmup, --aux-k, as the MxD, off (each may\n"
+    "                    still be given)\n"
+    "  --tc-loss L       sse (SAELens's: squared error summed over a row, mean over rows) |\n"
+    "                    mse (mean over every value) | nmse_ref (the authors')\n"
     "  --tc-init I       tied (SAELens's): decoder rows at norm 0.1, encoder their transpose\n"
     "                    (needs d_in == d_out) | uniform (the authors')\n"
     "  --tc-clip-grad X  clip the baseline's gradient to global L2 norm X (0: off)\n"
     "  --tc-warmup W     the baseline's warm-up steps\n"
     "  --tc-aux-k K      AuxK for the baseline alone (0: off)\n"
     "  --tc-norm-dec on|off  unit-norm decoder rows for the TopK baseline\n"
+    "  --tc-rank-by-dec-norm on|off  select the latents by relu(pre) |W_dec row| (SAELens's\n"
+    "                    rescale_acts_by_decoder_norm; saved with the model)\n"
     "training:\n"
     "  --batch B         rows per step (default 512)\n"
     "  --steps S         total steps (default 2000)\n"
@@ -181,7 +185,7 @@ inline std::set<std::string> train_flags() {
                         "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
                         "aux-k", "aux-coef", "dead-window", "latents", "models", "tc-recipe",
                         "tc-loss", "tc-init", "tc-clip-grad", "tc-warmup", "tc-aux-k", "tc-norm-dec",
-                        "parallel", "timeout"})
+                        "tc-rank-by-dec-norm", "parallel", "timeout"})
     flags.insert(f);
   return flags;
 }
@@ -322,7 +326,7 @@ inline Options parse_options(Args& args, Dist& dist) {
   MXD_CHECK(!(o.overwrite && !o.resume.empty()),
             "--overwrite starts a fresh run and --resume continues one: give one of them");
   for (const char* f : {"d-in", "d-hidden", "d-out", "experts", "k", "activation", "glu", "skip", "expansion",
-                        "latents"})
+                        "latents", "tc-rank-by-dec-norm"})
     if (args.has(f)) o.layer_given.insert(f);
   MXD_CHECK(o.steps > 0, "--steps = ", o.steps, " must be positive");
   MXD_CHECK(o.warmup >= 0, "--warmup = ", o.warmup, " must be >= 0");
@@ -357,8 +361,9 @@ inline Options parse_options(Args& args, Dist& dist) {
   if (!args.has("tc-recipe") && o.layer.d_in != o.layer.d_out) o.tc.tied_init = false;
   if (args.has("tc-loss")) {
     const std::string v = args.get("tc-loss", "");
-    MXD_CHECK(v == "nmse_ref" || v == "mse", "--tc-loss = '", v, "' is not nmse_ref or mse");
-    o.tc.loss = v == "mse" ? Loss::mse : Loss::nmse_ref;
+    MXD_CHECK(v == "nmse_ref" || v == "mse" || v == "sse", "--tc-loss = '", v,
+              "' is not sse, mse or nmse_ref");
+    o.tc.loss = parse_loss(v);
   }
   if (args.has("tc-init")) {
     const std::string v = args.get("tc-init", "");
@@ -377,8 +382,14 @@ inline Options parse_options(Args& args, Dist& dist) {
     MXD_CHECK(v == "on" || v == "off", "--tc-norm-dec = '", v, "' is not on or off");
     o.tc.norm_dec = v == "on";
   }
+  if (args.has("tc-rank-by-dec-norm")) {
+    const std::string v = args.get("tc-rank-by-dec-norm", "");
+    MXD_CHECK(v == "on" || v == "off", "--tc-rank-by-dec-norm = '", v, "' is not on or off");
+    o.tc.rank_by_decoder_norm = v == "on";
+  }
   bool tc_given = false;
-  for (const char* f : {"tc-recipe", "tc-loss", "tc-init", "tc-clip-grad", "tc-warmup", "tc-aux-k", "tc-norm-dec"})
+  for (const char* f : {"tc-recipe", "tc-loss", "tc-init", "tc-clip-grad", "tc-warmup", "tc-aux-k",
+                        "tc-norm-dec", "tc-rank-by-dec-norm"})
     tc_given = tc_given || args.has(f);
   MXD_CHECK(!tc_given || o.baseline != "none",
             "--tc-recipe and --tc-* set the transcoder baseline's training, but none trains "

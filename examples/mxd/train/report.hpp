@@ -63,9 +63,10 @@ inline void report(const Options& o, const std::vector<Row>& rows, const std::ve
     char clip[32] = "off", aux[32] = "off";
     if (r.tc_step.clip_grad > 0) std::snprintf(clip, sizeof clip, "%g", r.tc_step.clip_grad);
     if (r.tc_step.aux.enabled()) std::snprintf(aux, sizeof aux, "k_aux %lld", (long long)r.tc_step.aux.k);
-    std::printf("baseline recipe: %s loss, %s init, clip %s, warm-up %lld, AuxK %s, %s decoder rows\n",
+    std::printf("baseline recipe: %s loss, %s init, clip %s, warm-up %lld, AuxK %s, %s decoder rows%s\n",
                 loss_name(r.tc_step.loss), o.tc.tied_init ? "tied" : "uniform", clip,
-                (long long)r.tc_adamw.warmup_steps, aux, r.tc_step.norm_dec ? "unit-norm" : "free");
+                (long long)r.tc_adamw.warmup_steps, aux, r.tc_step.norm_dec ? "unit-norm" : "free",
+                o.tc.rank_by_decoder_norm ? ", ranked by their norms" : "");
   }
   namespace fs = std::filesystem;
   const fs::path out(o.out);

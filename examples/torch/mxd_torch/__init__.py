@@ -358,7 +358,9 @@ class TopKTranscoder(_Layer):
     @classmethod
     def from_file(cls, path, dtype=None, device=None):
         """A transcoder read from an mxd checkpoint (`mxd train`'s topk_transcoder.safetensors
-        or .save); with W_skip.weight in the file it is a skip transcoder."""
+        or .save); with W_skip.weight in the file it is a skip transcoder. A model trained
+        ranking its latents by decoder norm (SAELens's rule, mxd train's default baseline) is
+        loaded with those norms folded into its encoder: the same function, plain top-k."""
         config, tensors = _C.transcoder_load(str(path), _dtype_name(dtype))
         layer = cls.__new__(SkipTranscoder if config.skip else TopKTranscoder)
         TopKTranscoder.__init__(layer, None, None, None, None, device=device, _config=config,

@@ -408,6 +408,39 @@ struct backend<cpu> {
     });
   }
 
+  /// out[n] = |C[n]|_2 for every row n, summed in T. C: [N, O], out: [N, 1].
+  template <class T>
+  static void row_norms(Ctx& ctx, cview<T> C, View<T, cpu> out) {
+    const index_t O = C.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), C.rows, 256, [&](index_t n0, index_t n1) {
+      for (index_t n = n0; n < n1; ++n) {
+        const T* c = C.row(n);
+        T sq(0);
+        for (index_t o = 0; o < O; ++o) sq += c[o] * c[o];
+        out(n, 0) = std::sqrt(sq);
+      }
+    });
+  }
+
+  /// out[n] = s[n] A[n] for every row n. s: [N, 1], A, out: [N, C].
+  template <class T>
+  static void scale_rows(Ctx& ctx, cview<T> s, cview<T> A, View<T, cpu> out) {
+    const index_t C = A.cols;
+    detail::parallel_chunks(ctx.resolved_threads(), A.rows, 256, [&](index_t n0, index_t n1) {
+      for (index_t n = n0; n < n1; ++n)
+        for (index_t c = 0; c < C; ++c) out(n, c) = s(n, 0) * A(n, c);
+    });
+  }
+
+  /// val[b,j] /= s[idx[b,j]], or 0 where that s is 0. idx, val: [B, k], s: [N, 1].
+  template <class T>
+  static void divide_selected(Ctx& ctx, cview<std::int32_t> idx, cview<T> s, View<T, cpu> val) {
+    detail::parallel_chunks(ctx.resolved_threads(), idx.rows, 64, [&](index_t r0, index_t r1) {
+      for (index_t r = r0; r < r1; ++r)
+        for (index_t j = 0; j < idx.cols; ++j) val(r, j) = detail::divide_or_zero(val(r, j), s(idx(r, j), 0));
+    });
+  }
+
   /// One torch.optim.AdamW update of a parameter tensor, in torch's order of operations:
   /// p *= 1 - lr wd;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;
   /// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). p, g, m, v: same shape.

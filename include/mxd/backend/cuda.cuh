@@ -346,6 +346,39 @@ __global__ void normalize_rows_kernel(View<T, cuda> C) {
   }
 }
 
+// One warp per row: out[n] = |C[n]|.
+template <class T>
+__global__ void row_norms_kernel(View<const T, cuda> C, View<T, cuda> out) {
+  const index_t warps = index_t(gridDim.x) * (blockDim.x / warp_size), O = C.cols;
+  const int lane = threadIdx.x % warp_size;
+  for (index_t n = blockIdx.x * index_t(blockDim.x / warp_size) + threadIdx.x / warp_size;
+       n < C.rows; n += warps) {
+    T sq(0);
+    for (index_t o = lane; o < O; o += warp_size) sq += C(n, o) * C(n, o);
+    sq = warp_sum(sq);
+    if (lane == 0) out(n, 0) = sqrt(sq);
+  }
+}
+
+// out[n, c] = s[n] A[n, c], one thread per element.
+template <class T>
+__global__ void scale_rows_kernel(View<const T, cuda> s, View<const T, cuda> A, View<T, cuda> out) {
+  const index_t C = A.cols, n = A.rows * C;
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < n;
+       i += index_t(gridDim.x) * blockDim.x)
+    out(i / C, i % C) = s(i / C, 0) * A(i / C, i % C);
+}
+
+// val[b, j] /= s[idx[b, j]] (0 where s is 0), one thread per slot.
+template <class T>
+__global__ void divide_selected_kernel(View<const std::int32_t, cuda> idx, View<const T, cuda> s,
+                                       View<T, cuda> val) {
+  const index_t K = idx.cols, n = idx.rows * K;
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < n;
+       i += index_t(gridDim.x) * blockDim.x)
+    val(i / K, i % K) = divide_or_zero(val(i / K, i % K), s(idx(i / K, i % K), 0));
+}
+
 // Blocks of `block` threads with one warp per item.
 inline unsigned warp_grid(index_t items) { return grid_for(items * warp_size, block); }
 
@@ -676,6 +709,30 @@ struct backend<cuda> {
     if (C.rows == 0) return;
     MXD_CUDA_LAUNCH(detail::cu::normalize_rows_kernel<T>, detail::cu::warp_grid(C.rows), block,
                     ctx.stream(), C);
+  }
+
+  /// out[n] = |C[n]|_2 for every row n. C: [N, O], out: [N, 1].
+  template <class T>
+  static void row_norms(Ctx& ctx, cview<T> C, View<T, cuda> out) {
+    if (C.rows == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::row_norms_kernel<T>, detail::cu::warp_grid(C.rows), block,
+                    ctx.stream(), C, out);
+  }
+
+  /// out[n] = s[n] A[n] for every row n. s: [N, 1], A, out: [N, C].
+  template <class T>
+  static void scale_rows(Ctx& ctx, cview<T> s, cview<T> A, View<T, cuda> out) {
+    if (A.size() == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::scale_rows_kernel<T>, detail::cu::grid_for(A.size(), block), block,
+                    ctx.stream(), s, A, out);
+  }
+
+  /// val[b,j] /= s[idx[b,j]], or 0 where that s is 0. idx, val: [B, k], s: [N, 1].
+  template <class T>
+  static void divide_selected(Ctx& ctx, cview<std::int32_t> idx, cview<T> s, View<T, cuda> val) {
+    if (idx.size() == 0) return;
+    MXD_CUDA_LAUNCH(detail::cu::divide_selected_kernel<T>, detail::cu::grid_for(idx.size(), block),
+                    block, ctx.stream(), idx, s, val);
   }
 
 };

@@ -8,6 +8,11 @@
 ///     a = top-k(relu(x W_enc + b_enc))        k (index, value) pairs
 ///     y = sum_j a_j W_dec[idx_j] (+ x W_skip^T) + b_out
 ///
+/// With `rank_by_decoder_norm` the k latents are those with the largest relu(pre_m) |W_dec[m]|
+/// (the size of what each would add to y) and a keeps relu(pre_m): SAELens's
+/// rescale_acts_by_decoder_norm, which trains free decoder rows as if they had unit norm. Only
+/// the selection changes, so the backward is the same given it.
+///
 /// This is exactly MxD's gating branch with u = 1, so gate_topk, gather_rows, modulate (with no
 /// u) and the sparse expert backward serve it unchanged. Each latent contributes a rank-1 map
 /// W_enc[:, m] W_dec[m].
@@ -31,6 +36,7 @@ struct TranscoderConfig {
   index_t n_latents = 0;  // M
   index_t k = 0;          // latents kept per row
   bool skip = false;      // y += x W_skip^T (needs I == O)
+  bool rank_by_decoder_norm = false;  // select by relu(pre_m) |W_dec[m]| (SAELens's default)
 
   void validate() const {
     MXD_CHECK(d_in > 0, "TranscoderConfig.d_in = ", d_in, " must be positive");
@@ -95,6 +101,9 @@ struct TranscoderWorkspace {
   Tensor<T, Device> ds;                    // [B, k]
   Tensor<std::int32_t, Device> order;      // [1, B k]
   Tensor<std::int32_t, Device> offsets;    // [1, M + 1]
+  Tensor<T, Device> dec_norm;              // [M, 1] |W_dec[m]|   (rank_by_decoder_norm)
+  Tensor<T, Device> enc_scaled;            // [M, I] W_enc[m] |W_dec[m]|
+  Tensor<T, Device> bias_scaled;           // [M, 1] b_enc[m] |W_dec[m]|
 };
 
 /// Initialises like the authors' transcoder: W_enc uniform(+-1/sqrt(I)); W_dec rows uniform
@@ -116,6 +125,25 @@ void init_transcoder(TranscoderParams<T>& p, std::uint64_t seed) {
   }
 }
 
+/// Folds the decoder rows' norms into the encoder (W_enc[m], b_enc[m] times |W_dec[m]|,
+/// W_dec[m] over it) and turns rank_by_decoder_norm off: the same selection and output, up to
+/// rounding, from a plain TopK transcoder with unit decoder rows (SAELens's fold_W_dec_norm).
+/// A latent with a zero decoder row is left as it is (it adds nothing either way).
+template <class T>
+void fold_decoder_norm(TranscoderParams<T>& p) {
+  const TranscoderConfig& c = p.config;
+  for (index_t m = 0; m < c.n_latents; ++m) {
+    double sq = 0;
+    for (index_t o = 0; o < c.d_out; ++o) sq += double(p.W_dec(m, o)) * double(p.W_dec(m, o));
+    const double n = std::sqrt(sq);
+    if (n == 0) continue;
+    for (index_t i = 0; i < c.d_in; ++i) p.W_enc(m, i) = static_cast<T>(double(p.W_enc(m, i)) * n);
+    p.b_enc[m] = static_cast<T>(double(p.b_enc[m]) * n);
+    for (index_t o = 0; o < c.d_out; ++o) p.W_dec(m, o) = static_cast<T>(double(p.W_dec(m, o)) / n);
+  }
+  p.config.rank_by_decoder_norm = false;
+}
+
 /// y = transcoder(x). x: [B, I], y: [B, O] (overwritten).
 template <class T, class Device>
 void transcoder_forward(const TranscoderParams<T, Device>& p, InView<T, Device> x,
@@ -132,8 +160,25 @@ void transcoder_forward(const TranscoderParams<T, Device>& p, InView<T, Device> 
   ws.topk_val.resize(B, c.k, false);
   ws.v.resize(B, c.d_out, false);
   auto& ctx = ws.ctx;
-  be::gemm(ctx, false, true, T(1), x, p.W_enc.view(), T(0), ws.scores.view());   // [B, M]
-  be::gate_topk(ctx, ws.scores.view(), p.b_enc.view(), c.k, ws.topk_idx.view(), ws.topk_val.view());
+  if (c.rank_by_decoder_norm) {
+    // Scores relu(pre_m) |W_dec[m]| from encoder rows and biases scaled by the norms; the
+    // selected values are then divided by them again: a = relu(pre_m).
+    const index_t M = c.n_latents;
+    ws.dec_norm.resize(M, 1, false);
+    ws.enc_scaled.resize(M, c.d_in, false);
+    ws.bias_scaled.resize(M, 1, false);
+    be::row_norms(ctx, p.W_dec.view(), ws.dec_norm.view());
+    be::scale_rows(ctx, ws.dec_norm.view(), p.W_enc.view(), ws.enc_scaled.view());
+    be::scale_rows(ctx, ws.dec_norm.view(), InView<T, Device>(p.b_enc.data(), M, 1),
+                   ws.bias_scaled.view());
+    be::gemm(ctx, false, true, T(1), x, ws.enc_scaled.view(), T(0), ws.scores.view());  // [B, M]
+    be::gate_topk(ctx, ws.scores.view(), InView<T, Device>(ws.bias_scaled.data(), 1, M), c.k,
+                  ws.topk_idx.view(), ws.topk_val.view());
+    be::divide_selected(ctx, ws.topk_idx.view(), ws.dec_norm.view(), ws.topk_val.view());
+  } else {
+    be::gemm(ctx, false, true, T(1), x, p.W_enc.view(), T(0), ws.scores.view());   // [B, M]
+    be::gate_topk(ctx, ws.scores.view(), p.b_enc.view(), c.k, ws.topk_idx.view(), ws.topk_val.view());
+  }
   if (c.skip) be::gemm(ctx, false, true, T(1), x, p.W_skip.view(), T(0), y);
   be::gather_rows(ctx, ws.topk_idx.view(), ws.topk_val.view(), p.W_dec.view(), ws.v.view(), false);
   be::modulate(ctx, InView<T, Device>(), ws.v.view(), p.b_out.view(), y, c.skip);  // u = 1

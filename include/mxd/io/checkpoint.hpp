@@ -46,6 +46,7 @@ inline void add_transcoder_metadata(SafetensorsWriter& w, const TranscoderConfig
   w.set_metadata("n_latents", std::to_string(c.n_latents));
   w.set_metadata("k", std::to_string(c.k));
   w.set_metadata("skip", c.skip ? "1" : "0");
+  if (c.rank_by_decoder_norm) w.set_metadata("rank_by_decoder_norm", "1");  // absent: plain top-k
 }
 
 template <class T, class Set>
@@ -111,7 +112,8 @@ void save_checkpoint(const std::string& path, const TranscoderParams<T>& p,
   w.write(path);
 }
 
-/// The transcoder's config from a checkpoint (sizes from shapes, k and skip from metadata).
+/// The transcoder's config from a checkpoint (sizes from shapes, k and rank_by_decoder_norm
+/// from metadata, skip from whether W_skip.weight exists).
 inline TranscoderConfig read_transcoder_config(SafetensorsReader& f) {
   const auto& meta = f.metadata();
   auto it = meta.find("model");
@@ -129,6 +131,11 @@ inline TranscoderConfig read_transcoder_config(SafetensorsReader& f) {
   MXD_CHECK(k != meta.end(), f.path(), ": __metadata__ has no 'k'");
   c.k = parse_index("k", k->second);
   c.skip = f.contains("W_skip.weight");
+  auto rank = meta.find("rank_by_decoder_norm");
+  MXD_CHECK(rank == meta.end() || rank->second == "0" || rank->second == "1", f.path(),
+            ": metadata 'rank_by_decoder_norm' = '", mxd::detail::printable(rank->second),
+            "' is not 0 or 1");
+  c.rank_by_decoder_norm = rank != meta.end() && rank->second == "1";
   c.validate();
   expect_param_shapes<TranscoderParams<float>>(f, c);  // before anything is allocated
   return c;

@@ -80,19 +80,22 @@ void init_transcoder_tied(TranscoderParams<T>& p, std::uint64_t seed, double dec
 /// as mxd can follow it, and `mxd train`'s default (examples/lm/README.md, "The baseline's
 /// recipe").
 struct BaselineRecipe {
-  Loss loss = Loss::nmse_ref;  // --tc-loss: nmse_ref (authors) or mse (SAELens)
+  Loss loss = Loss::nmse_ref;  // --tc-loss: nmse_ref (authors), sse (SAELens's), mse
   bool tied_init = false;      // --tc-init tied: SAELens's init_transcoder_tied
   double init_norm = 0.1;      // its decoder row norm
   double clip_grad = 0;        // --tc-clip-grad: global-norm clipping (0: off; SAELens: 1)
   long long warmup = -1;       // --tc-warmup: -1 = the MxD's --warmup (SAELens: 0)
   index_t aux_k = -1;          // --tc-aux-k: -1 = the MxD's --aux-k (SAELens: d_in / 2)
   int norm_dec = -1;           // --tc-norm-dec: -1 = as the MxD (--no-norm-dec), 0 off, 1 on
+  bool rank_by_decoder_norm = false;  // --tc-rank-by-dec-norm (TranscoderConfig's)
 
-  /// SAELens 6.x's TopK SAE trainer, for a transcoder of input width d_in: MSE, clipping at
-  /// 1, tied init at norm 0.1, no warm-up, AuxK with k_aux = d_in / 2, free decoder rows.
+  /// SAELens 6.x's TopK SAE trainer, for a transcoder of input width d_in: its MSE (summed
+  /// over features, so clipping at 1 bites as it does there), clipping at 1, tied init at norm
+  /// 0.1, no warm-up, AuxK with k_aux = d_in / 2, free decoder rows ranked by their norms.
   static BaselineRecipe saelens(index_t d_in) {
     BaselineRecipe r;
-    r.loss = Loss::mse;
+    r.loss = Loss::sse;
+    r.rank_by_decoder_norm = true;
     r.tied_init = true;
     r.clip_grad = 1;
     r.warmup = 0;

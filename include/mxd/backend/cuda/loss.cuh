@@ -104,7 +104,7 @@ double loss(Context<cuda>& ctx, Loss kind, InView<T, cuda> y, InView<T, cuda> t,
   MXD_CUDA_LAUNCH(detail::cu::loss_rows_kernel<T>, unsigned(B), threads, s, y, t,
                   fvu ? mean : nullptr, kind == Loss::nmse_ref, row_tn, row_err, row_var);
   MXD_CUDA_LAUNCH(detail::cu::loss_total_kernel<double>, 1, threads, s, row_err, row_var, B, totals);
-  const double scale = 1.0 / (static_cast<double>(Bm) * static_cast<double>(O));
+  const double scale = detail::loss_scale(kind, Bm, O);
   if (!dy.empty())
     MXD_CUDA_LAUNCH(detail::cu::loss_grad_kernel<T>, detail::cu::grid_for(B * O, threads), threads,
                     s, kind, y, t, row_tn, totals, scale, dy);
