@@ -13,6 +13,7 @@ Every run is cached in --out (one folder each) and reused; --cached-only tabulat
 """
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -21,9 +22,11 @@ from pathlib import Path
 import numpy as np
 
 A = ["--tc-recipe", "authors"]  # named, so that the table does not move with mxd's default
-KNOBS = [("authors", A), ("mse loss", A + ["--tc-loss", "mse"]), ("clip grad 1", A + ["--tc-clip-grad", "1"]),
+KNOBS = [("authors", A), ("mse loss", A + ["--tc-loss", "mse"]), ("sse loss", A + ["--tc-loss", "sse"]),
+         ("clip grad 1", A + ["--tc-clip-grad", "1"]),
          ("tied init 0.1", A + ["--tc-init", "tied"]), ("no warm-up", A + ["--tc-warmup", "0"]),
          ("AuxK d/2", A + ["--tc-aux-k", "32"]), ("free decoder rows", A + ["--tc-norm-dec", "off"]),
+         ("free rows, ranked by norm", A + ["--tc-norm-dec", "off", "--tc-rank-by-dec-norm", "on"]),
          ("all (saelens)", ["--tc-recipe", "saelens"]),
          ("tied init, no warm-up", A + ["--tc-init", "tied", "--tc-warmup", "0"])]
 RECIPES = [("authors", A), ("saelens", ["--tc-recipe", "saelens"]),
@@ -71,8 +74,9 @@ def main(argv=None):
     short, long_ = {}, {}
     for k in (8, 32):
         for seed in seeds:
-            for i, (name, flags) in enumerate(KNOBS):
-                r = run(a.mxd, out / f"abl_{i}_k{k}_seed{seed}", k, a.short_steps, seed, flags, a.threads, a.cached_only)
+            for name, flags in KNOBS:
+                slug = re.sub(r"\W+", "_", name).strip("_")
+                r = run(a.mxd, out / f"abl_{slug}_k{k}_seed{seed}", k, a.short_steps, seed, flags, a.threads, a.cached_only)
                 if r:
                     short.setdefault((name, k, a.short_steps), []).append(r)
     for seed in seeds:

@@ -71,7 +71,20 @@ run recipe --steps 10 --models mxd,topk --latents 512 --tc-recipe saelens &&
 run untied --steps 3 --models topk --latents 64 --d-out 8 &&
   run untied_explicit --steps 3 --models topk --latents 64 --d-out 8 --tc-recipe saelens --tc-init uniform &&
   same untied/topk_transcoder.safetensors untied_explicit/topk_transcoder.safetensors "d_in != d_out: the default starts uniform"
-for flags in "--tc-loss mse" "--tc-init tied" "--tc-clip-grad 1" "--tc-warmup 0" "--tc-aux-k 8" \
+# SAELens's ranking by decoder norm is saved with the model (the default's file says so, the
+# authors' recipe's does not), and a resume may not contradict it.
+has_rank() {  # has_rank FILE: 1 when its metadata sets rank_by_decoder_norm
+  python3 - "$1" <<'PY'
+import json, struct, sys
+with open(sys.argv[1], "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    print(json.loads(f.read(n)).get("__metadata__", {}).get("rank_by_decoder_norm", "0"))
+PY
+}
+[ "$(has_rank pair/topk_transcoder.safetensors)" = 1 ] && [ "$(has_rank authors/topk_transcoder.safetensors)" = 0 ] &&
+  ok "the default baseline's file says rank_by_decoder_norm, the authors' recipe's does not" ||
+  bad "rank_by_decoder_norm in the files: default $(has_rank pair/topk_transcoder.safetensors), authors $(has_rank authors/topk_transcoder.safetensors)"
+for flags in "--tc-loss mse" "--tc-loss sse" "--tc-rank-by-dec-norm off" "--tc-init tied" "--tc-clip-grad 1" "--tc-warmup 0" "--tc-aux-k 8" \
              "--tc-norm-dec off" "--tc-recipe saelens --tc-aux-k 0" "--tc-recipe authors --tc-init tied"; do
   d=knob_$(tr -c 'a-z0-9' _ <<<"$flags")
   # shellcheck disable=SC2086
@@ -103,6 +116,8 @@ refuse "--tc-loss = 'l1'" --tc-loss l1
 refuse "--tc-init = 'xavier'" --tc-init xavier
 refuse "--tc-clip-grad = -1" --tc-clip-grad -1
 refuse "--tc-norm-dec = 'maybe'" --tc-norm-dec maybe
+refuse "--tc-rank-by-dec-norm = 'yes'" --tc-rank-by-dec-norm yes
+refuse "--tc-rank-by-dec-norm off conflicts with the checkpoint resumed" --steps 10 --models skip --resume half --tc-rank-by-dec-norm off
 refuse "--tc-recipe = 'sae'" --tc-recipe sae
 refuse "--tc-warmup = -1 is out of range" --tc-warmup -1
 refuse "but none trains" --models mxd --tc-loss mse
