@@ -411,33 +411,22 @@ struct backend<cpu> {
   /// out[n] = |C[n]|_2 for every row n, summed in T. C: [N, O], out: [N, 1].
   template <class T>
   static void row_norms(Ctx& ctx, cview<T> C, View<T, cpu> out) {
-    const index_t O = C.cols;
-    detail::parallel_chunks(ctx.resolved_threads(), C.rows, 256, [&](index_t n0, index_t n1) {
-      for (index_t n = n0; n < n1; ++n) {
-        const T* c = C.row(n);
-        T sq(0);
-        for (index_t o = 0; o < O; ++o) sq += c[o] * c[o];
-        out(n, 0) = std::sqrt(sq);
-      }
-    });
+    each_row(ctx, C.rows, [&](index_t n) { out(n, 0) = std::sqrt(squares(C.row(n), C.cols)); });
   }
 
   /// out[n] = s[n] A[n] for every row n. s: [N, 1], A, out: [N, C].
   template <class T>
   static void scale_rows(Ctx& ctx, cview<T> s, cview<T> A, View<T, cpu> out) {
-    const index_t C = A.cols;
-    detail::parallel_chunks(ctx.resolved_threads(), A.rows, 256, [&](index_t n0, index_t n1) {
-      for (index_t n = n0; n < n1; ++n)
-        for (index_t c = 0; c < C; ++c) out(n, c) = s(n, 0) * A(n, c);
+    each_row(ctx, A.rows, [&](index_t n) {
+      for (index_t c = 0; c < A.cols; ++c) out(n, c) = s(n, 0) * A(n, c);
     });
   }
 
   /// val[b,j] /= s[idx[b,j]], or 0 where that s is 0. idx, val: [B, k], s: [N, 1].
   template <class T>
   static void divide_selected(Ctx& ctx, cview<std::int32_t> idx, cview<T> s, View<T, cpu> val) {
-    detail::parallel_chunks(ctx.resolved_threads(), idx.rows, 64, [&](index_t r0, index_t r1) {
-      for (index_t r = r0; r < r1; ++r)
-        for (index_t j = 0; j < idx.cols; ++j) val(r, j) = detail::divide_or_zero(val(r, j), s(idx(r, j), 0));
+    each_row(ctx, idx.rows, [&](index_t r) {
+      for (index_t j = 0; j < idx.cols; ++j) val(r, j) = detail::divide_or_zero(val(r, j), s(idx(r, j), 0));
     });
   }
 
@@ -465,36 +454,46 @@ struct backend<cpu> {
   template <class T>
   static void remove_parallel_rows(Ctx& ctx, cview<T> C, View<T, cpu> g) {
     const index_t O = C.cols;
-    detail::parallel_chunks(ctx.resolved_threads(), C.rows, 256, [&](index_t n0, index_t n1) {
-      for (index_t n = n0; n < n1; ++n) {
-        const T* c = C.row(n);
-        T* gr = g.row(n);
-        T dot(0), sq(0);
-        for (index_t o = 0; o < O; ++o) {
-          dot += gr[o] * c[o];
-          sq += c[o] * c[o];
-        }
-        if (sq == T(0)) continue;
-        const T f = dot / sq;
-        for (index_t o = 0; o < O; ++o) gr[o] -= f * c[o];
+    each_row(ctx, C.rows, [&](index_t n) {
+      const T* c = C.row(n);
+      T* gr = g.row(n);
+      T dot(0), sq(0);
+      for (index_t o = 0; o < O; ++o) {
+        dot += gr[o] * c[o];
+        sq += c[o] * c[o];
       }
+      if (sq == T(0)) return;
+      const T f = dot / sq;
+      for (index_t o = 0; o < O; ++o) gr[o] -= f * c[o];
     });
   }
 
   /// Rescales every row of C to unit L2 norm (zero rows stay zero). C: [N, O].
   template <class T>
   static void normalize_rows(Ctx& ctx, View<T, cpu> C) {
-    const index_t O = C.cols;
-    detail::parallel_chunks(ctx.resolved_threads(), C.rows, 256, [&](index_t n0, index_t n1) {
-      for (index_t n = n0; n < n1; ++n) {
-        T* c = C.row(n);
-        T sq(0);
-        for (index_t o = 0; o < O; ++o) sq += c[o] * c[o];
-        if (sq == T(0)) continue;
-        const T inv = T(1) / std::sqrt(sq);
-        for (index_t o = 0; o < O; ++o) c[o] *= inv;
-      }
+    each_row(ctx, C.rows, [&](index_t n) {
+      T* c = C.row(n);
+      const T sq = squares(c, C.cols);
+      if (sq == T(0)) return;
+      const T inv = T(1) / std::sqrt(sq);
+      for (index_t o = 0; o < C.cols; ++o) c[o] *= inv;
     });
+  }
+
+private:
+  // f(n) for every row n < rows, in chunks of rows over the context's threads.
+  template <class F>
+  static void each_row(Ctx& ctx, index_t rows, F&& f) {
+    detail::parallel_chunks(ctx.resolved_threads(), rows, 256, [&](index_t n0, index_t n1) {
+      for (index_t n = n0; n < n1; ++n) f(n);
+    });
+  }
+  // sum_o c[o]^2 in T, in order.
+  template <class T>
+  static T squares(const T* c, index_t O) {
+    T sq(0);
+    for (index_t o = 0; o < O; ++o) sq += c[o] * c[o];
+    return sq;
   }
 };
 

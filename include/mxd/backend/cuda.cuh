@@ -310,54 +310,56 @@ __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, index_t n, T decay, T
   }
 }
 
+// Calls f(n, lane) for each row n < rows this warp owns: one warp per row, grid-stride.
+template <class F>
+__device__ __forceinline__ void warp_per_row(index_t rows, F&& f) {
+  const index_t warps = index_t(gridDim.x) * (blockDim.x / warp_size);
+  const int lane = threadIdx.x % warp_size;
+  for (index_t n = blockIdx.x * index_t(blockDim.x / warp_size) + threadIdx.x / warp_size;
+       n < rows; n += warps)
+    f(n, lane);
+}
+
+// |C[n]|^2, summed by the warp (every lane gets it).
+template <class T, class V>
+__device__ __forceinline__ T row_squares(const V& C, index_t n, int lane) {
+  T sq(0);
+  for (index_t o = lane; o < C.cols; o += warp_size) sq += C(n, o) * C(n, o);
+  return warp_sum(sq);
+}
+
 // One warp per row n: g[n] -= (g[n] . c[n] / |c[n]|^2) c[n].
 template <class T>
 __global__ void remove_parallel_rows_kernel(View<const T, cuda> C, View<T, cuda> g) {
-  const index_t warps = index_t(gridDim.x) * (blockDim.x / warp_size), O = C.cols;
-  const int lane = threadIdx.x % warp_size;
-  for (index_t n = blockIdx.x * index_t(blockDim.x / warp_size) + threadIdx.x / warp_size;
-       n < C.rows; n += warps) {
-    T dot(0), sq(0);
-    for (index_t o = lane; o < O; o += warp_size) {
-      dot += g(n, o) * C(n, o);
-      sq += C(n, o) * C(n, o);
-    }
+  warp_per_row(C.rows, [&](index_t n, int lane) {
+    T dot(0);
+    for (index_t o = lane; o < C.cols; o += warp_size) dot += g(n, o) * C(n, o);
     dot = warp_sum(dot);
-    sq = warp_sum(sq);
-    if (sq == T(0)) continue;
+    const T sq = row_squares<T>(C, n, lane);
+    if (sq == T(0)) return;
     const T f = dot / sq;
-    for (index_t o = lane; o < O; o += warp_size) g(n, o) -= f * C(n, o);
-  }
+    for (index_t o = lane; o < C.cols; o += warp_size) g(n, o) -= f * C(n, o);
+  });
 }
 
 // One warp per row: C[n] /= |C[n]| (zero rows stay zero).
 template <class T>
 __global__ void normalize_rows_kernel(View<T, cuda> C) {
-  const index_t warps = index_t(gridDim.x) * (blockDim.x / warp_size), O = C.cols;
-  const int lane = threadIdx.x % warp_size;
-  for (index_t n = blockIdx.x * index_t(blockDim.x / warp_size) + threadIdx.x / warp_size;
-       n < C.rows; n += warps) {
-    T sq(0);
-    for (index_t o = lane; o < O; o += warp_size) sq += C(n, o) * C(n, o);
-    sq = warp_sum(sq);
-    if (sq == T(0)) continue;
+  warp_per_row(C.rows, [&](index_t n, int lane) {
+    const T sq = row_squares<T>(C, n, lane);
+    if (sq == T(0)) return;
     const T inv = T(1) / sqrt(sq);
-    for (index_t o = lane; o < O; o += warp_size) C(n, o) *= inv;
-  }
+    for (index_t o = lane; o < C.cols; o += warp_size) C(n, o) *= inv;
+  });
 }
 
 // One warp per row: out[n] = |C[n]|.
 template <class T>
 __global__ void row_norms_kernel(View<const T, cuda> C, View<T, cuda> out) {
-  const index_t warps = index_t(gridDim.x) * (blockDim.x / warp_size), O = C.cols;
-  const int lane = threadIdx.x % warp_size;
-  for (index_t n = blockIdx.x * index_t(blockDim.x / warp_size) + threadIdx.x / warp_size;
-       n < C.rows; n += warps) {
-    T sq(0);
-    for (index_t o = lane; o < O; o += warp_size) sq += C(n, o) * C(n, o);
-    sq = warp_sum(sq);
+  warp_per_row(C.rows, [&](index_t n, int lane) {
+    const T sq = row_squares<T>(C, n, lane);
     if (lane == 0) out(n, 0) = sqrt(sq);
-  }
+  });
 }
 
 // out[n, c] = s[n] A[n, c], one thread per element.
