@@ -24,8 +24,8 @@ What is SAELens's and what is not:
 Writes DIR/topk_transcoder.safetensors in mxd's transcoder format (decoder norms folded into
 the encoder, checked against SAELens's forward) and DIR/metrics.json like `mxd train`'s
 (held-out FVU, dead fraction). `--probe` only prints SAELens's version (exit 1 without it);
-`--no-rescale` turns off SAELens's decoder-norm rescaling, which mxd's imitation has no
-counterpart for, to see what it is worth.
+`--no-rescale` turns off SAELens's decoder-norm rescaling (mxd's counterpart:
+`--tc-rank-by-dec-norm`), to see what it is worth.
 """
 import argparse
 import dataclasses
@@ -51,8 +51,8 @@ def main(argv=None):
     ap.add_argument("--eval-fraction", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-rescale", action="store_true",
-                    help="rescale_acts_by_decoder_norm=False (a diagnostic: mxd's imitation has no such "
-                         "rescaling; SAELens's default has it)")
+                    help="rescale_acts_by_decoder_norm=False (a diagnostic: SAELens's default has it, "
+                         "as mxd's --tc-rank-by-dec-norm on)")
     args = ap.parse_args(argv)
     import sae_lens
     if args.probe:
