@@ -150,7 +150,8 @@ public:
       b += double(t.ws.bytes()) + (ep_ ? double(ep_->bytes()) : 0.0);
     } else {
       const auto& w = t.ws;
-      for (const auto* x : {&w.scores, &w.topk_val, &w.v, &w.ds}) b += double(x->bytes());
+      for (const auto* x : {&w.scores, &w.topk_val, &w.v, &w.ds, &w.dec_norm, &w.enc_scaled, &w.bias_scaled})
+        b += double(x->bytes());
       for (const auto* x : {&w.topk_idx, &w.order, &w.offsets}) b += double(x->bytes());
     }
     return b;
@@ -218,8 +219,9 @@ void check_train_memory(const Options& o) {
   if (o.train_mxd)  // --models without mxd: the baseline alone
     rank += 4 * s * (dense + (experts ? std::ceil(expert_params / P) : expert_params)) +
             workspace_bytes<T>(c, rows);
-  if (o.baseline != "none")
-    rank += 4 * s * double(tcc.n_params()) + s * rows * double(tcc.n_latents + 2 * c.d_out);
+  if (o.baseline != "none")  // (with the ranking by decoder norm, a scaled copy of W_enc too)
+    rank += 4 * s * double(tcc.n_params()) + s * rows * double(tcc.n_latents + 2 * c.d_out) +
+            (o.tc.rank_by_decoder_norm ? s * double(tcc.n_latents) * double(tcc.d_in + 2) : 0.0);
   if (o.data.empty()) rank += s * double(o.eval_rows) * double(c.d_in + c.d_out);
   const double gather = o.train_mxd && experts && d->root() ? 3 * s * double(c.n_params()) : 0;
   const int here = P > 1 ? ranks_on_this_machine() : 1;

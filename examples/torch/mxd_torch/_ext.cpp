@@ -324,13 +324,14 @@ py::tuple transcoder_load(const std::string& path, const std::string& dtype) {
   if (c.rank_by_decoder_norm) {
     // The op selects by relu(pre) alone: a model trained ranking by decoder norm (SAELens's
     // rule, mxd train's default baseline) loads with the norms folded into its encoder, the
-    // same selection and output (mxd::fold_decoder_norm's rule, in the tensors' dtype).
-    at::Tensor &W_enc = tensors[0], &b_enc = tensors[1], &W_dec = tensors[2];  // [I, M], [M], [M, O]
-    const at::Tensor n = W_dec.norm(2, {1});
-    const at::Tensor s = at::where(n > 0, n, at::ones_like(n));
-    W_enc.mul_(s.unsqueeze(0));
-    b_enc.mul_(s);
-    W_dec.div_(s.unsqueeze(1));
+    // same selection and output.
+    by_dtype(first(tensors), "W_enc", [&](auto zero) {
+      using T = decltype(zero);
+      using M = Model<mxd::TranscoderConfig>;
+      auto p = borrow_set<typename M::template Params<T, mxd::cpu>>(c, tensors, M::params_name, host);
+      mxd::fold_decoder_norm(p);
+      return 0;
+    });
     c.rank_by_decoder_norm = false;
   }
   py::gil_scoped_acquire gil;
