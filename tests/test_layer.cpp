@@ -466,3 +466,37 @@ TEST_CASE("gather_rows mixes the selected rows in slot order; modulate takes an 
   be::modulate<double>(ctx, u.view(), v.view(), zero.view(), y_zero.view(), false);
   CHECK(std::memcmp(y.data(), y_zero.data(), y.bytes()) == 0);
 }
+
+TEST_CASE("gate_topk: the k best of relu(s + b), or of s + b without relu, by (value desc, "
+          "index asc), at every k") {
+  using be = backend<cpu>;
+  Context<cpu> ctx;
+  // Negative scores, ties (+0 and -0 among them) and wide rows, so that k runs past the
+  // number of blocks whose maxima filter the candidates.
+  const index_t B = 3, N = 200;
+  Tensor<double> s0(B, N), bias(1, N);
+  for (index_t r = 0; r < B; ++r)
+    for (index_t n = 0; n < N; ++n) s0(r, n) = double((n * 37 + r * 11) % 23) - 15 + (n % 7 == 0 ? 0.5 : 0);
+  for (index_t n = 0; n < N; ++n) bias(0, n) = n % 5 == 0 ? -0.5 : 0.0;
+  s0(0, 3) = -0.0;
+  for (bool relu : {true, false})
+    for (index_t k : {index_t(1), index_t(3), index_t(40), index_t(150), N}) {
+      CAPTURE(relu);
+      CAPTURE(k);
+      Tensor<double> s = s0, val(B, k);
+      Tensor<std::int32_t> idx(B, k);
+      be::gate_topk<double>(ctx, s.view(), bias.view(), k, idx.view(), val.view(), 0, relu);
+      for (index_t r = 0; r < B; ++r) {
+        std::vector<std::pair<double, int>> want;  // (-value, index): ascending is the order
+        for (index_t n = 0; n < N; ++n) {
+          const double v = s0(r, n) + bias(0, n);
+          want.push_back({-(relu ? std::max(v, 0.0) : v), int(n)});
+        }
+        std::sort(want.begin(), want.end());
+        for (index_t j = 0; j < k; ++j) {
+          CHECK(idx(r, j) == want[j].second);
+          CHECK(val(r, j) == -want[j].first);
+        }
+      }
+    }
+}

@@ -11,7 +11,7 @@
 ///
 ///     gemm(ctx, trans_a, trans_b, alpha, A, B, beta, C)       C = alpha op(A) op(B) + beta C
 ///     bias_activation(ctx, act, hpre, b_enc, g, b_glu, z)      hpre += b_enc; z = act(hpre) (GLU: g += b_glu, z *= g)
-///     gate_topk(ctx, scores, b_gate, k, idx, val, row0)        relu(scores + b_gate), top-k per row
+///     gate_topk(ctx, scores, b_gate, k, idx, val, row0, relu)  relu(scores + b_gate) (or without relu), top-k per row
 ///     gather_rows(ctx, idx, w, R, out, accumulate)             out (+)= sum_j w[:, j] R[idx[:, j]]
 ///     modulate(ctx, u, v, b_out, y, accumulate)                y (+)= u * v + b_out (u, b_out optional)
 ///     col_sum(ctx, A, beta, out)                               out = beta out + sum of A's rows
@@ -71,7 +71,7 @@ constexpr bool backend_contract_holds() {
   using V = void;
   return std::is_same_v<decltype(be::template gemm<T>(arg<Ctx>(), false, false, T(), arg<R>(), arg<R>(), T(), arg<W>())), V> &&
          std::is_same_v<decltype(be::template bias_activation<T>(arg<Ctx>(), Activation(), arg<W>(), arg<R>(), arg<W>(), arg<R>(), arg<W>())), V> &&
-         std::is_same_v<decltype(be::template gate_topk<T>(arg<Ctx>(), arg<W>(), arg<R>(), index_t(), arg<Wi>(), arg<W>(), index_t())), V> &&
+         std::is_same_v<decltype(be::template gate_topk<T>(arg<Ctx>(), arg<W>(), arg<R>(), index_t(), arg<Wi>(), arg<W>(), index_t(), false)), V> &&
          std::is_same_v<decltype(be::template gather_rows<T>(arg<Ctx>(), arg<Ri>(), arg<R>(), arg<R>(), arg<W>(), false)), V> &&
          std::is_same_v<decltype(be::template modulate<T>(arg<Ctx>(), arg<R>(), arg<R>(), arg<R>(), arg<W>(), false)), V> &&
          std::is_same_v<decltype(be::template col_sum<T>(arg<Ctx>(), arg<R>(), T(), arg<W>())), V> &&

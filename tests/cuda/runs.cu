@@ -91,7 +91,7 @@ double loss(Loss kind, const Tensor<T>& hy, const Tensor<T>& ht, Tensor<T>& hdy)
 
 template <class T>
 void gate_topk(Tensor<T>& hscores, const Tensor<T>& hb, index_t k, Tensor<std::int32_t>& hidx,
-               Tensor<T>& hval, index_t pad) {
+               Tensor<T>& hval, index_t pad, bool relu) {
   const index_t B = hscores.rows();
   Tensor<std::int32_t> fill_idx(B, k + pad);
   Tensor<T> fill_val(B, k + pad);
@@ -104,7 +104,7 @@ void gate_topk(Tensor<T>& hscores, const Tensor<T>& hb, index_t k, Tensor<std::i
   Tensor<std::int32_t, cuda> idx = to_device(fill_idx);
   backend<cuda>::gate_topk<T>(ctx, scores.view(), b.view(), k,
                               View<std::int32_t, cuda>(idx.data(), B, k, k + pad),
-                              View<T, cuda>(val.data(), B, k, k + pad));
+                              View<T, cuda>(val.data(), B, k, k + pad), 0, relu);
   ctx.synchronize();
   hscores = to_host(scores);
   hidx = to_host(idx);
@@ -225,7 +225,7 @@ std::string adamw_step_error(const Params<T>& p, const Params<T>& g) {
                                              const Tensor<T>&);                                \
   template double loss<T>(Loss, const Tensor<T>&, const Tensor<T>&, Tensor<T>&);               \
   template void gate_topk<T>(Tensor<T>&, const Tensor<T>&, index_t, Tensor<std::int32_t>&,     \
-                             Tensor<T>&, index_t);                                             \
+                             Tensor<T>&, index_t, bool);                                       \
   template std::vector<std::string> gate_topk_errors<T>(const std::vector<Tensor<T>>&,         \
                                                         const Tensor<T>&, index_t, bool);      \
   template void gemm<T>(bool, bool, T, const Tensor<T>&, index_t, index_t, const Tensor<T>&,   \

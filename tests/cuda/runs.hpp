@@ -83,12 +83,12 @@ TrainResult<T> train(const mxd::Params<T>& p, const std::vector<Tensor<T>>& inpu
 template <class T>
 double loss(mxd::Loss kind, const Tensor<T>& y, const Tensor<T>& t, Tensor<T>& dy);
 
-/// backend<cuda>::gate_topk. scores: [B, N] (relu'd in place), b_gate: [1, N] -> idx, val:
-/// [B, k + pad], of which gate_topk writes the views of the first k columns (leading
-/// dimension k + pad); the `pad` columns after them hold their fill values -7.
+/// backend<cuda>::gate_topk. scores: [B, N] (biased, and with relu relu'd, in place), b_gate:
+/// [1, N] -> idx, val: [B, k + pad], of which gate_topk writes the views of the first k
+/// columns (leading dimension k + pad); the `pad` columns after them hold their fill values -7.
 template <class T>
 void gate_topk(Tensor<T>& scores, const Tensor<T>& b_gate, index_t k, Tensor<std::int32_t>& idx,
-               Tensor<T>& val, index_t pad = 0);
+               Tensor<T>& val, index_t pad = 0, bool relu = true);
 
 /// backend<cuda>::gate_topk on each of `batches` ([B, N] gate scores) in turn, on one context.
 /// With `sync_each`, synchronize() after each call: one message per call, "" where it threw

@@ -396,21 +396,26 @@ TEST_CASE("bf16 GEMMs stay within bf16 rounding of the exact float layer") {
 }
 
 TEST_CASE_TEMPLATE("gate top-k equals the CPU selection exactly, ties included, into strided "
-                   "outputs", T, float, double) {
-  // Scores on a coarse grid: many exact ties, broken by the lower index on both devices. The
-  // outputs are views of [B, k + 3] (as under steering): ranked in the kernel up to k = 1024,
-  // scattered after the segmented sort beyond; the 3 columns after each row stay untouched.
+                   "outputs, with relu and without", T, float, double) {
+  // Scores on a coarse grid: many exact ties, broken by the lower index on both devices; half
+  // of them negative, and -0 among them, for the selection without relu. The outputs are views
+  // of [B, k + 3] (as under steering): ranked in the kernel up to k = 1024, scattered after the
+  // segmented sort beyond; the 3 columns after each row stay untouched.
   const index_t pad = 3;
+  for (bool relu : {true, false})
   for (index_t k : {1, 7, 64, 256, 700, 1500}) {
+    CAPTURE(relu);
     CAPTURE(k);
     const index_t B = 5, N = 3000;
     Tensor<T> scores = coarse_scores<T>(B, N, k), b(1, N);
+    for (index_t n = 0; n < N; n += 97) scores(1, n) = -T(0);
     Tensor<T> cpu_scores = scores;
     Tensor<std::int32_t> idx, cpu_idx(B, k);
     Tensor<T> val, cpu_val(B, k);
-    cu::gate_topk(scores, b, k, idx, val, pad);
+    cu::gate_topk(scores, b, k, idx, val, pad, relu);
     Context<cpu> ctx;
-    backend<cpu>::gate_topk<T>(ctx, cpu_scores.view(), b.view(), k, cpu_idx.view(), cpu_val.view());
+    backend<cpu>::gate_topk<T>(ctx, cpu_scores.view(), b.view(), k, cpu_idx.view(),
+                               cpu_val.view(), 0, relu);
     CHECK(same_bits(scores, cpu_scores));
     REQUIRE(idx.cols() == k + pad);
     int idx_equal = 0, val_equal = 0, pad_untouched = 0;

@@ -122,7 +122,8 @@ struct backend<cpu> {
   /// threshold and every score would stay a candidate. The selection is exact for any width.
   static constexpr index_t topk_block = 64;
 
-  /// scores = relu(scores + b_gate) in place; then per row the k best (value desc, index asc)
+  /// scores = relu(scores + b_gate) in place (scores + b_gate with relu = false: AuxK's
+  /// SAELens form ranks raw pre-activations); then per row the k best (value desc, index asc)
   /// as (idx, val). scores: [B, N], b_gate: [1, N], idx, val: [B, k].
   ///
   /// The k-th largest block maximum t is a lower bound of the k-th best score (k blocks hold a
@@ -136,7 +137,8 @@ struct backend<cpu> {
   /// R counts from row0, the view's first row in the caller's batch (a tile of it).
   template <class T>
   static void gate_topk(Ctx& ctx, View<T, cpu> scores, cview<T> b_gate, index_t k,
-                        View<std::int32_t, cpu> idx, View<T, cpu> val, index_t row0 = 0) {
+                        View<std::int32_t, cpu> idx, View<T, cpu> val, index_t row0 = 0,
+                        bool relu = true) {
     const index_t N = scores.cols;
     const index_t L = std::clamp<index_t>(N / (2 * k), 8, topk_block), nblocks = (N + L - 1) / L;
     using Cand = detail::Candidate<T>;
@@ -163,10 +165,12 @@ struct backend<cpu> {
             while (r * N + n < seen && !bad.compare_exchange_weak(seen, r * N + n)) {}
             return;  // later rows of this chunk can only be reported after this one
           }
-          blk = blk.cwiseMax(T(0));
+          if (relu) blk = blk.cwiseMax(T(0));
+          else blk += T(0);  // -0 + 0 = +0: zeros tie by index, as the GPU stores them
           block_max[q] = blk.maxCoeff();
         }
-        T t(0);
+        // Without k block maxima every score is a candidate: relu's scores are all >= 0.
+        T t = relu ? T(0) : std::numeric_limits<T>::lowest();
         if (k <= nblocks) {
           maxima.assign(block_max.begin(), block_max.end());
           std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(),

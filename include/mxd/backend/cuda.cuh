@@ -468,8 +468,8 @@ struct backend<cuda> {
                     b_enc.data, g, b_glu.data, z, !g.empty());
   }
 
-  /// scores = relu(scores + b_gate) in place; then per row the k best (value desc, index asc)
-  /// as (idx, val), exactly as backend<cpu>. scores: [B, N], b_gate: [1, N], idx, val: [B, k].
+  /// scores = relu(scores + b_gate) in place (without relu when relu = false); then per row
+  /// the k best (value desc, index asc) as (idx, val), exactly as backend<cpu>. scores: [B, N], b_gate: [1, N], idx, val: [B, k].
   /// Up to k = 1024 one kernel does it all; beyond, a stable CUB segmented sort orders the
   /// candidates the kernel collected in index order. A non-finite score + bias is an error:
   /// the next ctx.synchronize() throws mxd::Error "gate scores: non-finite value at row R
@@ -477,7 +477,8 @@ struct backend<cuda> {
   /// from row0, the view's first row in the caller's batch (a tile of it).
   template <class T>
   static void gate_topk(Ctx& ctx, View<T, cuda> scores, cview<T> b_gate, index_t k,
-                        View<std::int32_t, cuda> idx, View<T, cuda> val, index_t row0 = 0) {
+                        View<std::int32_t, cuda> idx, View<T, cuda> val, index_t row0 = 0,
+                        bool relu = true) {
     namespace cu = detail::cu;
     const index_t B = scores.rows, N = scores.cols;
     MXD_CHECK(k >= 1 && k <= N, "gate_topk: k = ", k, " must be in [1, ", N, "]");
@@ -511,7 +512,7 @@ struct backend<cuda> {
     cudaStream_t s = ctx.stream();
     MXD_CUDA_LAUNCH(cu::gate_topk_kernel<T>, unsigned(B), cu::topk_block, s, scores.data, scores.ld,
                     b_gate.data, N, k, cand_idx, cand_val, idx.data, idx.ld, val.data, val.ld,
-                    ctx.nonfinite_position(), row0);
+                    ctx.nonfinite_position(), row0, relu);
     ctx.nonfinite_check_queued();
     if (!sort) return;
     MXD_CUDA_LAUNCH(cu::row_offsets_kernel<int>, cu::grid_for(B + 1, block), block, s, offsets, B, k);

@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
 /// @file backend/cuda/topk.cuh
-/// @brief Gate top-k on the GPU: relu(scores + b_gate) and the k best per row by radix select.
+/// @brief Gate top-k on the GPU: relu(scores + b_gate) (or without relu) and the k best per row
+/// by radix select.
 ///
-/// One block per row. For non-negative floats the IEEE bit pattern read as an unsigned integer
-/// orders like the value, so the k-th largest score is found digit by digit (8 bits a pass,
+/// One block per row. A float's IEEE bit pattern, with the sign bit set for non-negative values
+/// and every bit flipped for negative ones, read as an unsigned integer orders like the value
+/// (-0 is stored as +0 first), so the k-th largest score is found digit by digit (8 bits a pass,
 /// most significant first) from shared-memory histograms, exactly, in sizeof(T) passes over the
 /// row whatever k is. The scores above it and the needed number of scores equal to it (lowest
 /// indices first, through an ordered block scan) are the selection; ranking them under the
@@ -12,7 +14,7 @@
 /// A non-finite score (after the bias, before relu) is an error, as on the CPU: the pass that
 /// adds the bias lowers a device key to the first one's (row, expert), which the context
 /// reports at its next synchronize(). Meanwhile the row's selection stays in range (a NaN
-/// reads as 0), so nothing is read or written out of bounds.
+/// is stored as 0), so nothing is read or written out of bounds.
 #pragma once
 
 #include <cstdint>
@@ -34,10 +36,14 @@ struct ordered_bits<double> {
   using type = unsigned long long;
 };
 
-// The bit pattern of a non-negative value, ordered like the value.
-__device__ __forceinline__ unsigned int to_bits(float v) { return __float_as_uint(v); }
+// A value's bit pattern made to order like the value (for any sign; -0 and NaN excluded).
+__device__ __forceinline__ unsigned int to_bits(float v) {
+  const unsigned int b = __float_as_uint(v);
+  return b & 0x80000000u ? ~b : b | 0x80000000u;
+}
 __device__ __forceinline__ unsigned long long to_bits(double v) {
-  return static_cast<unsigned long long>(__double_as_longlong(v));
+  const auto b = static_cast<unsigned long long>(__double_as_longlong(v));
+  return b & 0x8000000000000000ull ? ~b : b | 0x8000000000000000ull;
 }
 
 constexpr int topk_block = 256;
@@ -46,16 +52,17 @@ constexpr int topk_block = 256;
 /// it the candidates are left in index order for a stable segmented sort by value.
 constexpr index_t topk_rank_limit = 1024;
 
-/// scores: [B, N] (relu'd in place), b_gate: [1, N], cand_idx, cand_val: [B, k] scratch,
-/// idx, val: [B, k] (row-major with leading dimensions ld_i, ld_v). One block per row. With
-/// k > topk_rank_limit only the candidates are written (in index order), not idx and val.
+/// scores: [B, N] (biased, and with relu relu'd, in place), b_gate: [1, N], cand_idx,
+/// cand_val: [B, k] scratch, idx, val: [B, k] (row-major with leading dimensions ld_i, ld_v).
+/// One block per row. With k > topk_rank_limit only the candidates are written (in index
+/// order), not idx and val.
 /// nonfinite: lowered by atomicMin to row << 32 | expert of each row's first non-finite score,
 /// the row counted from row0 (the view's first row in the caller's batch).
 template <class T>
 __global__ void __launch_bounds__(topk_block)
     gate_topk_kernel(T* scores, index_t ld_s, const T* b_gate, index_t N, index_t k,
                      std::int32_t* cand_idx, T* cand_val, std::int32_t* idx, index_t ld_i, T* val,
-                     index_t ld_v, unsigned long long* nonfinite, index_t row0) {
+                     index_t ld_v, unsigned long long* nonfinite, index_t row0, bool relu) {
   using U = typename ordered_bits<T>::type;
   using Scan = cub::BlockScan<int, topk_block>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -74,7 +81,8 @@ __global__ void __launch_bounds__(topk_block)
       atomicMin(nonfinite, static_cast<unsigned long long>(row0 + r) << 32 |
                                static_cast<unsigned long long>(i));
     }
-    s[i] = v > T(0) ? v : T(0);  // +0 for negatives and NaN: bit patterns stay ordered
+    // +0 for -0 and NaN (and with relu for negatives): the bit patterns stay ordered.
+    s[i] = v > T(0) || (!relu && v < T(0)) ? v : T(0);
   }
   __syncthreads();
 
