@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The AuxK auxiliary loss and the dead-unit tracking (train/aux_loss.hpp): gradients against
-// finite differences, the loss against a direct computation, the tracker's window, the edge
-// cases (no dead unit, k_aux above the dead count, one row), and the error messages.
+// finite differences (both forms, and a transcoder ranked by decoder norm), the loss against a
+// direct computation, the tracker's window, the edge cases (no dead unit, k_aux above the dead
+// count, one row), and the error messages.
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -16,6 +17,7 @@
 using namespace mxd;
 using namespace mxd_test;
 using train::AuxK;
+using train::AuxKForm;
 using train::AuxKWorkspace;
 using train::DeadUnits;
 
@@ -83,7 +85,13 @@ struct TranscoderCase {
     if (c.skip) fill_normal(p.W_skip, rng, 0.3);
     transcoder_forward(p, x.view(), y.view(), ws);
   }
+  // The ranked transcoder's aux reads the forward's scaled encoder rows: a forward on the
+  // current parameters refreshes them; e = t - y keeps this case's y.
   double aux(const DeadUnits& d, const AuxK& cfg, AuxKWorkspace<double>& aw) {
+    if (p.config.rank_by_decoder_norm) {
+      Tensor<double> scratch(y.rows(), y.cols());
+      transcoder_forward(p, x.view(), scratch.view(), ws);
+    }
     return train::auxk_backward(p, x.view(), y.view(), t.view(), ws, d, cfg, aw, g);
   }
   std::vector<std::pair<Tensor<double>*, Tensor<double>*>> gated() {
@@ -105,9 +113,10 @@ std::vector<int> selection(const AuxKWorkspace<double>& aw) {
 // Central differences of the aux loss in every value of the gated tensors against its
 // analytic gradient; every other gradient, and the rows of live units, must stay exactly 0.
 template <class Case>
-void check_gradients(Case& c, const std::vector<int>& dead_units, index_t k_aux) {
+void check_gradients(Case& c, const std::vector<int>& dead_units, index_t k_aux,
+                     AuxKForm form = AuxKForm::normalized) {
   const DeadUnits d = tracker(c.units(), dead_units);
-  AuxK cfg{k_aux, 0.25, 10};
+  AuxK cfg{k_aux, 0.25, 10, form};
   AuxKWorkspace<double> aw;
   for (auto* t : tensors(c.g)) t->set_zero();
   const double base = c.aux(d, cfg, aw);
@@ -154,13 +163,15 @@ void check_gradients(Case& c, const std::vector<int>& dead_units, index_t k_aux)
 }  // namespace
 
 TEST_CASE("MxD: AuxK gradients match finite differences, reach only dead experts' G, b_gate, C") {
-  for (bool glu : {false, true}) {
+  for (auto [glu, form] : {std::pair{false, AuxKForm::normalized}, {true, AuxKForm::normalized},
+                           {false, AuxKForm::saelens}, {true, AuxKForm::saelens}}) {
     Config c;
     c.d_in = 5; c.d_hidden = 7; c.d_out = 4; c.n_experts = 13; c.k = 3; c.glu = glu;
     c.activation = Activation::gelu;
     CAPTURE(glu);
+    CAPTURE(int(form));
     MxdCase m(c, 6, glu ? 21 : 11);
-    check_gradients(m, {1, 4, 6, 7, 11}, 2);
+    check_gradients(m, {1, 4, 6, 7, 11}, 2, form);
     // The dense path and b_out get nothing: e and u are constants.
     for (auto* t : {&m.g.E, &m.g.b_enc, &m.g.D, &m.g.b_out, &m.g.W_glu, &m.g.b_glu})
       for (index_t i = 0; i < t->size(); ++i) CHECK((*t)[i] == 0.0);
@@ -168,12 +179,16 @@ TEST_CASE("MxD: AuxK gradients match finite differences, reach only dead experts
 }
 
 TEST_CASE("TopK and skip transcoders: AuxK gradients match finite differences, dead latents only") {
-  for (bool skip : {false, true}) {
-    CAPTURE(skip);
-    TranscoderCase m(TranscoderConfig{5, 5, 14, 3, skip}, 7, skip ? 41 : 31);
-    check_gradients(m, {0, 2, 3, 9, 12, 13}, 3);
-    for (index_t i = 0; i < m.g.b_out.size(); ++i) CHECK(m.g.b_out[i] == 0.0);
-  }
+  for (bool skip : {false, true})
+    for (bool rank : {false, true})
+      for (AuxKForm form : {AuxKForm::normalized, AuxKForm::saelens}) {
+        CAPTURE(skip);
+        CAPTURE(rank);
+        CAPTURE(int(form));
+        TranscoderCase m(TranscoderConfig{5, 5, 14, 3, skip, rank}, 7, skip ? 41 : 31);
+        check_gradients(m, {0, 2, 3, 9, 12, 13}, 3, form);
+        for (index_t i = 0; i < m.g.b_out.size(); ++i) CHECK(m.g.b_out[i] == 0.0);
+      }
 }
 
 TEST_CASE("the loss is coef x the residual variance the top k_aux dead units leave unexplained") {
@@ -212,6 +227,63 @@ TEST_CASE("the loss is coef x the residual variance the top k_aux dead units lea
     }
   CHECK(got == doctest::Approx(coef * err / var).epsilon(1e-12));
   CHECK(aw.n_dead == 4);
+}
+
+TEST_CASE("SAELens form: raw pre-activations of the best dead latents, min(dead / k_aux, 1) x "
+          "the rows' mean squared error, and negative scores still get a gradient") {
+  for (bool rank : {false, true}) {
+    CAPTURE(rank);
+    const index_t I = 4, O = 4, M = 11, B = 5;
+    TranscoderCase m(TranscoderConfig{I, O, M, 2, false, rank}, B, 17);
+    // Dead latents 1 and 6 score below 0 on every row: relu would give them no gradient.
+    const std::vector<int> dead = {1, 3, 6, 8, 9};
+    for (int n : {1, 6}) m.p.b_enc[n] = -20;
+    for (index_t o = 0; o < O; ++o) m.p.W_dec(9, o) *= 3;  // ranking by norm favours latent 9
+    transcoder_forward(m.p, m.x.view(), m.y.view(), m.ws);
+    for (index_t k_aux : {index_t(2), index_t(5), index_t(8)}) {
+      CAPTURE(k_aux);
+      AuxKWorkspace<double> aw;
+      for (auto* t : tensors(m.g)) t->set_zero();
+      const double coef = 0.75;
+      const double got = m.aux(tracker(M, dead), AuxK{k_aux, coef, 10, AuxKForm::saelens}, aw);
+      // Directly: per row the min(k_aux, 5) dead latents of largest pre (x |W_dec| when ranked),
+      // e_hat = sum pre W_dec, then coef min(5 / k_aux, 1) sum |e - e_hat|^2 / B.
+      double err = 0;
+      for (index_t b = 0; b < B; ++b) {
+        std::vector<std::pair<double, int>> s;
+        for (int n : dead) {
+          double pre = m.p.b_enc[n], norm = 0;
+          for (index_t i = 0; i < I; ++i) pre += m.x(b, i) * m.p.W_enc(n, i);
+          for (index_t o = 0; o < O; ++o) norm += m.p.W_dec(n, o) * m.p.W_dec(n, o);
+          s.push_back({-(rank ? pre * std::sqrt(norm) : pre), n});
+        }
+        std::sort(s.begin(), s.end());
+        for (index_t o = 0; o < O; ++o) {
+          double eh = 0;
+          for (index_t j = 0; j < std::min<index_t>(k_aux, 5); ++j) {
+            const int n = s[j].second;
+            double pre = m.p.b_enc[n];
+            for (index_t i = 0; i < I; ++i) pre += m.x(b, i) * m.p.W_enc(n, i);
+            eh += pre * m.p.W_dec(n, o);
+          }
+          const double f = m.t(b, o) - m.y(b, o) - eh;
+          err += f * f;
+        }
+      }
+      const double want = coef * std::min(5.0 / double(k_aux), 1.0) * err / double(B);
+      CHECK(got == doctest::Approx(want).epsilon(1e-12));
+      if (k_aux == 5) {  // every dead latent serves every row: 1 and 6 learn from below 0
+        for (int n : {1, 6}) {
+          CHECK(m.g.b_enc[n] != 0.0);
+          CHECK(m.g.W_dec(n, 0) != 0.0);
+        }
+        AuxKWorkspace<double> wn;
+        for (auto* t : tensors(m.g)) t->set_zero();
+        m.aux(tracker(M, dead), AuxK{k_aux, coef, 10}, wn);
+        for (int n : {1, 6}) CHECK(m.g.b_enc[n] == 0.0);  // the normalized form: relu's 0
+      }
+    }
+  }
 }
 
 TEST_CASE("DeadUnits: dead once `window` tokens pass without a positive selection") {

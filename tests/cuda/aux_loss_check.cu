@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The AuxK loss (train/aux_loss.cuh) on backend<cuda>, in float64: every gradient against
-// central finite differences, live units receiving exactly zero, the loss against a direct host
-// computation, and no dead unit leaving the loss 0 and the gradients untouched, for MxD and a
-// TopK transcoder. A program of its own (not the doctest GPU suite) because it needs the
+// central finite differences in both forms, live units receiving exactly zero, the loss against
+// a direct host computation, no dead unit leaving the loss 0 and the gradients untouched, for
+// MxD and a TopK transcoder; and a transcoder ranked by decoder norm against the CPU. A program of its own (not the doctest GPU suite) because it needs the
 // device's float64 layer and the aux workspace in one nvcc translation unit. Exits 77 (ctest:
 // skipped) where no CUDA device is visible; a broken driver is a failure.
 #include <algorithm>
@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include <mxd/backend/cpu.hpp>  // the ranked transcoder's check runs the CPU beside the GPU
 #include <mxd/cuda.cuh>
 #include <mxd/baselines/transcoder.hpp>
 #include <mxd/train/aux_loss.cuh>
@@ -20,6 +21,7 @@ using namespace mxd;
 using Dev = mxd::cuda;
 
 using train::AuxK;
+using train::AuxKForm;
 using train::AuxKWorkspace;
 using train::DeadUnits;
 
@@ -51,13 +53,13 @@ static DeadUnits tracker(index_t n, const std::vector<int>& dead) {
 template <class DevSet, class HostSet, class WS, class Fwd>
 static void fd_check(const char* what, HostSet& hp, const std::vector<Tensor<double>*>& gated,
                      const std::vector<const char*>& names, index_t N, const DeadUnits& d,
-                     const Tensor<double>& x, const Tensor<double>& t, Fwd&& fwd) {
+                     const Tensor<double>& x, const Tensor<double>& t, AuxKForm form, Fwd&& fwd) {
   // Device forward once: pred and u stay at these values (the aux loss's constants).
   DevSet p = to_device(hp);
   Tensor<double, mxd::cuda> xd = to_device(x), td = to_device(t), yd(x.rows(), t.cols());
   WS ws;
   fwd(p, xd, yd, ws);
-  AuxK cfg{3, 0.25, 10};
+  AuxK cfg{3, 0.25, 10, form};
   AuxKWorkspace<double, mxd::cuda> aw;
   DevSet g = to_device(hp);
   g.for_each([](const char*, Tensor<double, mxd::cuda>& z) { z.set_zero(); });
@@ -125,9 +127,11 @@ int main() {
   fill(x, rng, 1.0);
   fill(t, rng, 1.0);
   const DeadUnits d = tracker(13, {1, 4, 6, 7, 11});
-  fd_check<Params<double, mxd::cuda>, Params<double>, Workspace<double, mxd::cuda>>(
-      "mxd (cuda, f64)", hp, {&hp.G, &hp.b_gate, &hp.C}, {"gate", "gate_bias", "W_cond"}, 13, d, x, t,
-      [](auto& p, auto& xd, auto& yd, auto& ws) { forward(p, xd.view(), yd.view(), ws); });
+  for (AuxKForm form : {AuxKForm::normalized, AuxKForm::saelens})
+    fd_check<Params<double, mxd::cuda>, Params<double>, Workspace<double, mxd::cuda>>(
+        form == AuxKForm::saelens ? "mxd (cuda, f64, saelens form)" : "mxd (cuda, f64)", hp,
+        {&hp.G, &hp.b_gate, &hp.C}, {"gate", "gate_bias", "W_cond"}, 13, d, x, t, form,
+        [](auto& p, auto& xd, auto& yd, auto& ws) { forward(p, xd.view(), yd.view(), ws); });
 
   // The loss against a direct host computation (host copies of pred and u).
   {
@@ -184,10 +188,44 @@ int main() {
   Tensor<double> xt(7, 5), tt(7, 5);
   fill(xt, rng, 1.0);
   fill(tt, rng, 1.0);
-  fd_check<TranscoderParams<double, mxd::cuda>, TranscoderParams<double>, TranscoderWorkspace<double, mxd::cuda>>(
-      "topk_transcoder (cuda, f64)", tp, {&tp.W_enc, &tp.b_enc, &tp.W_dec}, {"W_enc", "b_enc", "W_dec"},
-      14, tracker(14, {0, 2, 3, 9, 12, 13}), xt, tt,
-      [](auto& p, auto& xd, auto& yd, auto& ws) { transcoder_forward(p, xd.view(), yd.view(), ws); });
+  for (AuxKForm form : {AuxKForm::normalized, AuxKForm::saelens})
+    fd_check<TranscoderParams<double, mxd::cuda>, TranscoderParams<double>, TranscoderWorkspace<double, mxd::cuda>>(
+        form == AuxKForm::saelens ? "topk_transcoder (cuda, f64, saelens form)"
+                                  : "topk_transcoder (cuda, f64)",
+        tp, {&tp.W_enc, &tp.b_enc, &tp.W_dec}, {"W_enc", "b_enc", "W_dec"},
+        14, tracker(14, {0, 2, 3, 9, 12, 13}), xt, tt, form,
+        [](auto& p, auto& xd, auto& yd, auto& ws) { transcoder_forward(p, xd.view(), yd.view(), ws); });
+
+  // Ranked by decoder norm, SAELens form (negative pre-activations selected): GPU against CPU.
+  {
+    tp.config.rank_by_decoder_norm = true;
+    for (int n : {2, 9}) tp.b_enc[n] = -20;  // dead latents scoring below 0 on every row
+    const DeadUnits dt = tracker(14, {0, 2, 3, 9, 12, 13});
+    const AuxK cfg{4, 0.5, 10, AuxKForm::saelens};
+    TranscoderParams<double> hg(tp.config);
+    Tensor<double> hy(7, 5);
+    TranscoderWorkspace<double> hws;
+    AuxKWorkspace<double> haw;
+    transcoder_forward(tp, xt.view(), hy.view(), hws);
+    const double want = train::auxk_backward(tp, xt.view(), hy.view(), tt.view(), hws, dt, cfg, haw, hg);
+    TranscoderParams<double, mxd::cuda> p = to_device(tp), g = to_device(hg);
+    g.for_each([](const char*, Tensor<double, mxd::cuda>& z) { z.set_zero(); });
+    Tensor<double, mxd::cuda> xd = to_device(xt), td = to_device(tt), yd(7, 5);
+    TranscoderWorkspace<double, mxd::cuda> ws;
+    AuxKWorkspace<double, mxd::cuda> aw;
+    transcoder_forward(p, xd.view(), yd.view(), ws);
+    const double got = train::auxk_backward(p, xd.view(), yd.view(), td.view(), ws, dt, cfg, aw, g);
+    TranscoderParams<double> gh = to_host(g);
+    double worst = 0;
+    for (auto [a, b] : {std::pair{&gh.W_enc, &hg.W_enc}, {&gh.b_enc, &hg.b_enc}, {&gh.W_dec, &hg.W_dec}})
+      for (index_t i = 0; i < a->size(); ++i)
+        worst = std::max(worst, std::abs((*a)[i] - (*b)[i]) / (1 + std::abs((*b)[i])));
+    std::printf("ranked transcoder, saelens form (cuda): loss %.15g, cpu %.15g, worst gradient "
+                "difference %.2e\n", got, want, worst);
+    EXPECT(want > 0 && std::abs(got - want) <= 1e-12 * want, "loss %g vs cpu %g", got, want);
+    EXPECT(worst <= 1e-12, "gradients differ from the cpu's by %g", worst);
+    EXPECT(hg.b_enc[2] != 0.0 && hg.b_enc[9] != 0.0, "latents below 0 got no gradient");
+  }
 
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures ? 1 : 0;

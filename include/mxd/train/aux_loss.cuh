@@ -55,23 +55,28 @@ struct auxk_ops<cuda> {
                     mxd::detail::cu::grid_for(idx.size(), block), block, ctx.stream(), idx, table);
   }
 
-  /// As auxk_ops<cpu>::residual_loss: e = target - pred into scratch, the device FVU of e_hat
-  /// against e (sums in double, fixed order), its gradient scaled by coef. 0 when the residual
-  /// has no variance. All [B, O] device views. One process only (as --parallel: the CPU's).
+  /// As auxk_ops<cpu>::residual_loss: e = target - pred into scratch, then the device loss of
+  /// e_hat against e (sums in double, fixed order): FVU (normalized; 0 when the residual has
+  /// no variance) or sse (saelens), its gradient scaled by w = cfg.coef * scale. All [B, O]
+  /// device views. One process only (as --parallel: the CPU's).
   template <class T>
-  static double residual_loss(Context<cuda>& ctx, double coef, ConstView<T, cuda> pred,
-                              ConstView<T, cuda> target, ConstView<T, cuda> e_hat,
-                              View<T, cuda> scratch, View<T, cuda> grad, const SumAcross& sum) {
+  static double residual_loss(Context<cuda>& ctx, const AuxK& cfg, double scale,
+                              ConstView<T, cuda> pred, ConstView<T, cuda> target,
+                              ConstView<T, cuda> e_hat, View<T, cuda> scratch, View<T, cuda> grad,
+                              const SumAcross& sum) {
     MXD_CHECK(!sum, "auxk_backward on the GPU: a batch split over processes is not supported");
     constexpr int block = mxd::detail::cu::block;
     cudaStream_t s = ctx.stream();
     MXD_CUDA_LAUNCH(mxd::detail::cu::auxk_residual_kernel<T>,
                     mxd::detail::cu::grid_for(pred.size(), block), block, s, pred, target, scratch);
-    const double fvu = loss<T>(ctx, Loss::fvu, e_hat, ConstView<T, cuda>(scratch), grad);
-    if (!std::isfinite(fvu) || fvu == 0) return 0;  // var = 0: x / 0
+    const bool saelens = cfg.form == AuxKForm::saelens;
+    const double l = loss<T>(ctx, saelens ? Loss::sse : Loss::fvu, e_hat,
+                             ConstView<T, cuda>(scratch), grad);
+    if (!std::isfinite(l) || l == 0) return 0;  // fvu with var = 0: x / 0
+    const double w = cfg.coef * scale;
     MXD_CUDA_LAUNCH(mxd::detail::cu::scale_kernel<T>, mxd::detail::cu::grid_for(grad.size(), block),
-                    block, s, grad.data, grad.ld, grad.rows, grad.cols, static_cast<T>(coef));
-    return coef * fvu;
+                    block, s, grad.data, grad.ld, grad.rows, grad.cols, static_cast<T>(w));
+    return w * l;
   }
 };
 

@@ -6,18 +6,27 @@
 ///
 /// A unit (an MxD expert, a transcoder latent) is *dead* when no training token selected it
 /// (with a positive coefficient) within the last `dead_window` tokens. For each row, the k_aux
-/// dead units with the largest gate scores s = relu(x G^T + b_gate) (taken before top-k) model
-/// the residual e = target - y of the main forward:
+/// dead units with the largest gate scores (taken before top-k) model the residual
+/// e = target - y of the main forward:
 ///
 ///     MxD:          e_hat = u * sum_j a_j c_{n_j}       (u = z D from the main forward)
 ///     transcoder:   e_hat = sum_j a_j W_dec[n_j]
-///     L_aux = coef * sum_b |e_b - e_hat_b|^2 / sum_b |e_b - mean_b e|^2
 ///
-/// The normalisation is the reference implementation's (openai/sparse_autoencoder's
-/// normalized_mse): the fraction of the residual's variance the dead units leave unexplained,
-/// so the loss does not fade as the main model improves. (sparsify divides by the target's
-/// variance and scales by min(dead / k_aux, 1) instead.) With one row, or residuals equal in
-/// every row, the denominator is 0: the loss is then 0 and no gradient is added.
+/// in one of two forms (AuxK::form):
+///
+///  - `normalized` (the default): a_j = s_j = relu(x G^T + b_gate) and
+///        L_aux = coef * sum_b |e_b - e_hat_b|^2 / sum_b |e_b - mean_b e|^2,
+///    the reference implementation's (openai/sparse_autoencoder's normalized_mse): the
+///    fraction of the residual's variance the dead units leave unexplained, so the loss does not
+///    fade as the main model improves. With one row, or residuals equal in every row, the
+///    denominator is 0: the loss is then 0 and no gradient is added.
+///  - `saelens` (SAELens 6.x's TopK trainer): a_j = s_j = x G^T + b_gate without relu, so a
+///    dead unit whose scores are all negative still gets a gradient, and
+///        L_aux = coef * min(n_dead / k_aux, 1) * mean_b |e_b - e_hat_b|^2
+///    (k_aux as configured, before it is capped at n_dead), on the scale of Loss::sse.
+///
+/// A transcoder that ranks its latents by decoder norm (rank_by_decoder_norm) ranks the dead
+/// ones the same way (s_j |W_dec[n_j]|) and takes a_j = s_j, as its forward does.
 ///
 /// e and u are constants (no gradient flows through them). For e this is the paper's rule.
 /// For u it keeps the aux loss on the dead experts alone: only their rows of G, b_gate and C
@@ -58,11 +67,18 @@
 
 namespace mxd::train {
 
+/// How L_aux is formed (see the file's comment).
+enum class AuxKForm {
+  normalized,  // relu'd scores; the residual's unexplained variance (openai's normalized_mse)
+  saelens,     // raw pre-activations; min(n_dead / k_aux, 1) x the rows' mean squared error
+};
+
 /// The auxiliary loss's settings. k = 0 turns it off.
 struct AuxK {
   index_t k = 0;                     // dead units per row that model the residual (k_aux)
   double coef = 1.0 / 32;            // weight of L_aux (Gao et al.'s alpha)
   index_t dead_window = 8192;        // tokens without a selection after which a unit is dead
+  AuxKForm form = AuxKForm::normalized;
 
   bool enabled() const { return k > 0; }
   /// Throws mxd::Error naming the first invalid field.
@@ -92,16 +108,38 @@ struct auxk_ops<cpu> {
       for (index_t j = 0; j < idx.cols; ++j) idx(r, j) = table.data[idx(r, j)];
   }
 
-  /// With e = target - pred: returns coef |e - e_hat|^2 / |e - mean_rows e|^2 and writes its
-  /// gradient coef 2 (e_hat - e) / |e - mean e|^2 to grad; returns 0 (grad unwritten) when
-  /// the denominator is 0. Sums in double, in a fixed order; with `sum`, the mean and both
-  /// sums are the whole batch's over the processes. pred, target, e_hat, grad: [B, O] (this
-  /// process's rows); scratch is unused here.
+  /// With e = target - pred, L_aux of cfg.form with weight w = cfg.coef * scale, its gradient
+  /// written to grad:
+  ///   normalized: w |e - e_hat|^2 / |e - mean_rows e|^2, gradient w 2 (e_hat - e) / |e - mean e|^2;
+  ///               0 (grad unwritten) when the denominator is 0;
+  ///   saelens:    w |e - e_hat|^2 / B, gradient w 2 (e_hat - e) / B.
+  /// Sums in double, in a fixed order; with `sum`, the mean, the sums and B are the whole
+  /// batch's over the processes. pred, target, e_hat, grad: [B, O] (this process's rows);
+  /// scratch is unused here.
   template <class T>
-  static double residual_loss(Context<cpu>&, double coef, ConstView<T, cpu> pred,
-                              ConstView<T, cpu> target, ConstView<T, cpu> e_hat,
-                              View<T, cpu> /*scratch*/, View<T, cpu> grad, const SumAcross& sum) {
+  static double residual_loss(Context<cpu>&, const AuxK& cfg, double scale,
+                              ConstView<T, cpu> pred, ConstView<T, cpu> target,
+                              ConstView<T, cpu> e_hat, View<T, cpu> /*scratch*/,
+                              View<T, cpu> grad, const SumAcross& sum) {
     const index_t B = pred.rows, O = pred.cols;
+    const double coef = cfg.coef * scale;
+    auto write_grad = [&](double factor) {
+      for (index_t r = 0; r < B; ++r)
+        for (index_t o = 0; o < O; ++o)
+          grad(r, o) = static_cast<T>(factor * (double(e_hat(r, o)) -
+                                                (double(target(r, o)) - double(pred(r, o)))));
+    };
+    if (cfg.form == AuxKForm::saelens) {
+      double err_rows[2] = {0, double(B)};
+      for (index_t r = 0; r < B; ++r)
+        for (index_t o = 0; o < O; ++o) {
+          const double f = double(e_hat(r, o)) - (double(target(r, o)) - double(pred(r, o)));
+          err_rows[0] += f * f;
+        }
+      if (sum) sum(err_rows, 2);
+      write_grad(2 * coef / err_rows[1]);
+      return coef * err_rows[0] / err_rows[1];
+    }
     std::vector<double> mean(static_cast<std::size_t>(O) + 1, 0.0);  // column sums, then rows
     for (index_t r = 0; r < B; ++r)
       for (index_t o = 0; o < O; ++o) mean[o] += double(target(r, o)) - double(pred(r, o));
@@ -119,11 +157,7 @@ struct auxk_ops<cpu> {
       }
     if (sum) sum(var_err, 2);
     if (!(var > 0)) return 0;
-    const double scale = 2 * coef / var;
-    for (index_t r = 0; r < B; ++r)
-      for (index_t o = 0; o < O; ++o)
-        grad(r, o) = static_cast<T>(scale * (double(e_hat(r, o)) -
-                                             (double(target(r, o)) - double(pred(r, o)))));
+    write_grad(2 * coef / var);
     return coef * err / var;
   }
 };
@@ -138,6 +172,7 @@ struct AuxKWorkspace {
   std::vector<std::int32_t> host_dead;        // the dead units, ascending
   Tensor<std::int32_t, Device> dead;          // [n_dead, 1] the same on the device
   Tensor<T, Device> ones;                     // [n_dead, 1]
+  Tensor<T, Device> active;                   // [B, k'] ones: every aux slot passes (saelens)
   Tensor<T, Device> gate_dead;                // [chunk, I] a chunk of their gate rows
   Tensor<T, Device> bias_dead;                // [1, n_dead] their gate biases
   Tensor<T, Device> scores;                   // [tile, n_dead]
@@ -155,14 +190,27 @@ struct AuxKWorkspace {
 
 namespace detail {
 
+// tensor = ones of shape [rows, cols], uploaded only when the shape changes.
+template <class T, class Device>
+void fill_ones(Tensor<T, Device>& tensor, index_t rows, index_t cols) {
+  if (tensor.rows() == rows && tensor.cols() == cols) return;
+  Tensor<T> host(rows, cols);
+  for (index_t i = 0; i < rows * cols; ++i) host[i] = T(1);
+  tensor.resize(rows, cols, false);
+  memory<Device>::upload(tensor.data(), host.data(), host.bytes());
+}
+
 // The aux loss over one model's units, added to its gradients. gate: [N, I], gate_bias:
 // [1, N], dec: [N, O] (c_n or W_dec rows); x: [B, I]; pred, target: [B, O]; u: [B, O], or
-// empty for u = 1 (the transcoder);
-// d_gate, d_gate_bias, d_dec: the gradients of gate, gate_bias, dec (accumulated into).
+// empty for u = 1 (the transcoder); rank_norm: [N, 1], or empty: gate and gate_bias are the
+// ranked transcoder's rows scaled by it, and the selected scores are divided by it again;
+// d_gate, d_gate_bias, d_dec: the gradients of the unscaled gate, gate_bias, dec (accumulated
+// into).
 template <class T, class Device>
 double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
                   InView<T, Device> x, InView<T, Device> pred, InView<T, Device> target,
                   InView<T, Device> u, InView<T, Device> gate, InView<T, Device> gate_bias,
+                  InView<T, Device> rank_norm,
                   InView<T, Device> dec, View<T, Device> d_gate, View<T, Device> d_gate_bias,
                   View<T, Device> d_dec, AuxKWorkspace<T, Device>& aw, const SumAcross& sum) {
   using be = backend<Device>;
@@ -187,16 +235,12 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
   aw.n_dead = nd;
   if (!cfg.enabled() || nd == 0) return 0;
   const index_t k = std::min(cfg.k, nd);
+  const bool saelens = cfg.form == AuxKForm::saelens;
 
   // The dead units' numbers and gate biases on the device: bias_dead[i] = 1 * b[dead[i]].
   aw.dead.resize(nd, 1, false);
   memory<Device>::upload(aw.dead.data(), aw.host_dead.data(), aw.dead.bytes());
-  if (aw.ones.rows() != nd) {
-    Tensor<T> host(nd, 1);
-    for (index_t i = 0; i < nd; ++i) host[i] = T(1);
-    aw.ones.resize(nd, 1, false);
-    memory<Device>::upload(aw.ones.data(), host.data(), host.bytes());
-  }
+  fill_ones(aw.ones, nd, 1);
   aw.bias_dead.resize(1, nd, false);
   CI dead_col = aw.dead.view();
   be::gather_rows(ctx, dead_col, CV(aw.ones.view()), CV(gate_bias.data, N, 1),
@@ -225,20 +269,24 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
                T(0), View<T, Device>(s.data + c0, rows, len, nd));              // [rows, len]
     }
     be::gate_topk(ctx, s, CV(aw.bias_dead.view()), k, aw.idx.view().block_rows(r0, rows),
-                  aw.val.view().block_rows(r0, rows));
+                  aw.val.view().block_rows(r0, rows), r0, !saelens);
   }
   ops::take(ctx, aw.idx.view(), dead_col);
+  if (!rank_norm.empty()) be::divide_selected(ctx, CI(aw.idx.view()), rank_norm, aw.val.view());
 
   // e_hat = u * sum_j a_j dec[n_j], its loss against e = target - pred, and dL/de_hat.
   for (auto* t : {&aw.v, &aw.e_hat, &aw.grad, &aw.scratch}) t->resize(B, O, false);
   be::gather_rows(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, aw.v.view(), false);
   be::modulate(ctx, u, CV(aw.v.view()), CV(), aw.e_hat.view(), false);
-  aw.loss = ops::template residual_loss<T>(ctx, cfg.coef, pred, target, CV(aw.e_hat.view()),
+  // SAELens weighs the loss down while fewer units are dead than k_aux.
+  const double scale = saelens ? std::min(double(nd) / double(cfg.k), 1.0) : 1.0;
+  aw.loss = ops::template residual_loss<T>(ctx, cfg, scale, pred, target, CV(aw.e_hat.view()),
                                            aw.scratch.view(), aw.grad.view(), sum);
   if (aw.loss == 0) return 0;  // no variance to explain (or e_hat == e): no gradient
 
   // The sparse expert backward of layer.hpp over the aux selection, u constant:
-  //   dv = grad * u (grad itself for u = 1);  ds = relu' dv . dec[n];
+  //   dv = grad * u (grad itself for u = 1);  ds = act' dv . dec[n] (act: relu, or the
+  //   identity in the saelens form, whose slots all pass the [val > 0] test as ones);
   //   d_dec[n] += a dv;  d_gate[n] += ds x;  d_bias[n] += ds.
   CV dv(aw.grad.view());
   if (!u.empty()) {
@@ -250,7 +298,9 @@ double auxk_units(Context<Device>& ctx, const AuxK& cfg, const DeadUnits& dead,
   aw.ds.resize(B, k, false);
   aw.order.resize(1, B * k, false);
   aw.offsets.resize(1, N + 1, false);
-  be::expert_coefficient_grad(ctx, CI(aw.idx.view()), CV(aw.val.view()), dec, dv, aw.ds.view());
+  if (saelens) fill_ones(aw.active, B, k);
+  be::expert_coefficient_grad(ctx, CI(aw.idx.view()), CV((saelens ? aw.active : aw.val).view()),
+                              dec, dv, aw.ds.view());
   be::group_by_expert(ctx, CI(aw.idx.view()), N, aw.order.view(), aw.offsets.view());
   be::expert_weight_grads(ctx, CI(aw.idx.view()), CV(aw.val.view()), CV(aw.ds.view()),
                           CI(aw.order.view()), CI(aw.offsets.view()), dv, x,
@@ -279,7 +329,7 @@ double auxk_backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, 
             "auxk_backward: gradient buffers were made for another config");
   using CV = ConstView<T, Device>;
   return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(ws.u.view()),
-                                       p.G.view(), p.b_gate.view(), p.C.view(), grads.G.view(),
+                                       p.G.view(), p.b_gate.view(), CV(), p.C.view(), grads.G.view(),
                                        grads.b_gate.view(), grads.C.view(), aw, sum);
 }
 
@@ -299,8 +349,13 @@ double auxk_backward(const TranscoderParams<T, Device>& p, InView<T, Device> x,
                 grads.W_dec.cols() == c.d_out,
             "auxk_backward: gradient buffers were made for another config");
   using CV = ConstView<T, Device>;
+  if (c.rank_by_decoder_norm)  // the forward's scaled encoder rows and biases rank the dead
+    return detail::auxk_units<T, Device>(
+        ws.ctx, cfg, dead, x, pred, target, CV(), CV(ws.enc_scaled.view()),
+        CV(ws.bias_scaled.data(), 1, c.n_latents), CV(ws.dec_norm.view()), p.W_dec.view(),
+        grads.W_enc.view(), grads.b_enc.view(), grads.W_dec.view(), aw, sum);
   return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(),
-                                       p.W_enc.view(), p.b_enc.view(), p.W_dec.view(),
+                                       p.W_enc.view(), p.b_enc.view(), CV(), p.W_dec.view(),
                                        grads.W_enc.view(), grads.b_enc.view(),
                                        grads.W_dec.view(), aw, sum);
 }
