@@ -6,7 +6,8 @@
 #   - --latents matches each pair exactly: MxD = TopK, MxD+skip = skip transcoder;
 #   - a baseline alone resumes (--resume) to the bytes of an uninterrupted run;
 #   - the recipe flags run and change the baseline only (the MxD stays bit for bit); SAELens's
-#     recipe is the default, with uniform init where d_in != d_out;
+#     recipe is the default, with uniform init where d_in != d_out, and its AuxK form with
+#     weight 1 and a window of 1001 batches;
 #   - bad values end in exit status 1 with one stderr line "mxd: error: ..." naming them.
 #
 #   train_models.sh MXD WORK_DIR
@@ -84,8 +85,19 @@ PY
 [ "$(has_rank pair/topk_transcoder.safetensors)" = 1 ] && [ "$(has_rank authors/topk_transcoder.safetensors)" = 0 ] &&
   ok "the default baseline's file says rank_by_decoder_norm, the authors' recipe's does not" ||
   bad "rank_by_decoder_norm in the files: default $(has_rank pair/topk_transcoder.safetensors), authors $(has_rank authors/topk_transcoder.safetensors)"
+# SAELens's AuxK form comes with its weight and window; metrics.json says which ran.
+python3 - pair/metrics.json authors/metrics.json <<'PY' &&
+import json, sys
+tc = lambda f: next(m for m in json.load(open(f))["models"] if m["name"] == "topk_transcoder")
+d, a = tc(sys.argv[1]), tc(sys.argv[2])
+want = {"aux_k": 8, "aux_form": "saelens", "aux_coef": 1.0, "dead_window": 1001 * 32}
+assert all(d.get(k) == v for k, v in want.items()), d
+assert "aux_k" not in a, a  # the authors' recipe: AuxK as the MxD, off here
+PY
+  ok "the default baseline's AuxK: SAELens's form, weight 1, 1001 batches" || bad "the default baseline's AuxK settings"
 for flags in "--tc-loss mse" "--tc-loss sse" "--tc-rank-by-dec-norm off" "--tc-init tied" "--tc-clip-grad 1" "--tc-warmup 0" "--tc-aux-k 8" \
-             "--tc-norm-dec off" "--tc-recipe saelens --tc-aux-k 0" "--tc-recipe authors --tc-init tied"; do
+             "--tc-norm-dec off" "--tc-recipe saelens --tc-aux-k 0" "--tc-recipe authors --tc-init tied" \
+             "--tc-aux-form normalized" "--tc-recipe authors --tc-aux-k 8 --tc-aux-form saelens"; do
   d=knob_$(tr -c 'a-z0-9' _ <<<"$flags")
   # shellcheck disable=SC2086
   run "$d" --steps 3 --models topk --latents 64 $flags && ok "--models topk $flags runs"
@@ -119,6 +131,8 @@ refuse "--tc-norm-dec = 'maybe'" --tc-norm-dec maybe
 refuse "--tc-rank-by-dec-norm = 'yes'" --tc-rank-by-dec-norm yes
 refuse "--tc-rank-by-dec-norm off conflicts with the checkpoint resumed" --steps 10 --models skip --resume half --tc-rank-by-dec-norm off
 refuse "--tc-recipe = 'sae'" --tc-recipe sae
+refuse "--tc-aux-form = 'openai'" --tc-aux-form openai
+refuse "--tc-aux-form saelens needs the baseline's AuxK on" --tc-recipe authors --tc-aux-form saelens
 refuse "--tc-warmup = -1 is out of range" --tc-warmup -1
 refuse "but none trains" --models mxd --tc-loss mse
 refuse "--tc-init tied needs d_in == d_out" --d-out 8 --tc-init tied

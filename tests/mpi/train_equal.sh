@@ -60,8 +60,9 @@ run data_single 0 --dtype f64 --steps 6 --data "$work/acts.safetensors"
 run data_files2 2 --dtype f64 --steps 6 --data "$work/acts.safetensors" --parallel data
 same data_files2 data_single 1e-10
 # The baseline's recipe (SAELens's): MSE over the whole batch, tied init, clipping after the
-# gradient sum, no warm-up, free decoder rows, and AuxK with every rank's selection and the
-# whole batch's residual; a 40-row dead window, so latents die and AuxK acts within 10 steps.
+# gradient sum, no warm-up, free decoder rows, and AuxK in SAELens's form with every rank's
+# selection and the whole batch's rows; a 40-row dead window (--dead-window overrides the
+# form's 1001 batches), so latents die and AuxK acts within 10 steps.
 recipe=(--dtype f64 --steps 10 --tc-recipe saelens --dead-window 40)
 run recipe_single 0 "${recipe[@]}"
 run recipe_data2 2 "${recipe[@]}" --parallel data

@@ -57,9 +57,9 @@ const char* const train_help =
     "baseline's recipe\"), so MxD is compared with a baseline as strong as the community's:\n"
     "  --tc-recipe R     saelens (default) | authors: SAELens 6.x's TopK recipe sets the\n"
     "                    following flags to sse, tied (uniform when d_in != d_out and no\n"
-    "                    --tc-recipe is given), 1, 0, d_in / 2, off, on; authors' to\n"
-    "                    nmse_ref, uniform, 0, --warmup, --aux-k, as the MxD, off (each may\n"
-    "                    still be given)\n"
+    "                    --tc-recipe is given), 1, 0, d_in / 2, saelens, off, on; authors'\n"
+    "                    to nmse_ref, uniform, 0, --warmup, --aux-k, normalized, as the MxD,\n"
+    "                    off (each may still be given)\n"
     "  --tc-loss L       sse (SAELens's: squared error summed over a row, mean over rows) |\n"
     "                    mse (mean over every value) | nmse_ref (the authors')\n"
     "  --tc-init I       tied (SAELens's): decoder rows at norm 0.1, encoder their transpose\n"
@@ -67,6 +67,10 @@ const char* const train_help =
     "  --tc-clip-grad X  clip the baseline's gradient to global L2 norm X (0: off)\n"
     "  --tc-warmup W     the baseline's warm-up steps\n"
     "  --tc-aux-k K      AuxK for the baseline alone (0: off)\n"
+    "  --tc-aux-form F   saelens (SAELens's: pre-activations without relu rank the dead latents\n"
+    "                    and weight their decoder rows; loss min(dead / k_aux, 1) x the rows'\n"
+    "                    summed squared error, weight 1, dead after 1001 batches unselected,\n"
+    "                    unless --aux-coef or --dead-window is given) | normalized (the MxD's)\n"
     "  --tc-norm-dec on|off  unit-norm decoder rows for the TopK baseline\n"
     "  --tc-rank-by-dec-norm on|off  select the latents by relu(pre) |W_dec row| (SAELens's\n"
     "                    rescale_acts_by_decoder_norm; saved with the model)\n"
@@ -99,9 +103,10 @@ const char* const train_help =
     "                    recipe; the baseline's too with --tc-recipe authors, SAELens's sets\n"
     "                    its own, --tc-aux-k): per row the K dead units with the largest gate\n"
     "                    scores model the residual (Gao et al. 2024 use about d_in / 2)\n"
-    "  --aux-coef A      its weight (default 1/32, Gao et al.'s alpha; needs --aux-k)\n"
+    "  --aux-coef A      its weight (default 1/32, Gao et al.'s alpha; needs AuxK on; given,\n"
+    "                    it is the baseline's too, as --dead-window)\n"
     "  --dead-window W   a unit is dead when none of the last W training tokens selected it\n"
-    "                    (default 8192, the held-out rows the dead fraction counts; needs --aux-k)\n"
+    "                    (default 8192, the held-out rows the dead fraction counts; needs AuxK)\n"
     "  --out DIR         output directory (default mxd_out), locked while the run lasts; one\n"
     "                    holding an earlier run's checkpoints is refused without --overwrite\n"
     "                    or --resume\n"
@@ -184,8 +189,8 @@ inline std::set<std::string> train_flags() {
                         "baseline", "batch", "steps", "lr", "warmup", "seed", "threads", "dtype",
                         "device", "log-every", "progress-every", "checkpoint-every", "out", "resume",
                         "aux-k", "aux-coef", "dead-window", "latents", "models", "tc-recipe",
-                        "tc-loss", "tc-init", "tc-clip-grad", "tc-warmup", "tc-aux-k", "tc-norm-dec",
-                        "tc-rank-by-dec-norm", "parallel", "timeout"})
+                        "tc-loss", "tc-init", "tc-clip-grad", "tc-warmup", "tc-aux-k", "tc-aux-form",
+                        "tc-norm-dec", "tc-rank-by-dec-norm", "parallel", "timeout"})
     flags.insert(f);
   return flags;
 }
@@ -226,6 +231,9 @@ inline Recipes recipes(const Options& o) {
   r.tc_step.clip_grad = o.tc.clip_grad;
   if (o.tc.norm_dec >= 0) r.tc_step.norm_dec = o.tc.norm_dec == 1;
   if (o.tc.aux_k >= 0) r.tc_step.aux.k = o.tc.aux_k;
+  r.tc_step.aux.form = o.tc.aux_form;
+  if (o.tc.aux_coef > 0) r.tc_step.aux.coef = o.tc.aux_coef;
+  if (o.tc.aux_dead_batches > 0) r.tc_step.aux.dead_window = o.tc.aux_dead_batches * o.batch;
   return r;
 }
 
@@ -377,6 +385,16 @@ inline Options parse_options(Args& args, Dist& dist) {
   }
   if (args.has("tc-warmup")) o.tc.warmup = args.get_int("tc-warmup", 0, 0);
   if (args.has("tc-aux-k")) o.tc.aux_k = args.get_int("tc-aux-k", 0, 0);
+  if (args.has("tc-aux-form")) {
+    const std::string v = args.get("tc-aux-form", "");
+    MXD_CHECK(v == "saelens" || v == "normalized", "--tc-aux-form = '", v,
+              "' is not saelens or normalized");
+    if (v == "saelens") o.tc.use_saelens_auxk();
+    else o.tc.aux_form = train::AuxKForm::normalized;
+  }
+  // Given, --aux-coef and --dead-window set the baseline's AuxK too, over its recipe's.
+  if (args.has("aux-coef")) o.tc.aux_coef = -1;
+  if (args.has("dead-window")) o.tc.aux_dead_batches = -1;
   if (args.has("tc-norm-dec")) {
     const std::string v = args.get("tc-norm-dec", "");
     MXD_CHECK(v == "on" || v == "off", "--tc-norm-dec = '", v, "' is not on or off");
@@ -389,7 +407,7 @@ inline Options parse_options(Args& args, Dist& dist) {
   }
   bool tc_given = false;
   for (const char* f : {"tc-recipe", "tc-loss", "tc-init", "tc-clip-grad", "tc-warmup", "tc-aux-k",
-                        "tc-norm-dec", "tc-rank-by-dec-norm"})
+                        "tc-aux-form", "tc-norm-dec", "tc-rank-by-dec-norm"})
     tc_given = tc_given || args.has(f);
   MXD_CHECK(!tc_given || o.baseline != "none",
             "--tc-recipe and --tc-* set the transcoder baseline's training, but none trains "
@@ -397,6 +415,9 @@ inline Options parse_options(Args& args, Dist& dist) {
   if (o.baseline == "none") o.tc = {};  // nothing to train: no AuxK for the dead-window check
   MXD_CHECK(!o.tc.tied_init || o.layer.d_in == o.layer.d_out, "--tc-init tied needs d_in == d_out "
             "(the encoder starts as the decoder's transpose), got ", o.layer.d_in, " and ", o.layer.d_out);
+  MXD_CHECK(!args.has("tc-aux-form") || o.tc.aux_k > 0 || (o.tc.aux_k < 0 && o.aux.enabled()),
+            "--tc-aux-form ", args.get("tc-aux-form", ""), " needs the baseline's AuxK on "
+            "(--tc-aux-k K > 0)");
   const bool any_aux = o.aux.enabled() || o.tc.aux_k > 0;
   MXD_CHECK(any_aux || (!args.has("aux-coef") && !args.has("dead-window")),
             "--aux-coef and --dead-window need --aux-k K > 0 (the AuxK loss is off without it)");

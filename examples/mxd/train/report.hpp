@@ -52,6 +52,7 @@ inline void report(const Options& o, const std::vector<Row>& rows, const std::ve
                       {"tokens_per_s", r.tokens_per_s}});
     if (r.aux.enabled())  // each model's own: the baseline's recipe may differ (--tc-aux-k)
       models.back().update({{"aux_k", r.aux.k}, {"aux_coef", r.aux.coef},
+                            {"aux_form", r.aux.form == train::AuxKForm::saelens ? "saelens" : "normalized"},
                             {"dead_window", r.aux.dead_window},
                             {"train_dead_fraction", r.train_dead}});
   }
@@ -60,9 +61,11 @@ inline void report(const Options& o, const std::vector<Row>& rows, const std::ve
                 o.aux.coef, (long long)o.aux.dead_window);
   if (o.baseline != "none") {  // the baseline's recipe as it ran (--tc-*; SAELens's by default)
     const Recipes r = recipes(o);
-    char clip[32] = "off", aux[32] = "off";
+    char clip[32] = "off", aux[64] = "off";
     if (r.tc_step.clip_grad > 0) std::snprintf(clip, sizeof clip, "%g", r.tc_step.clip_grad);
-    if (r.tc_step.aux.enabled()) std::snprintf(aux, sizeof aux, "k_aux %lld", (long long)r.tc_step.aux.k);
+    if (r.tc_step.aux.enabled())
+      std::snprintf(aux, sizeof aux, "k_aux %lld (%s form)", (long long)r.tc_step.aux.k,
+                    r.tc_step.aux.form == train::AuxKForm::saelens ? "SAELens's" : "normalized");
     std::printf("baseline recipe: %s loss, %s init, clip %s, warm-up %lld, AuxK %s, %s decoder rows%s\n",
                 loss_name(r.tc_step.loss), o.tc.tied_init ? "tied" : "uniform", clip,
                 (long long)r.tc_adamw.warmup_steps, aux, r.tc_step.norm_dec ? "unit-norm" : "free",

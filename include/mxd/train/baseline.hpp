@@ -20,6 +20,7 @@
 #include "../config.hpp"
 #include "../init.hpp"
 #include "../loss.hpp"
+#include "aux_loss.hpp"
 
 namespace mxd::train {
 
@@ -86,12 +87,16 @@ struct BaselineRecipe {
   double clip_grad = 0;        // --tc-clip-grad: global-norm clipping (0: off; SAELens: 1)
   long long warmup = -1;       // --tc-warmup: -1 = the MxD's --warmup (SAELens: 0)
   index_t aux_k = -1;          // --tc-aux-k: -1 = the MxD's --aux-k (SAELens: d_in / 2)
+  AuxKForm aux_form = AuxKForm::normalized;  // --tc-aux-form
+  double aux_coef = -1;         // AuxK's weight: -1 = the MxD's --aux-coef (SAELens: 1)
+  index_t aux_dead_batches = -1;  // its dead window in batches: -1 = --dead-window (SAELens: 1001)
   int norm_dec = -1;           // --tc-norm-dec: -1 = as the MxD (--no-norm-dec), 0 off, 1 on
   bool rank_by_decoder_norm = false;  // --tc-rank-by-dec-norm (TranscoderConfig's)
 
   /// SAELens 6.x's TopK SAE trainer, for a transcoder of input width d_in: its MSE (summed
   /// over features, so clipping at 1 bites as it does there), clipping at 1, tied init at norm
-  /// 0.1, no warm-up, AuxK with k_aux = d_in / 2, free decoder rows ranked by their norms.
+  /// 0.1, no warm-up, AuxK in its form with k_aux = d_in / 2, free decoder rows ranked by
+  /// their norms.
   static BaselineRecipe saelens(index_t d_in) {
     BaselineRecipe r;
     r.loss = Loss::sse;
@@ -100,8 +105,18 @@ struct BaselineRecipe {
     r.clip_grad = 1;
     r.warmup = 0;
     r.aux_k = d_in / 2 > 0 ? d_in / 2 : 1;
+    r.use_saelens_auxk();
     r.norm_dec = 0;
     return r;
+  }
+
+  /// SAELens's AuxK form with its weight (aux_loss_coefficient = 1) and dead window: a latent
+  /// is dead after more than dead_feature_window = 1000 steps without firing, i.e. 1001
+  /// batches.
+  void use_saelens_auxk() {
+    aux_form = AuxKForm::saelens;
+    aux_coef = 1;
+    aux_dead_batches = 1001;
   }
 };
 
