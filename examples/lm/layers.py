@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT
 """The experiment's stages after the LM: dump one block's MLP activations, train the three
 replacements with `mxd train --data`, splice each into the LM, and tabulate and plot."""
+import hashlib
 import json
 import math
 import subprocess
@@ -305,11 +306,18 @@ def evaluate(model, c, path, data, starts, ce_orig, ce_abl, backend):
             "nmse": probe.nmse(), "dead_fraction": probe.dead()}
 
 
-def evaluated(cache, key, fn):
-    """fn()'s result, cached in the dict `cache` under `key` (evaluation.json in --out)."""
-    if key not in cache:
+def evaluated(cache, out, path, fn):
+    """fn()'s result for the checkpoint `path`, cached in the dict `cache` (evaluation.json in
+    --out) under its path in `out` with the file's SHA-256: a retrained checkpoint is evaluated
+    again. An entry from before the hash was kept is taken as the file's."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    key = str(Path(path).relative_to(out))
+    if key not in cache or cache[key].get("sha256", digest) != digest:
         cache[key] = fn()
-    return dict(cache[key])
+    cache[key]["sha256"] = digest
+    r = dict(cache[key])
+    del r["sha256"]
+    return r
 
 
 class Linear(nn.Module):
@@ -372,7 +380,7 @@ def run_ablation(args, c, out, model, held, starts, ce_orig, ce_abl, cache, log)
                 if tool is None:
                     continue
                 path = d / "topk_transcoder.safetensors"
-                r = evaluated(cache, str(path.relative_to(out)),
+                r = evaluated(cache, out, path,
                               lambda: evaluate(model, c, path, held, starts, ce_orig, ce_abl, args.backend))
                 r.update(recipe=name, k=k, seed=seed, steps=c["ablation_steps"], tool_fvu=tool[0]["fvu"])
                 rows.append(r)
@@ -427,7 +435,7 @@ def run_all(args, c, out, model, train, held, log):
                     prev = d
                     for file, method in files.items():
                         path = d / f"{file}.safetensors"
-                        r = evaluated(cache, str(path.relative_to(out)),
+                        r = evaluated(cache, out, path,
                                       lambda: evaluate(model, c, path, held, starts, ce_orig, ce_abl, args.backend))
                         t = next(m for m in tool if m["name"] == file)
                         r.update(method=method, k=k, seed=seed, steps=s, tokens=s * c["batch"],
@@ -446,7 +454,7 @@ def run_all(args, c, out, model, train, held, log):
                         skipped["topk_saelens_lib"] = sl_skip
                     continue
                 path = d / "topk_transcoder.safetensors"
-                r = evaluated(cache, str(path.relative_to(out)),
+                r = evaluated(cache, out, path,
                               lambda: evaluate(model, c, path, held, starts, ce_orig, ce_abl, args.backend))
                 r.update(method="topk_saelens_lib", k=k, seed=seed, steps=s, tokens=s * c["batch"],
                          tool_fvu=tool[0]["fvu"], checkpoint=str(path.relative_to(out)))

@@ -16,7 +16,8 @@ directory, then checks of what it produced:
     its MLP spliced back through the Probe leaves the CE as it was, and the GLU MxD spliced in
     computes what mxd computes (torch FVU = the tool's);
   - the training-length study's stopping rule (two successive doublings with one order of the
-    paper's four methods) on made-up means.
+    paper's four methods) on made-up means;
+  - evaluation.json evaluates a checkpoint again when its bytes change.
 
     test_experiment.py path/to/mxd [--mxd-torch]
 """
@@ -129,7 +130,33 @@ def main():
                 check(abs(ce - r["ce"]) < 1e-5 * r["ce"], f"{r['method']}: spliced CE with mxd_torch {ce:.6f} = {r['ce']:.6f}")
     check_glu(mxd)
     check_settled()
+    check_evaluation_cache()
     print("1 passed, 0 failed")
+
+
+def check_evaluation_cache():
+    """evaluation.json is keyed by the checkpoint's path and bytes: the same file is not
+    evaluated twice, a retrained one (other bytes, same path) is; an entry from before the hash
+    was kept is taken as the file's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        path = out / "train_x" / "model.safetensors"
+        path.parent.mkdir()
+        path.write_bytes(b"first")
+        cache, calls = {}, []
+        def fn():
+            calls.append(1)
+            return {"ce": float(len(calls))}
+        check(layers.evaluated(cache, out, path, fn) == {"ce": 1.0}, "a new checkpoint is evaluated")
+        check(layers.evaluated(cache, out, path, fn) == {"ce": 1.0} and len(calls) == 1,
+              "the same bytes again: the cached result")
+        path.write_bytes(b"retrained")
+        check(layers.evaluated(cache, out, path, fn) == {"ce": 2.0}, "retrained at the same path: evaluated again")
+        cache = {"train_x/model.safetensors": {"ce": 7.0}}
+        check(layers.evaluated(cache, out, path, fn) == {"ce": 7.0} and len(calls) == 2,
+              "an entry without a hash is the file's")
+        check(layers.evaluated(cache, out, path, fn) == {"ce": 7.0} and "sha256" in cache["train_x/model.safetensors"],
+              "and now carries its hash")
 
 
 def check_settled():
