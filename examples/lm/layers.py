@@ -308,11 +308,12 @@ def evaluate(model, c, path, data, starts, ce_orig, ce_abl, backend):
 
 def evaluated(cache, out, path, fn):
     """fn()'s result for the checkpoint `path`, cached in the dict `cache` (evaluation.json in
-    --out) under its path in `out` with the file's SHA-256: a retrained checkpoint is evaluated
-    again. An entry from before the hash was kept is taken as the file's."""
+    --out) under its path in `out` with the file's SHA-256: reused only for the same bytes, so
+    a checkpoint retrained at the same path (or cached before the hash was kept) is evaluated
+    again."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     key = str(Path(path).relative_to(out))
-    if key not in cache or cache[key].get("sha256", digest) != digest:
+    if cache.get(key, {}).get("sha256") != digest:
         cache[key] = fn()
     cache[key]["sha256"] = digest
     r = dict(cache[key])
