@@ -476,7 +476,8 @@ TEST_CASE("gate_topk: the k best of relu(s + b), or of s + b without relu, by (v
   const index_t B = 3, N = 200;
   Tensor<double> s0(B, N), bias(1, N);
   for (index_t r = 0; r < B; ++r)
-    for (index_t n = 0; n < N; ++n) s0(r, n) = double((n * 37 + r * 11) % 23) - 15 + (n % 7 == 0 ? 0.5 : 0);
+    for (index_t n = 0; n < N; ++n)
+      s0(r, n) = double((n * 37 + r * 11) % 23) - 15 + (n % 7 == 0 ? 0.5 : 0);
   for (index_t n = 0; n < N; ++n) bias(0, n) = n % 5 == 0 ? -0.5 : 0.0;
   s0(0, 3) = -0.0;
   for (bool relu : {true, false})

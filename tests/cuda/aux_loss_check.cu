@@ -2,9 +2,10 @@
 // The AuxK loss (train/aux_loss.cuh) on backend<cuda>, in float64: every gradient against
 // central finite differences in both forms, live units receiving exactly zero, the loss against
 // a direct host computation, no dead unit leaving the loss 0 and the gradients untouched, for
-// MxD and a TopK transcoder; and a transcoder ranked by decoder norm against the CPU. A program of its own (not the doctest GPU suite) because it needs the
-// device's float64 layer and the aux workspace in one nvcc translation unit. Exits 77 (ctest:
-// skipped) where no CUDA device is visible; a broken driver is a failure.
+// MxD and a TopK transcoder; and a transcoder ranked by decoder norm against the CPU. A program
+// of its own (not the doctest GPU suite) because it needs the device's float64 layer and the
+// aux workspace in one nvcc translation unit. Exits 77 (ctest: skipped) where no CUDA device
+// is visible; a broken driver is a failure.
 #include <algorithm>
 #include <cstdio>
 #include <cstring>

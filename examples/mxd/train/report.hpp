@@ -52,7 +52,8 @@ inline void report(const Options& o, const std::vector<Row>& rows, const std::ve
                       {"tokens_per_s", r.tokens_per_s}});
     if (r.aux.enabled())  // each model's own: the baseline's recipe may differ (--tc-aux-k)
       models.back().update({{"aux_k", r.aux.k}, {"aux_coef", r.aux.coef},
-                            {"aux_form", r.aux.form == train::AuxKForm::saelens ? "saelens" : "normalized"},
+                            {"aux_form", r.aux.form == train::AuxKForm::saelens ? "saelens"
+                                                                                 : "normalized"},
                             {"dead_window", r.aux.dead_window},
                             {"train_dead_fraction", r.train_dead}});
   }

@@ -469,7 +469,8 @@ struct backend<cuda> {
   }
 
   /// scores = relu(scores + b_gate) in place (without relu when relu = false); then per row
-  /// the k best (value desc, index asc) as (idx, val), exactly as backend<cpu>. scores: [B, N], b_gate: [1, N], idx, val: [B, k].
+  /// the k best (value desc, index asc) as (idx, val), exactly as backend<cpu>. scores:
+  /// [B, N], b_gate: [1, N], idx, val: [B, k].
   /// Up to k = 1024 one kernel does it all; beyond, a stable CUB segmented sort orders the
   /// candidates the kernel collected in index order. A non-finite score + bias is an error:
   /// the next ctx.synchronize() throws mxd::Error "gate scores: non-finite value at row R

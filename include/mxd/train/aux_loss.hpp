@@ -110,8 +110,8 @@ struct auxk_ops<cpu> {
 
   /// With e = target - pred, L_aux of cfg.form with weight w = cfg.coef * scale, its gradient
   /// written to grad:
-  ///   normalized: w |e - e_hat|^2 / |e - mean_rows e|^2, gradient w 2 (e_hat - e) / |e - mean e|^2;
-  ///               0 (grad unwritten) when the denominator is 0;
+  ///   normalized: w |e - e_hat|^2 / |e - mean_rows e|^2, gradient
+  ///               w 2 (e_hat - e) / |e - mean e|^2; 0 (grad unwritten) when the denominator is 0;
   ///   saelens:    w |e - e_hat|^2 / B, gradient w 2 (e_hat - e) / B.
   /// Sums in double, in a fixed order; with `sum`, the mean, the sums and B are the whole
   /// batch's over the processes. pred, target, e_hat, grad: [B, O] (this process's rows);
@@ -329,12 +329,14 @@ double auxk_backward(const Params<T, Device>& p, InView<T, Device> x, InView<T, 
             "auxk_backward: gradient buffers were made for another config");
   using CV = ConstView<T, Device>;
   return detail::auxk_units<T, Device>(ws.ctx, cfg, dead, x, pred, target, CV(ws.u.view()),
-                                       p.G.view(), p.b_gate.view(), CV(), p.C.view(), grads.G.view(),
-                                       grads.b_gate.view(), grads.C.view(), aw, sum);
+                                       p.G.view(), p.b_gate.view(), CV(), p.C.view(),
+                                       grads.G.view(), grads.b_gate.view(), grads.C.view(), aw,
+                                       sum);
 }
 
 /// The same for a TopK or skip transcoder (u = 1): the dead latents' rows of W_enc, b_enc and
-/// W_dec receive the gradient.
+/// W_dec receive the gradient. ws holds transcoder_forward(p, x, pred, ws): with
+/// rank_by_decoder_norm its scaled encoder rows rank the dead latents.
 template <class T, class Device>
 double auxk_backward(const TranscoderParams<T, Device>& p, InView<T, Device> x,
                      InView<T, Device> pred, InView<T, Device> target,
