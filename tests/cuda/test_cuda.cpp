@@ -164,6 +164,16 @@ Tensor<T> coarse_scores(index_t B, index_t N, std::uint64_t seed) {
   return scores;
 }
 
+// Distinct gate scores: B rows of N normal draws (ties only by chance).
+template <class T>
+Tensor<T> normal_scores(index_t B, index_t N, std::uint64_t seed) {
+  Tensor<T> scores(B, N);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal;
+  for (index_t i = 0; i < scores.size(); ++i) scores[i] = T(normal(rng));
+  return scores;
+}
+
 Config layer_config(index_t I, index_t H, index_t O, index_t N, index_t k, Activation a,
                     bool glu = false, bool skip = false) {
   Config c;
@@ -398,16 +408,22 @@ TEST_CASE("bf16 GEMMs stay within bf16 rounding of the exact float layer") {
 TEST_CASE_TEMPLATE("gate top-k equals the CPU selection exactly, ties included, into strided "
                    "outputs, with relu and without", T, float, double) {
   // Scores on a coarse grid: many exact ties, broken by the lower index on both devices; half
-  // of them negative, and -0 among them, for the selection without relu. The outputs are views
-  // of [B, k + 3] (as under steering): ranked in the kernel up to k = 1024, scattered after the
-  // segmented sort beyond; the 3 columns after each row stay untouched.
+  // of them negative, and -0 among them, for the selection without relu. Then distinct normal
+  // scores, whose k-th value takes every radix pass. The outputs are views of [B, k + 3] (as
+  // under steering): ranked in the kernel up to k = 1024, scattered after the segmented sort
+  // beyond; the 3 columns after each row stay untouched. N = 30000 rows fit an H100/H200
+  // block's shared memory as float (120 KB) and not as double (240 KB), so both kernels run.
   const index_t pad = 3;
+  for (bool coarse : {true, false})
+  for (index_t N : {3000, 30000})
   for (bool relu : {true, false})
   for (index_t k : {1, 7, 64, 256, 700, 1500}) {
+    CAPTURE(coarse);
+    CAPTURE(N);
     CAPTURE(relu);
     CAPTURE(k);
-    const index_t B = 5, N = 3000;
-    Tensor<T> scores = coarse_scores<T>(B, N, k), b(1, N);
+    const index_t B = 5;
+    Tensor<T> scores = coarse ? coarse_scores<T>(B, N, k) : normal_scores<T>(B, N, k), b(1, N);
     for (index_t n = 0; n < N; n += 97) scores(1, n) = -T(0);
     Tensor<T> cpu_scores = scores;
     Tensor<std::int32_t> idx, cpu_idx(B, k);

@@ -511,9 +511,23 @@ struct backend<cuda> {
     int* offsets = plan.take<int>(sort ? B + 1 : 0);
     void* temp = plan.take<char>(index_t(sort_bytes));
     cudaStream_t s = ctx.stream();
-    MXD_CUDA_LAUNCH(cu::gate_topk_kernel<T>, unsigned(B), cu::topk_block, s, scores.data, scores.ld,
-                    b_gate.data, N, k, cand_idx, cand_val, idx.data, idx.ld, val.data, val.ld,
-                    ctx.nonfinite_position(), row0, relu);
+    // The row's bit patterns in shared memory where the device lets one block hold them.
+    using U = typename cu::ordered_bits<T>::type;
+    const std::size_t row_bytes = std::size_t(N) * sizeof(U);
+    int device = 0, optin = 0;
+    cudaFuncAttributes fixed{};
+    MXD_CUDA_CHECK(cudaGetDevice(&device));
+    MXD_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    MXD_CUDA_CHECK(cudaFuncGetAttributes(&fixed, cu::gate_topk_kernel<T, true>));
+    const bool shared = row_bytes + fixed.sharedSizeBytes <= std::size_t(optin);
+    if (shared)
+      MXD_CUDA_CHECK(cudaFuncSetAttribute(cu::gate_topk_kernel<T, true>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(row_bytes)));
+    auto* kernel = shared ? cu::gate_topk_kernel<T, true> : cu::gate_topk_kernel<T, false>;
+    kernel<<<unsigned(B), cu::topk_block, shared ? row_bytes : 0, s>>>(
+        scores.data, scores.ld, b_gate.data, N, k, cand_idx, cand_val, idx.data, idx.ld, val.data,
+        val.ld, ctx.nonfinite_position(), row0, relu);
+    MXD_CUDA_LAUNCH_CHECK();
     ctx.nonfinite_check_queued();
     if (!sort) return;
     MXD_CUDA_LAUNCH(cu::row_offsets_kernel<int>, cu::grid_for(B + 1, block), block, s, offsets, B, k);
