@@ -202,7 +202,7 @@ int main() {
     tp.config.rank_by_decoder_norm = true;
     for (int n : {2, 9}) tp.b_enc[n] = -20;  // dead latents scoring below 0 on every row
     const DeadUnits dt = tracker(14, {0, 2, 3, 9, 12, 13});
-    const AuxK cfg{4, 0.5, 10, AuxKForm::saelens};
+    const AuxK cfg{6, 0.5, 10, AuxKForm::saelens};  // all six dead selected, both below 0 too
     TranscoderParams<double> hg(tp.config);
     Tensor<double> hy(7, 5);
     TranscoderWorkspace<double> hws;

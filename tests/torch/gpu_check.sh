@@ -19,6 +19,11 @@ deps=$PWD/.deps/root
 if [ -d "$deps/usr/include" ]; then
   export EIGEN_INCLUDE_DIR=$deps/usr/include/eigen3 CPATH=$deps/usr/include${CPATH:+:$CPATH}
 fi
+# The compiler whose libstdc++ torch runs with. The GPU machine's CC/CXX name another GCC 13
+# (/opt/gcc); a module it builds, loaded beside the system libstdc++, printed no numbers in its
+# messages and crashed on the first message with one (2026-12-04). The system g++ builds one
+# that passes.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 
 $PYTHON -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 'GPU', torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee "$OUT/torch_gpu_env.txt"

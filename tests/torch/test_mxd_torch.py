@@ -609,7 +609,7 @@ class Compile(unittest.TestCase):
                       (x, tc.params(), *tc._op_config, "fp32")))
         # The backward ops have no backward of their own (mxd's is once differentiable).
         with torch.no_grad():
-            dy = torch.randn(6, 5, dtype=torch.float64)
+            dy = torch.randn(6, 5, dtype=torch.float64, device=self.device)
             ps = [p.detach() for p in mxd.params()]
             _, saved = torch.ops.mxd.mxd_forward(x, ps, *mxd._op_config, None, None, None, "fp32")
             cases.append((torch.ops.mxd.mxd_backward.default,
