@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """Times the authors' MxD layer in PyTorch on the GPU (eager and torch.compile; fp32, TF32,
-bf16) and `mxd bench --device cuda` (fp32, TF32, bf16 GEMMs) in the same run on the same GPU, and prints
-a markdown table for bench/RESULTS.md with ratios against PyTorch eager fp32.
+bf16 weights and bf16 autocast), mxd_torch.MxD (mxd's CUDA backend inside PyTorch: eager and
+torch.compile; fp32, TF32, bf16 autocast) and `mxd bench --device cuda` (fp32, TF32, bf16
+GEMMs) in the same run on the same GPU, and prints a markdown table for bench/RESULTS.md with
+ratios against PyTorch eager fp32. Each row is printed as soon as it is measured, so a run cut
+short still reports what it timed.
 
 Also measures the cuBLAS bf16 GEMM rate on the layer's own GEMM shapes (forward and backward
 of the dense torch layer's products, no experts) and reports the time those FLOPs need at that
 rate: the floor a bf16 step is compared with.
 
-    python3 bench/compare_torch_cuda.py --mxd build/examples/mxd --batch 4096
+    python3 bench/compare_torch_cuda.py --mxd build/examples/mxd --batch 4096 \
+        --module-path build-gpu/torch-lib
 """
 import argparse
 import json
@@ -37,25 +41,30 @@ def cuda_time(fn, iters, warmup):
     return statistics.median(times)
 
 
-def time_torch(cfg, batch, iters, warmup, dtype, tf32, compiled):
+def time_torch(cfg, batch, iters, warmup, dtype, tf32, compiled, module=None, autocast=False):
+    """The authors' layer (module None) or mxd_torch.MxD, trained with torch's AdamW; weights
+    and inputs in dtype, under bf16 autocast where asked."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.manual_seed(0)
-    layer = MxD(cfg["d_in"], cfg["d_hidden"], cfg["d_out"], cfg["n_experts"], cfg["k"]).to("cuda", dtype)
+    shape = (cfg["d_in"], cfg["d_hidden"], cfg["d_out"], cfg["n_experts"], cfg["k"])
+    layer = (MxD(*shape) if module is None else module.MxD(*shape, activation="gelu")).to("cuda", dtype)
     opt = torch.optim.AdamW(layer.parameters(), lr=4e-4, weight_decay=0.0)
     fwd = torch.compile(layer) if compiled else layer
     x = torch.randn(batch, cfg["d_in"], device="cuda", dtype=dtype)
     dy = torch.randn(batch, cfg["d_out"], device="cuda", dtype=dtype) / batch
+    cast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
     out = {}
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), cast():
             fwd(x)
 
     def backward_only():
-        y = fwd(x)
+        with cast():
+            y = fwd(x)
         opt.zero_grad(set_to_none=False)
-        y.backward(dy)
+        y.backward(dy.to(y.dtype))
 
     def step():
         backward_only()
@@ -97,39 +106,65 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--module-path", default="",
+                    help="directory holding an mxd_torch built with CUDA: adds its rows")
     args = ap.parse_args()
     cfg = {"d_in": 768, "d_hidden": 3072, "d_out": 768, "n_experts": 21504, "k": 32}
     name = torch.cuda.get_device_name()
     print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, batch {args.batch}, "
           f"GPT-2 small MxD {cfg}", flush=True)
 
-    rows = []
-    f32, bf16 = torch.float32, torch.bfloat16
-    for label, dtype, tf32, compiled in (("torch eager fp32", f32, False, False),
-                                         ("torch eager TF32", f32, True, False),
-                                         ("torch eager bf16", bf16, False, False),
-                                         ("torch.compile fp32", f32, False, True),
-                                         ("torch.compile bf16", bf16, False, True)):
-        if compiled and args.no_compile:
-            continue
-        try:
-            rows.append((label, time_torch(cfg, args.batch, args.iters, args.warmup, dtype, tf32, compiled)))
-        except Exception as e:  # torch.compile needs a working Triton; report, do not stop
-            print(f"{label}: failed ({type(e).__name__}: {e})", file=sys.stderr)
-        print(f"  {label} done", file=sys.stderr, flush=True)
-    for label, extra in (("mxd fp32", []), ("mxd TF32", ["--tf32"]), ("mxd bf16 GEMMs", ["--dtype", "bf16"])):
-        rows.append((label, time_mxd(args.mxd, cfg, args.batch, args.iters, args.warmup, extra)))
-        print(f"  {label} done", file=sys.stderr, flush=True)
     floor, rate = gemm_floor_ms(cfg, args.batch, args.iters, args.warmup)
-
-    base = rows[0][1]["step_ms"]
-    print(f"\n| run | forward ms | backward ms | step ms | step vs torch eager fp32 |")
-    print("|---|---:|---:|---:|---:|")
-    for label, r in rows:
-        print(f"| {label} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} | {r['step_ms']:.3f} | "
-              f"{base / r['step_ms']:.2f}x |")
-    print(f"\ncuBLAS bf16 on the dense layer's 9 GEMM shapes: {rate:.0f} TFLOP/s, "
+    print(f"cuBLAS bf16 on the dense layer's 9 GEMM shapes: {rate:.0f} TFLOP/s, "
           f"{floor:.3f} ms for their FLOPs (the bf16 step target is within 2x of this)")
+    module = None
+    if args.module_path:
+        sys.path.insert(0, args.module_path)
+        import mxd_torch as module  # asked for: an import failure is an error
+
+    print("\n| run | forward ms | backward ms | step ms | step vs torch eager fp32 |")
+    print("|---|---:|---:|---:|---:|", flush=True)
+    rows = []
+
+    def report(label, r):
+        rows.append((label, r))
+        base = rows[0][1]["step_ms"]
+        print(f"| {label} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} | {r['step_ms']:.3f} | "
+              f"{base / r['step_ms']:.2f}x |", flush=True)
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    # (label, module, dtype, tf32, autocast, compiled); the compiled rows last, being the slowest
+    # to set up.
+    runs = [("torch eager fp32", None, f32, False, False, False),
+            ("torch eager TF32", None, f32, True, False, False),
+            ("torch eager bf16", None, bf16, False, False, False),
+            ("torch eager bf16 autocast", None, f32, False, True, False)]
+    if module is not None:
+        runs += [("mxd_torch fp32", module, f32, False, False, False),
+                 ("mxd_torch TF32", module, f32, True, False, False),
+                 ("mxd_torch bf16 autocast", module, f32, False, True, False)]
+    for label, extra in (("mxd fp32", []), ("mxd TF32", ["--tf32"]), ("mxd bf16 GEMMs", ["--dtype", "bf16"])):
+        runs.append((label, extra))
+    if not args.no_compile:
+        runs += [("torch.compile fp32", None, f32, False, False, True),
+                 ("torch.compile bf16", None, bf16, False, False, True)]
+        if module is not None:
+            runs += [("torch.compile mxd_torch fp32", module, f32, False, False, True),
+                     ("torch.compile mxd_torch bf16 autocast", module, f32, False, True, True)]
+    for run in runs:
+        label = run[0]
+        try:
+            if len(run) == 2:
+                r = time_mxd(args.mxd, cfg, args.batch, args.iters, args.warmup, run[1])
+            else:
+                _, mod, dtype, tf32, autocast, compiled = run
+                r = time_torch(cfg, args.batch, args.iters, args.warmup, dtype, tf32, compiled,
+                               mod, autocast)
+        except Exception as e:  # torch.compile needs a working Triton; report, do not stop
+            print(f"{label}: failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            continue
+        report(label, r)
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
