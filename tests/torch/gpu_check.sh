@@ -2,8 +2,10 @@
 # mxd_torch's CUDA route on a GPU machine, in one command from the repo root (.ci/gpu-check's
 # `torch` stage runs it): builds the extension with the Python that has a CUDA torch
 # (PYTHON, default python3) and nvcc, then runs tests/torch/test_mxd_torch_cuda.py, where a
-# skipped test is a failure (MXD_TORCH_EXPECT_CUDA=1, and nvidia-smi lists a GPU), and the CPU
-# suite test_mxd_torch.py with the same build. Logs go to $OUT (default /tmp/mxd-gpu-out).
+# skipped test is a failure (MXD_TORCH_EXPECT_CUDA=1, and nvidia-smi lists a GPU), the CPU
+# suite test_mxd_torch.py with the same build, and the README's snippets with CUDA as torch's
+# default device (test_readme.py --device cuda; a skip is a failure here too). Logs go to $OUT
+# (default /tmp/mxd-gpu-out).
 # Exit status: 0 when everything ran and passed.
 #   e.g. run(command=".ci/gpu-check torch", carry=[".deps"])   (from the development machine)
 #        tests/torch/gpu_check.sh                              (on the GPU machine itself)
@@ -43,11 +45,19 @@ PYTHONPATH=$lib MXD_TORCH_EXPECT_CUDA=1 $PYTHON tests/torch/test_mxd_torch_cuda.
 rc_gpu=$?
 PYTHONPATH=$lib $PYTHON tests/torch/test_mxd_torch.py > "$OUT/torch_cpu_tests.log" 2>&1
 rc_cpu=$?
+PYTHONPATH=$lib $PYTHON tests/torch/test_readme.py --device cuda > "$OUT/torch_readme_cuda.log" 2>&1
+rc_readme=$?
 grep -E "^(FAIL|ERROR):|passed, .* failed|^skipped:" "$OUT/torch_cuda_tests.log" | head -40
 grep -E "^(FAIL|ERROR):|passed, .* failed" "$OUT/torch_cpu_tests.log" | head -20
+grep -E "FAILED|skipped:|passed, .* failed" "$OUT/torch_readme_cuda.log" | head -20
 failed=0
 [ $rc_gpu -eq 0 ] || { echo "FAILED: test_mxd_torch_cuda.py rc=$rc_gpu"; failed=1; }
 [ $rc_cpu -eq 0 ] || { echo "FAILED: test_mxd_torch.py rc=$rc_cpu"; failed=1; }
+[ $rc_readme -eq 0 ] || { echo "FAILED: test_readme.py --device cuda rc=$rc_readme"; failed=1; }
+if grep -q "skipped:" "$OUT/torch_readme_cuda.log"; then
+  echo "FAILED: README snippets skipped on the GPU (see torch_readme_cuda.log)"
+  failed=1
+fi
 if grep -q "^skipped:" "$OUT/torch_cuda_tests.log"; then
   echo "FAILED: GPU tests skipped (see torch_cuda_tests.log): nothing was checked there"
   failed=1

@@ -518,6 +518,10 @@ class Conventions(unittest.TestCase):
             for p, q in zip(meta.parameters(), layer.parameters()):
                 self.assertEqual((p.device.type, p.shape, p.stride(), p.dtype),
                                  ("meta", q.shape, q.stride(), q.dtype))
+            if hasattr(torch, "set_default_device"):  # torch >= 2.0: no device= follows it
+                with torch.device("meta"):
+                    self.assertEqual({p.device.type for p in make().parameters()}, {"meta"})
+                self.assertEqual({p.device.type for p in make().parameters()}, {"cpu"})
 
     def test_meta_tensors(self):
         """With torch >= 2.4 meta tensors run through the ops' fake kernels (shapes only);

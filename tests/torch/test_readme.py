@@ -7,7 +7,12 @@ runs on a GPT2Model built from a small config (9 layers, width 32, random weight
 substitutes GPT2Model.from_pretrained, so no download is needed and every other line of the
 snippet runs unchanged.
 
-    /usr/bin/python3 tests/torch/test_readme.py
+    /usr/bin/python3 tests/torch/test_readme.py [--device cuda]
+
+With --device the snippets run with that device as torch's default (torch.set_default_device,
+torch >= 2.0), as a user with a GPU would run them: their tensors, the GPT-2 model and the
+mxd_torch layers (device=None follows torch's default, as torch's layers do) are created
+there. Where that device is not available the run reports itself skipped.
 """
 import os
 import re
@@ -73,10 +78,19 @@ def check_gpt2(ns):
         assert torch.equal(model.h[8].mlp(x[:16]), layer(x[:16]))
 
 
-def main():
+def main(argv):
     # One thread: the snippets' 200 small training steps would mostly wait at OpenMP barriers
     # on a busy 2-core machine; results do not depend on the thread count.
     torch.set_num_threads(1)
+    if argv[:1] == ["--device"] and len(argv) == 2:
+        import mxd_torch
+        device = torch.device(argv[1])
+        if device.type == "cuda" and not (mxd_torch.built_with_cuda and torch.cuda.is_available()):
+            print(f"skipped: --device {device}: no GPU visible or mxd_torch built without CUDA")
+            return 0
+        torch.set_default_device(device)
+    elif argv:
+        raise SystemExit(f"usage: test_readme.py [--device DEVICE], not {argv}")
     passed = failed = skipped = 0
     for i, (where, code) in enumerate(snippets()):
         needs_transformers = "transformers" in code
@@ -106,4 +120,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

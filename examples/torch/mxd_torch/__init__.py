@@ -79,8 +79,9 @@ def _edit_lists(steering):
 
 def _device(device):
     """The device a layer's parameters are created on: the CPU, a GPU (builds with CUDA), or
-    'meta' (shapes only)."""
-    d = torch.device("cpu" if device is None else device)
+    'meta' (shapes only). None means torch's default device, as for torch's own layers
+    (torch.set_default_device, `with torch.device(...)`; the CPU unless set)."""
+    d = torch.empty(0).device if device is None else torch.device(device)
     if d.type == "cuda" and not built_with_cuda:
         raise Error(f"device {d}: this mxd_torch was built without CUDA; its layers live on "
                     f"the CPU ('meta' gives their shapes only). See examples/torch/README.md "
@@ -150,9 +151,9 @@ def _dtype_name(dtype):
 
 
 def _seed():
-    """A seed for mxd's initialisation drawn from torch's generator, so torch.manual_seed
-    makes construction reproducible."""
-    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    """A seed for mxd's initialisation drawn from torch's CPU generator, so torch.manual_seed
+    makes construction reproducible, and the same on every device."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
 
 
 class _Lease:
