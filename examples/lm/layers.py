@@ -4,6 +4,7 @@ replacements with `mxd train --data`, splice each into the LM, and tabulate and 
 import hashlib
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -481,7 +482,9 @@ def run_all(args, c, out, model, train, held, log):
 
 
 def write_text(path, text):
-    tmp = f"{path}.tmp"
+    """Replaces path's contents at once; processes sharing an --out (one per seed, say) each
+    write a temporary of their own, so the file is always one of theirs, never a mix."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     Path(tmp).write_text(text)
     Path(tmp).replace(path)
 
@@ -493,7 +496,7 @@ def rows_at(result, steps):
 STATS = ("ce", "delta_ce", "fraction_recovered", "nmse", "dead_fraction")
 
 
-def aggregate(rows, keys):
+def aggregate(rows, keys, stats=STATS):
     """Rows grouped by `keys`: {key tuple: {stat: (mean, std, n), "params": ...}} over seeds
     (std: the sample standard deviation, 0 for one seed)."""
     groups = {}
@@ -501,8 +504,8 @@ def aggregate(rows, keys):
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     out = {}
     for key, rs in groups.items():
-        a = {"params": rs[0]["params"], "n": len(rs)}
-        for s in STATS:
+        a = {"params": rs[0].get("params"), "n": len(rs)}
+        for s in stats:
             v = np.array([r[s] for r in rs if r.get(s) is not None], dtype=float)
             a[s] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
         out[key] = a

@@ -145,7 +145,7 @@ def train_lm(train, cfg, steps, batch, lr, seed, log=print):
 
 
 def save_lm(model, path):
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save({"config": model.config, "state": model.state_dict()}, tmp)
     os.replace(tmp, path)
 
@@ -167,7 +167,7 @@ class StreamWriter:
     any order of calls (`write(name, first_row, rows)`), to a temporary name renamed on close."""
 
     def __init__(self, path, shapes, dtype="F32", metadata=None):
-        self.path, self.tmp = str(path), f"{path}.tmp"
+        self.path, self.tmp = str(path), f"{path}.{os.getpid()}.tmp"  # a process of its own
         self.np_dtype = np.dtype(DTYPES[dtype]).newbyteorder("<")
         header, offset = {}, 0
         self.layout = {}

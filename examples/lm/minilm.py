@@ -4,7 +4,9 @@ offline) with one MLP (384 -> 1536 -> 384, GELU) replaced by an MxD, a TopK and 
 transcoder trained by `mxd train --data` on its activations over fortunes; reports how
 faithfully the sentence embeddings of held-out fortunes survive, where each layer's error
 lives (diagnose: token class, outlier dimension, after the block's LayerNorm and pooling) and,
-at k = 32, how FVU moves with training length (--scaling-steps).
+at k = 32, how FVU moves with training length (--scaling-steps). Every layer is trained with
+each seed of --seeds (`mxd train --seed`: initialisation and data order); the tables give mean
+± sample std over them, the diagnosis the first seed's layers.
 
     /usr/bin/python3 examples/lm/minilm.py --mxd build/examples/mxd --out examples/lm/results/minilm
 """
@@ -30,7 +32,7 @@ import lm  # noqa: E402
 # FVU stopped improving (under 6% for the last doubling).
 CONFIG = dict(layer=3, max_length=64, train_sentences=0, eval_sentences=300, ks=[8, 16, 32, 64],
               hidden=1536, expansion=8, steps=150, batch=512, lr=4e-4, warmup=15,
-              scaling_k=32, scaling_steps=[600, 2400, 9600, 19200])
+              scaling_k=32, scaling_steps=[600, 2400, 9600, 19200], seeds=[0, 1, 2])
 FIRST_DUMP_SENTENCES = 800  # what a dump made before dump.json was written holds
 
 
@@ -131,9 +133,10 @@ def check_dump(out, c):
     layers.write_text(path, json.dumps({"train_sentences": c["train_sentences"]}) + "\n")
 
 
-def run_dir(out, baseline, k, steps):
-    """A run's directory; the default length keeps its old name, so cached runs keep their meaning."""
-    suffix = "" if steps == CONFIG["steps"] else f"_s{steps}"
+def run_dir(out, baseline, k, steps, seed):
+    """A run's directory; the default length and seed 0 keep their old names, so cached runs
+    keep their meaning."""
+    suffix = ("" if steps == CONFIG["steps"] else f"_s{steps}") + (f"_seed{seed}" if seed else "")
     return out / f"train_{baseline}_k{k}{suffix}"
 
 
@@ -255,27 +258,32 @@ def load_held_tokens(out, model, tok, held, c):
     return {n: v if n == "a" else v.long() for n, v in lm.load_file(path)[0].items()}  # saved as F32, exact
 
 
+LENGTH_STATS = ("tool_fvu", "fvu", "fvu_without_dim", "block_fvu", "pooled_cosine", "cosine", "nn_agreement")
+
+
 def training_length_table(rows):
+    """rows: one per (method, steps, seed); each cell the mean ± std over the seeds."""
     if not rows:
         return []
     dim = rows[0]["outlier_dimension"]["index"]
+    agg = layers.aggregate([dict(r, fvu_without_dim=r["outlier_dimension"]["fvu_without"]) for r in rows],
+                           ("method", "steps"), LENGTH_STATS)
     lines = ["", f"Training length at k = {rows[0]['k']} (each run continued with `mxd train --resume`), judged "
-             "on the held-out fortunes: FVU of the MLP output (the tool's on its 5% held-out rows, with its "
-             "change from the previous length, and on "
+             "on the held-out fortunes (mean ± std over seeds): FVU of the MLP output (the tool's on its 5% "
+             "held-out rows, with the mean's change from the previous length, and on "
              f"the held-out fortunes' tokens), without dimension {dim}, and of the block output after "
              "LayerNorm; the block output's mean pooling's cosine per sentence; the sentence embedding's "
              "cosine to the original and the nearest neighbour kept (passes over the model).", "",
-             f"| method | steps | FVU (tool) | its change | FVU | FVU without dim {dim} | block FVU | pooled cosine "
-             "| embedding cosine | nearest neighbour kept |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    prev = {}  # the tool's FVU at the method's previous length: where it stops improving
-    for r in sorted(rows, key=lambda r: (layers.METHODS.index(r["method"]), r["steps"])):
-        was = prev.get(r["method"])
-        change = f"{r['tool_fvu'] / was - 1:+.1%}" if was else ""
-        prev[r["method"]] = r["tool_fvu"]
-        lines.append(f"| {r['method']} | {r['steps']} | {r['tool_fvu']:.4f} | {change} | {r['fvu']:.4f} | "
-                     f"{r['outlier_dimension']['fvu_without']:.4f} | {r['block_fvu']:.4f} | {r['pooled_cosine']:.4f} | "
-                     f"{r['cosine']:.4f} | {r['nn_agreement']:.3f} |")
+             f"| method | steps | seeds | FVU (tool) | its change | FVU | FVU without dim {dim} | block FVU | "
+             "pooled cosine | embedding cosine | nearest neighbour kept |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    prev = {}  # the tool's mean FVU at the method's previous length: where it stops improving
+    for (method, steps), a in sorted(agg.items(), key=lambda kv: (layers.METHODS.index(kv[0][0]), kv[0][1])):
+        was, now = prev.get(method), a["tool_fvu"][0]
+        change = f"{now / was - 1:+.1%}" if was else ""
+        prev[method] = now
+        cells = [layers.pm(a[s], 3 if s == "nn_agreement" else 4) for s in LENGTH_STATS]
+        lines.append(f"| {method} | {steps} | {a['n']} | {cells[0]} | {change} | " + " | ".join(cells[1:]) + " |")
     return lines
 
 
@@ -290,7 +298,7 @@ def run_diagnosis(model, tok, held, c, out, acts, ref, rows, log):
     block = model.encoder.layer[c["layer"]]
     subjects = []  # (cache key, row fields, layer thunk, embedding cosine if known)
     for r in rows:
-        d = run_dir(out, "skip" if r["method"] == "skip_transcoder" else "topk", r["k"], r["steps"])
+        d = run_dir(out, "skip" if r["method"] == "skip_transcoder" else "topk", r["k"], r["steps"], r["seed"])
         path = d / f"{r['method']}.safetensors"
         subjects.append((f"{d.name}/{r['method']}", dict(method=r["method"], k=r["k"], steps=r["steps"]),
                          lambda path=path: layers.load_layer(path), r["cosine"]))
@@ -370,6 +378,8 @@ def main(argv=None):
     ap.add_argument("--scaling-steps", type=int, nargs="*", default=CONFIG["scaling_steps"],
                     help=f"k = {CONFIG['scaling_k']}'s runs continued (--resume) to these lengths and "
                          f"judged by diagnose and by the sentence embeddings (default {' '.join(map(str, CONFIG['scaling_steps']))})")
+    ap.add_argument("--seeds", type=int, nargs="+", default=CONFIG["seeds"],
+                    help=f"`mxd train --seed` of every layer (default {' '.join(map(str, CONFIG['seeds']))})")
     ap.add_argument("--train-sentences", type=int, default=CONFIG["train_sentences"],
                     help="training fortunes dumped (default 0: all 11,964 short ones); an --out "
                          "holds one dump, so another count needs another --out")
@@ -392,26 +402,26 @@ def main(argv=None):
         log(f"dumped layer {c['layer']}'s MLP over {len(train)} fortunes in {time.time() - t0:.0f} s")
     mean = lm.load_file(mean_path)[0]["mean"]
     block = model.encoder.layer[c["layer"]]
-    # (method, k, steps, run dir, tool's metrics): all training first, then the slow evaluations
+    # (method, k, steps, seed, run dir, tool's metrics): all training first, then the slow evaluations
     trained, scaling = [], []
-    for k in args.ks:
+    for seed, k in ((seed, k) for seed in args.seeds for k in args.ks):
         for baseline in ("topk", "skip"):
             # The MxD trains once, beside the TopK transcoder; the skip transcoder alone.
             names = (["mxd"] if baseline == "topk" else []) + [f"{baseline}_transcoder"]
             # The MxD authors' recipe for the transcoders, named, as in the tables (not the tool's default).
             flags = ["--models", "mxd,topk" if baseline == "topk" else "skip", "--expansion", str(c["expansion"]),
                      "--tc-recipe", "authors"]
-            d = run_dir(out, baseline, k, args.steps)
-            tool = layers.train_tool(args.mxd, acts, d, c, k, args.steps, 0, args.threads, log, flags=flags)
-            trained += [(name, k, args.steps, d, tool) for name in names]
+            d = run_dir(out, baseline, k, args.steps, seed)
+            tool = layers.train_tool(args.mxd, acts, d, c, k, args.steps, seed, args.threads, log, flags=flags)
+            trained += [(name, k, args.steps, seed, d, tool) for name in names]
             if k != c["scaling_k"]:
                 continue
-            scaling += [(name, k, args.steps, d, tool) for name in names]
+            scaling += [(name, k, args.steps, seed, d, tool) for name in names]
             for steps in sorted(args.scaling_steps):
-                prev, d = d, run_dir(out, baseline, k, steps)
-                tool = layers.train_tool(args.mxd, acts, d, c, k, steps, 0, args.threads, log, resume=prev,
+                prev, d = d, run_dir(out, baseline, k, steps, seed)
+                tool = layers.train_tool(args.mxd, acts, d, c, k, steps, seed, args.threads, log, resume=prev,
                                          flags=flags)
-                scaling += [(name, k, steps, d, tool) for name in names]
+                scaling += [(name, k, steps, seed, d, tool) for name in names]
     # Each embedding of the held-out fortunes takes minutes on a shared core: cached by checkpoint.
     cache_path = out / "evaluation.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -431,36 +441,43 @@ def main(argv=None):
     abl = evaluated("mean_ablated", lambda a: mean.expand(*a.shape[:-1], -1))
     log(f"mean-ablated MLP: cosine {abl[0]:.4f}, nearest neighbour kept {abl[1]:.3f}")
     rows = []
-    for name, k, steps, d, tool in trained:
+    for name, k, steps, seed, d, tool in trained:
         layer = layers.load_layer(d / f"{name}.safetensors")
         cos, agree = evaluated(f"{d.name}/{name}", layer)
         fvu = next(m for m in tool if m["name"] == name)["fvu"]
-        rows.append(dict(method=name, k=k, steps=steps, params=layer.n_params, cosine=cos, nn_agreement=agree, fvu=fvu))
-        log(f"  {name:16s} k={k:3d} steps={steps:5d} cosine {cos:.4f} nn kept {agree:.3f} fvu {fvu:.4f}")
-    diagnosis = run_diagnosis(model, tok, held, c, out, acts, ref, rows, log)
+        rows.append(dict(method=name, k=k, steps=steps, seed=seed, params=layer.n_params, cosine=cos,
+                         nn_agreement=agree, fvu=fvu))
+        log(f"  {name:16s} k={k:3d} seed {seed} steps={steps:5d} cosine {cos:.4f} nn kept {agree:.3f} fvu {fvu:.4f}")
+    diagnosis = run_diagnosis(model, tok, held, c, out, acts, ref,
+                              [r for r in rows if r["seed"] == args.seeds[0]], log)
     tokens = load_held_tokens(out, model, tok, held, c)
     training_length = []
-    for name, k, steps, d, tool in scaling:
+    for name, k, steps, seed, d, tool in scaling:
         layer = layers.load_layer(d / f"{name}.safetensors")
         r = diagnose(block, tok, tokens, layer)
         cos, agree = evaluated(f"{d.name}/{name}", layer)
-        training_length.append(dict(method=name, k=k, steps=steps, tool_fvu=next(m for m in tool if m["name"] == name)["fvu"],
+        training_length.append(dict(method=name, k=k, steps=steps, seed=seed,
+                                    tool_fvu=next(m for m in tool if m["name"] == name)["fvu"],
                                     cosine=cos, nn_agreement=agree,
                                     **{n: r[n] for n in ("fvu", "block_fvu", "block_cosine", "pooled_cosine", "outlier_dimension")}))
-        log(f"  {name:16s} k={k:3d} steps={steps:5d} fvu {r['fvu']:.4f} block fvu {r['block_fvu']:.4f} "
+        log(f"  {name:16s} k={k:3d} seed {seed} steps={steps:5d} fvu {r['fvu']:.4f} block fvu {r['block_fvu']:.4f} "
             f"pooled cosine {r['pooled_cosine']:.4f} cosine {cos:.4f} nn kept {agree:.3f}")
-    result = {"config": c, "ks": args.ks, "steps": args.steps, "scaling_steps": args.scaling_steps,
+    result = {"config": c, "ks": args.ks, "seeds": args.seeds, "steps": args.steps, "scaling_steps": args.scaling_steps,
               "mean_ablated": {"cosine": abl[0], "nn_agreement": abl[1]}, "held_out_sentences": len(held),
               "train_sentences": len(train), "rows": rows, "diagnosis": diagnosis, "training_length": training_length}
     layers.write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     lines = [f"all-MiniLM-L6-v2, layer {c['layer']}'s MLP replaced; {len(held)} held-out fortunes; "
              f"mean-ablated MLP: cosine {abl[0]:.4f}, nearest neighbour kept {abl[1]:.3f}; each layer trained "
-             f"{args.steps} steps of {c['batch']} rows on the tokens of {len(train)} training fortunes.", "",
-             "| method | k | params | cosine to original | nearest neighbour kept | FVU (tool) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (layers.METHODS.index(r["method"]), r["k"])):
-        lines.append(f"| {r['method']} | {r['k']} | {r['params']} | {r['cosine']:.4f} | "
-                     f"{r['nn_agreement']:.3f} | {r['fvu']:.4f} |")
+             f"{args.steps} steps of {c['batch']} rows on the tokens of {len(train)} training fortunes, with "
+             f"each of seeds {', '.join(map(str, args.seeds))} (mean ± sample std over them).", "",
+             "| method | k | params | seeds | cosine to original | nearest neighbour kept | FVU (tool) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    agg = layers.aggregate(rows, ("method", "k"), ("cosine", "nn_agreement", "fvu"))
+    for (method, k), a in sorted(agg.items(), key=lambda kv: (layers.METHODS.index(kv[0][0]), kv[0][1])):
+        lines.append(f"| {method} | {k} | {a['params']} | {a['n']} | {layers.pm(a['cosine'])} | "
+                     f"{layers.pm(a['nn_agreement'], 3)} | {layers.pm(a['fvu'])} |")
+    if diagnosis:
+        lines += ["", f"The diagnosis below is of seed {args.seeds[0]}'s layers."]
     lines += diagnosis_table(diagnosis) + training_length_table(training_length)
     layers.write_text(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

