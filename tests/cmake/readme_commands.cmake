@@ -32,6 +32,7 @@ if(NOT n EQUAL 1)
   message(FATAL_ERROR ".ci/run has ${n} command lines starting 'apt-get update', not 1")
 endif()
 if(NOT ci STREQUAL tests)
-  message(FATAL_ERROR "README's test command and .ci/run's differ:\nREADME:  ${tests}\n.ci/run: ${ci}")
+  message(FATAL_ERROR "README's test command and .ci/run's differ:\n"
+                      "README:  ${tests}\n.ci/run: ${ci}")
 endif()
 message(STATUS "README's two set-up commands: the main job, and .ci/run's test command")

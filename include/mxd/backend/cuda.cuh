@@ -522,7 +522,8 @@ struct backend<cuda> {
     const bool shared = row_bytes + fixed.sharedSizeBytes <= std::size_t(optin);
     if (shared)
       MXD_CUDA_CHECK(cudaFuncSetAttribute(cu::gate_topk_kernel<T, true>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(row_bytes)));
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          int(row_bytes)));
     auto* kernel = shared ? cu::gate_topk_kernel<T, true> : cu::gate_topk_kernel<T, false>;
     kernel<<<unsigned(B), cu::topk_block, shared ? row_bytes : 0, s>>>(
         scores.data, scores.ld, b_gate.data, N, k, cand_idx, cand_val, idx.data, idx.ld, val.data,
