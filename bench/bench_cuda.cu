@@ -127,7 +127,8 @@ void BM_train_step(benchmark::State& st) {
   useful_flops(st, forward_flops(f.cfg) + backward_flops(f.cfg), f.B);
 }
 
-// relu(scores + b) and top-k per row. b = 0, so re-running on relu'd scores selects the same.
+// relu(scores + b) and top-k per row. b = 0: whether the scores are left as they were or relu'd
+// in place, every run selects the same.
 void BM_gate_topk(benchmark::State& st) {
   if (no_gpu(st)) return;
   Fixture f(st);

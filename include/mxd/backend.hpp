@@ -11,7 +11,7 @@
 ///
 ///     gemm(ctx, trans_a, trans_b, alpha, A, B, beta, C)       C = alpha op(A) op(B) + beta C
 ///     bias_activation(ctx, act, hpre, b_enc, g, b_glu, z)      hpre += b_enc; z = act(hpre) (GLU: g += b_glu, z *= g)
-///     gate_topk(ctx, scores, b_gate, k, idx, val, row0, relu)  relu(scores + b_gate) (or without relu), top-k per row
+///     gate_topk(ctx, scores, b_gate, k, idx, val, row0, relu)  top-k per row of relu(scores + b_gate) (or without relu); scores are scratch
 ///     gather_rows(ctx, idx, w, R, out, accumulate)             out (+)= sum_j w[:, j] R[idx[:, j]]
 ///     modulate(ctx, u, v, b_out, y, accumulate)                y (+)= u * v + b_out (u, b_out optional)
 ///     col_sum(ctx, A, beta, out)                               out = beta out + sum of A's rows

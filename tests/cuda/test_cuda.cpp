@@ -432,7 +432,6 @@ TEST_CASE_TEMPLATE("gate top-k equals the CPU selection exactly, ties included, 
     Context<cpu> ctx;
     backend<cpu>::gate_topk<T>(ctx, cpu_scores.view(), b.view(), k, cpu_idx.view(),
                                cpu_val.view(), 0, relu);
-    CHECK(same_bits(scores, cpu_scores));
     REQUIRE(idx.cols() == k + pad);
     int idx_equal = 0, val_equal = 0, pad_untouched = 0;
     for (index_t r = 0; r < B; ++r) {

@@ -122,9 +122,10 @@ struct backend<cpu> {
   /// threshold and every score would stay a candidate. The selection is exact for any width.
   static constexpr index_t topk_block = 64;
 
-  /// scores = relu(scores + b_gate) in place (scores + b_gate with relu = false: AuxK's
-  /// SAELens form ranks raw pre-activations); then per row the k best (value desc, index asc)
-  /// as (idx, val). scores: [B, N], b_gate: [1, N], idx, val: [B, k].
+  /// Per row of relu(scores + b_gate) (scores + b_gate with relu = false: AuxK's SAELens form
+  /// ranks raw pre-activations) the k best (value desc, index asc) as (idx, val). scores:
+  /// [B, N] (scratch: its contents afterwards are unspecified; here they are the biased, relu'd
+  /// scores), b_gate: [1, N], idx, val: [B, k].
   ///
   /// The k-th largest block maximum t is a lower bound of the k-th best score (k blocks hold a
   /// score >= t each), so only blocks with maximum >= t can hold a winner, and of those only

@@ -54,14 +54,24 @@ private:
   std::size_t bytes_ = 0;
 };
 
-// dst = bf16(src), contiguous. src: [rows, cols] with leading dimension ld.
-template <class S>
-__global__ void to_bf16_kernel(const S* src, index_t ld, index_t rows, index_t cols,
-                               __nv_bfloat16* dst) {
-  const index_t n = rows * cols;
-  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n;
-       e += index_t(gridDim.x) * blockDim.x)
-    dst[e] = __float2bfloat16_rn(src[(e / cols) * ld + e % cols]);
+// dst[0, n) = bf16(src[0, n)), four at a time (src 16-byte aligned, dst 8-byte aligned).
+__global__ void to_bf16_flat_kernel(const float4* src, index_t n4, __nv_bfloat162* dst) {
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n4;
+       e += index_t(gridDim.x) * blockDim.x) {
+    const float4 f = __ldg(src + e);
+    dst[2 * e] = __floats2bfloat162_rn(f.x, f.y);
+    dst[2 * e + 1] = __floats2bfloat162_rn(f.z, f.w);
+  }
+}
+
+// dst = bf16(src), contiguous, from a strided or unaligned src: [rows, cols] with leading
+// dimension ld. Rows over blockIdx.y (grid-strided), columns over threads: no division.
+__global__ void to_bf16_rows_kernel(const float* src, index_t ld, index_t rows, index_t cols,
+                                    __nv_bfloat16* dst) {
+  for (index_t r = blockIdx.y; r < rows; r += gridDim.y)
+    for (index_t c = blockIdx.x * index_t(blockDim.x) + threadIdx.x; c < cols;
+         c += index_t(gridDim.x) * blockDim.x)
+      dst[r * cols + c] = __float2bfloat16_rn(src[r * ld + c]);
 }
 
 // C = beta C (beta = 0 writes zeros). C: [M, N].
@@ -186,20 +196,51 @@ __global__ void segment_offsets_kernel(const Key* sorted, index_t P, index_t N,
   }
 }
 
-// out[n] (+)= sum of w[p] rows[p / k] over the pairs p = order[q], q in [q0, q1), in order;
-// the block's threads split the columns.
+// Columns each thread of a gather sums at once: that many independent loads in flight per
+// gathered row (one at a time left the gathers waiting on memory latency).
+constexpr int gather_cols = 4;
+
+// out(n, c) (+)= sum over i in [0, count) of weight(i) rows(row(i), c), in order of i, for
+// every column c; the block's threads split the columns, gather_cols at a time. weight(i) == 0
+// adds nothing.
+template <class T, class Weight, class Row>
+__device__ __forceinline__ void gather_sum(index_t n, index_t count, Weight weight, Row row,
+                                           View<const T, cuda> rows, View<T, cuda> out,
+                                           bool accumulate) {
+  const index_t stride = index_t(blockDim.x);
+  for (index_t c0 = threadIdx.x; c0 < out.cols; c0 += gather_cols * stride) {
+    T acc[gather_cols];
+#pragma unroll
+    for (int m = 0; m < gather_cols; ++m) {
+      const index_t c = c0 + m * stride;
+      acc[m] = accumulate && c < out.cols ? out(n, c) : T(0);
+    }
+    for (index_t i = 0; i < count; ++i) {
+      const T a = weight(i);
+      if (a == T(0)) continue;  // uniform over the block
+      const T* src = rows.data + index_t(row(i)) * rows.ld;
+#pragma unroll
+      for (int m = 0; m < gather_cols; ++m) {
+        const index_t c = c0 + m * stride;
+        if (c < out.cols) acc[m] += a * src[c];
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < gather_cols; ++m) {
+      const index_t c = c0 + m * stride;
+      if (c < out.cols) out(n, c) = acc[m];
+    }
+  }
+}
+
+// out[n] (+)= sum of w[p] rows[p / k] over the pairs p = order[q], q in [q0, q1), in order.
 template <class T>
 __device__ void segment_rows_sum(index_t n, index_t q0, index_t q1, const std::int32_t* order,
                                  index_t k, const T* w, View<const T, cuda> rows,
                                  View<T, cuda> out, bool accumulate) {
-  for (index_t c = threadIdx.x; c < out.cols; c += blockDim.x) {
-    T acc = accumulate ? out(n, c) : T(0);
-    for (index_t q = q0; q < q1; ++q) {
-      const index_t p = order[q];
-      if (w[p] != T(0)) acc += w[p] * rows(p / k, c);
-    }
-    out(n, c) = acc;
-  }
+  gather_sum(
+      n, q1 - q0, [&](index_t i) { return w[order[q0 + i]]; },
+      [&](index_t i) { return order[q0 + i] / k; }, rows, out, accumulate);
 }
 
 // One block per expert n, over its pairs in sorted (row, slot) order:
@@ -265,15 +306,10 @@ __global__ void scale_flat_kernel(T* data, index_t n, double s) {
 template <class T>
 __global__ void gather_rows_kernel(View<const std::int32_t, cuda> idx, View<const T, cuda> w,
                                    View<const T, cuda> rows, View<T, cuda> out, bool accumulate) {
-  const index_t r = blockIdx.x, k = idx.cols;
-  for (index_t c = threadIdx.x; c < rows.cols; c += blockDim.x) {
-    T acc = accumulate ? out(r, c) : T(0);
-    for (index_t j = 0; j < k; ++j) {
-      const T a = w(r, j);
-      if (a != T(0)) acc += a * rows(idx(r, j), c);
-    }
-    out(r, c) = acc;
-  }
+  const index_t r = blockIdx.x;
+  gather_sum(
+      r, idx.cols, [&](index_t j) { return w(r, j); }, [&](index_t j) { return idx(r, j); }, rows,
+      out, accumulate);
 }
 
 template <class T>
@@ -446,15 +482,29 @@ struct backend<cuda> {
     plan.map(ctx.scratch(plan.bytes()));
     __nv_bfloat16* a = plan.take<__nv_bfloat16>(A.size());
     __nv_bfloat16* b = plan.take<__nv_bfloat16>(B.size());
-    cudaStream_t s = ctx.stream();
-    MXD_CUDA_LAUNCH(detail::cu::to_bf16_kernel<float>, detail::cu::grid_for(A.size(), block), block, s,
-                    A.data, A.ld, A.rows, A.cols, a);
-    MXD_CUDA_LAUNCH(detail::cu::to_bf16_kernel<float>, detail::cu::grid_for(B.size(), block), block, s,
-                    B.data, B.ld, B.rows, B.cols, b);
+    to_bf16(ctx, A, a);
+    to_bf16(ctx, B, b);
     MXD_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), op_b, op_a, int(N), int(M), int(K), &alpha, b,
                                   CUDA_R_16BF, int(B.cols), a, CUDA_R_16BF, int(A.cols), &beta,
                                   C.data, CUDA_R_32F, int(C.ld), CUBLAS_COMPUTE_32F,
                                   CUBLAS_GEMM_DEFAULT));
+  }
+
+  /// dst = bf16(src), contiguous. src: [rows, cols].
+  static void to_bf16(Ctx& ctx, cview<float> src, __nv_bfloat16* dst) {
+    namespace cu = detail::cu;
+    const index_t n = src.size();
+    if (n == 0) return;
+    if (src.contiguous() && n % 4 == 0 && reinterpret_cast<std::uintptr_t>(src.data) % 16 == 0) {
+      MXD_CUDA_LAUNCH(cu::to_bf16_flat_kernel, cu::grid_for(n / 4, block), block, ctx.stream(),
+                      reinterpret_cast<const float4*>(src.data), n / 4,
+                      reinterpret_cast<__nv_bfloat162*>(dst));
+      return;
+    }
+    const dim3 grid(cu::grid_for(src.cols, block), unsigned(src.rows < 65535 ? src.rows : 65535));
+    cu::to_bf16_rows_kernel<<<grid, block, 0, ctx.stream()>>>(src.data, src.ld, src.rows,
+                                                              src.cols, dst);
+    MXD_CUDA_LAUNCH_CHECK();
   }
 
   /// hpre += b_enc; with GLU (g non-empty) g += b_glu and z = g * act(hpre), else z = act(hpre).
@@ -468,9 +518,9 @@ struct backend<cuda> {
                     b_enc.data, g, b_glu.data, z, !g.empty());
   }
 
-  /// scores = relu(scores + b_gate) in place (without relu when relu = false); then per row
-  /// the k best (value desc, index asc) as (idx, val), exactly as backend<cpu>. scores:
-  /// [B, N], b_gate: [1, N], idx, val: [B, k].
+  /// Per row of relu(scores + b_gate) (without relu when relu = false) the k best (value desc,
+  /// index asc) as (idx, val), exactly as backend<cpu>. scores: [B, N] (scratch: its contents
+  /// afterwards are unspecified), b_gate: [1, N], idx, val: [B, k].
   /// Up to k = 1024 one kernel does it all; beyond, a stable CUB segmented sort orders the
   /// candidates the kernel collected in index order. A non-finite score + bias is an error:
   /// the next ctx.synchronize() throws mxd::Error "gate scores: non-finite value at row R
@@ -495,37 +545,35 @@ struct backend<cuda> {
           static_cast<const std::int32_t*>(nullptr), static_cast<std::int32_t*>(nullptr),
           int(B * k), int(B), static_cast<const int*>(nullptr), static_cast<const int*>(nullptr),
           ctx.stream()));
-    const index_t sorted = sort ? B * k : 0;
+    const index_t sorted = sort ? B * k : 0;  // below, the block ranks its candidates itself
     cu::ScratchCarver plan;
-    plan.reserve<std::int32_t>(B * k);
-    plan.reserve<T>(B * k);
+    plan.reserve<std::int32_t>(sorted);
+    plan.reserve<T>(sorted);
     plan.reserve<std::int32_t>(sorted);
     plan.reserve<T>(sorted);
     plan.reserve<int>(sort ? B + 1 : 0);
     plan.reserve<char>(index_t(sort_bytes));
     plan.map(ctx.scratch(plan.bytes()));
-    std::int32_t* cand_idx = plan.take<std::int32_t>(B * k);
-    T* cand_val = plan.take<T>(B * k);
+    std::int32_t* cand_idx = plan.take<std::int32_t>(sorted);
+    T* cand_val = plan.take<T>(sorted);
     std::int32_t* sorted_idx = plan.take<std::int32_t>(sorted);
     T* sorted_val = plan.take<T>(sorted);
     int* offsets = plan.take<int>(sort ? B + 1 : 0);
     void* temp = plan.take<char>(index_t(sort_bytes));
     cudaStream_t s = ctx.stream();
     // The row's bit patterns in shared memory where the device lets one block hold them.
-    using U = typename cu::ordered_bits<T>::type;
-    const std::size_t row_bytes = std::size_t(N) * sizeof(U);
     int device = 0, optin = 0;
     cudaFuncAttributes fixed{};
     MXD_CUDA_CHECK(cudaGetDevice(&device));
     MXD_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     MXD_CUDA_CHECK(cudaFuncGetAttributes(&fixed, cu::gate_topk_kernel<T, true>));
-    const bool shared = row_bytes + fixed.sharedSizeBytes <= std::size_t(optin);
-    if (shared)
-      MXD_CUDA_CHECK(cudaFuncSetAttribute(cu::gate_topk_kernel<T, true>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          int(row_bytes)));
+    const bool shared =
+        cu::topk_shared_bytes<T>(true, N, k) + fixed.sharedSizeBytes <= std::size_t(optin);
+    const std::size_t dynamic = cu::topk_shared_bytes<T>(shared, N, k);
     auto* kernel = shared ? cu::gate_topk_kernel<T, true> : cu::gate_topk_kernel<T, false>;
-    kernel<<<unsigned(B), cu::topk_block, shared ? row_bytes : 0, s>>>(
+    MXD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(dynamic)));
+    kernel<<<unsigned(B), cu::topk_block, dynamic, s>>>(
         scores.data, scores.ld, b_gate.data, N, k, cand_idx, cand_val, idx.data, idx.ld, val.data,
         val.ld, ctx.nonfinite_position(), row0, relu);
     MXD_CUDA_LAUNCH_CHECK();

@@ -12,10 +12,12 @@
 /// a block scan over each thread's contiguous run of the row) are the selection; ranking them
 /// under the strict order (value desc, index asc) gives the CPU backend's result, bit for bit.
 ///
-/// Speed: the row's bit patterns stay in shared memory when they fit (one global read and
-/// write of the scores per row, instead of one read per pass), and a warp adds its equal
-/// digits with one atomic (the top digits of a row's scores fall in a few bins, so per-lane
-/// atomics queue on the same shared address).
+/// Speed: the row's bit patterns stay in shared memory when they fit: the scores are read from
+/// global memory once (several loads in flight per thread) and never written back; the first
+/// digit's histogram is counted while they load. A warp adds its equal digits with one atomic
+/// (the top digits of a row's scores fall in a few bins, so per-lane atomics queue on the same
+/// shared address); one warp finds each pass's digit with shuffles; the candidates are ranked
+/// in shared memory.
 ///
 /// A non-finite score (after the bias, before relu) is an error, as on the CPU: the pass that
 /// adds the bias lowers a device key to the first one's (row, expert), which the context
@@ -62,85 +64,161 @@ __device__ __forceinline__ double from_bits(unsigned long long b) {
 
 constexpr int topk_block = 512;
 
+/// Scores each thread loads at once while reading a row: enough requests in flight to keep
+/// HBM busy (one at a time left the load at about a third of the bandwidth).
+constexpr int topk_loads = 4;
+
 /// Largest k whose candidates are ranked inside the block (O(k^2 / threads) per row); above
 /// it the candidates are left in index order for a stable segmented sort by value.
 constexpr index_t topk_rank_limit = 1024;
 
-/// scores: [B, N] (biased, and with relu relu'd, in place), b_gate: [1, N], cand_idx,
-/// cand_val: [B, k] scratch, idx, val: [B, k] (row-major with leading dimensions ld_i, ld_v).
-/// One block per row; with Shared, N ordered bit patterns of dynamic shared memory. With
-/// k > topk_rank_limit only the candidates are written (in index order), not idx and val.
+/// Dynamic shared memory of gate_topk_kernel: the row's N bit patterns (with `row_in_shared`),
+/// then the k candidates' values and indices when the block ranks them (k <= topk_rank_limit).
+template <class T>
+std::size_t topk_shared_bytes(bool row_in_shared, index_t N, index_t k) {
+  using U = typename ordered_bits<T>::type;
+  return (row_in_shared ? std::size_t(N) * sizeof(U) : 0) +
+         (k <= topk_rank_limit ? std::size_t(k) * (sizeof(T) + sizeof(std::int32_t)) : 0);
+}
+
+// hist[digit] += 1 for each lane of the warp with `counted`, one atomic per distinct digit
+// (integer: exact). Every lane of the warp must call it.
+__device__ __forceinline__ void warp_count(unsigned int* hist, bool counted, unsigned digit,
+                                           int lane) {
+  const unsigned voters = __ballot_sync(0xffffffffu, counted);
+  if (counted) {
+    const unsigned peers = __match_any_sync(voters, digit);
+    if (lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+  }
+}
+
+// Warp 0: the digit d whose bin holds the `remaining`-th largest pattern counting from bin 255,
+// and the count above it; the same as the serial scan
+//   d = 255; above = 0; while (d > 0 && above + hist[d] < remaining) above += hist[d--];
+// in a few shuffles (each lane sums 8 bins; a suffix scan over lanes finds the lane). Writes
+// the next prefix, the count still needed from bin d, and whether bin d is taken whole.
+template <class U>
+__device__ __forceinline__ void select_digit(const unsigned int* hist, unsigned remaining, U prefix,
+                                             int shift, int lane, U& next_prefix,
+                                             unsigned& next_remaining, bool& whole_bin) {
+  unsigned own[8], sum = 0;
+#pragma unroll
+  for (int m = 0; m < 8; ++m) sum += own[m] = hist[8 * lane + m];
+  unsigned suffix = sum;  // bins of this lane and every lane above it
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned t = __shfl_down_sync(0xffffffffu, suffix, off);
+    if (lane + off < 32) suffix += t;
+  }
+  const unsigned holds = __ballot_sync(0xffffffffu, suffix >= remaining);
+  const int target = holds ? 31 - __clz(holds) : 0;  // the highest such lane; 0 as the scan
+  if (lane != target) return;
+  unsigned above = suffix - sum;
+  int d = 8 * lane;
+  bool found = false;
+#pragma unroll
+  for (int m = 7; m > 0; --m) {
+    if (found) continue;
+    if (above + own[m] < remaining) above += own[m];
+    else {
+      d = 8 * lane + m;
+      found = true;
+    }
+  }
+  next_prefix = prefix | (static_cast<U>(d) << shift);
+  next_remaining = remaining - above;
+  whole_bin = hist[d] == remaining - above;
+}
+
+/// scores: [B, N] (with RowInShared only read; without, biased and with relu relu'd in place),
+/// b_gate: [1, N], cand_idx, cand_val: [B, k] scratch (for k > topk_rank_limit), idx, val:
+/// [B, k] (row-major with leading dimensions ld_i, ld_v). One block per row; dynamic shared
+/// memory as topk_shared_bytes says. With k > topk_rank_limit only the candidates are written
+/// (in index order), not idx and val.
 /// nonfinite: lowered by atomicMin to row << 32 | expert of each row's first non-finite score,
 /// the row counted from row0 (the view's first row in the caller's batch).
-template <class T, bool Shared>
-__global__ void __launch_bounds__(topk_block)
+template <class T, bool RowInShared>
+__global__ void __launch_bounds__(topk_block, 2)
     gate_topk_kernel(T* scores, index_t ld_s, const T* b_gate, index_t N, index_t k,
                      std::int32_t* cand_idx, T* cand_val, std::int32_t* idx, index_t ld_i, T* val,
                      index_t ld_v, unsigned long long* nonfinite, index_t row0, bool relu) {
   using U = typename ordered_bits<T>::type;
+  constexpr int top = static_cast<int>(sizeof(U)) * 8 - 8;  // shift of the first digit
   using Scan = cub::BlockScan<int, topk_block>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ unsigned int hist[256];
   __shared__ U shared_prefix;
-  __shared__ index_t shared_remaining;
+  __shared__ unsigned shared_remaining;
   __shared__ bool shared_whole_bin;
-  extern __shared__ __align__(16) unsigned char row_storage[];
-  U* row_bits = reinterpret_cast<U*>(row_storage);
+  extern __shared__ __align__(16) unsigned char dynamic_storage[];
+  U* row_bits = reinterpret_cast<U*>(dynamic_storage);
 
   const index_t r = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32;
+  const bool ranked = k <= topk_rank_limit;
+  T* cv = ranked ? reinterpret_cast<T*>(dynamic_storage + (RowInShared ? N * sizeof(U) : 0))
+                 : cand_val + r * k;
+  std::int32_t* ci = ranked ? reinterpret_cast<std::int32_t*>(cv + k) : cand_idx + r * k;
   T* s = scores + r * ld_s;
   const auto bits_at = [&](index_t i) -> U {
-    if constexpr (Shared) return row_bits[i];
+    if constexpr (RowInShared) return row_bits[i];
     else return to_bits(s[i]);
   };
-  bool flagged = false;  // this thread's first non-finite score is its lowest expert
-  for (index_t i = tid; i < N; i += topk_block) {
-    const T v = s[i] + b_gate[i];
-    if (!flagged && !isfinite(v)) {
-      flagged = true;
-      atomicMin(nonfinite, static_cast<unsigned long long>(row0 + r) << 32 |
-                               static_cast<unsigned long long>(i));
-    }
-    // +0 for -0 and NaN (and with relu for negatives): the bit patterns stay ordered.
-    const T kept = v > T(0) || (!relu && v < T(0)) ? v : T(0);
-    s[i] = kept;
-    if constexpr (Shared) row_bits[i] = to_bits(kept);
-  }
+
+  // Bias, relu and the non-finite check, with the first digit's histogram. Thread tid visits
+  // i = tid (mod topk_block) in increasing order: its first non-finite score is its lowest.
+  for (int i = tid; i < 256; i += topk_block) hist[i] = 0;
   __syncthreads();
+  bool flagged = false;
+  for (index_t base = 0; base < N; base += index_t(topk_block) * topk_loads) {  // uniform
+    T v[topk_loads];
+#pragma unroll
+    for (int u = 0; u < topk_loads; ++u) {  // the loads first, all in flight together
+      const index_t i = base + u * topk_block + tid;
+      v[u] = i < N ? (RowInShared ? __ldcs(s + i) : s[i]) + b_gate[i] : T(0);
+    }
+#pragma unroll
+    for (int u = 0; u < topk_loads; ++u) {
+      const index_t i = base + u * topk_block + tid;
+      U b = 0;
+      if (i < N) {
+        if (!flagged && !isfinite(v[u])) {
+          flagged = true;
+          atomicMin(nonfinite, static_cast<unsigned long long>(row0 + r) << 32 |
+                                   static_cast<unsigned long long>(i));
+        }
+        // +0 for -0 and NaN (and with relu for negatives): the bit patterns stay ordered.
+        const T kept = v[u] > T(0) || (!relu && v[u] < T(0)) ? v[u] : T(0);
+        b = to_bits(kept);
+        if constexpr (RowInShared) row_bits[i] = b;
+        else s[i] = kept;
+      }
+      warp_count(hist, i < N, static_cast<unsigned>(b >> top), lane);
+    }
+  }
 
   // Radix select: after the pass for `shift`, the patterns p with (p & mask) == prefix hold the
   // k-th largest, and `remaining` of them belong to the top k (all of them once whole_bin).
   U prefix = 0, mask = 0;
-  index_t remaining = k;
-  for (int shift = static_cast<int>(sizeof(U)) * 8 - 8; shift >= 0; shift -= 8) {
+  unsigned remaining = static_cast<unsigned>(k);
+  for (int shift = top;; shift -= 8) {
+    __syncthreads();  // the histogram of digit `shift` is complete
+    if (tid < 32)
+      select_digit(hist, remaining, prefix, shift, lane, shared_prefix, shared_remaining,
+                   shared_whole_bin);
+    __syncthreads();
+    prefix = shared_prefix;
+    remaining = shared_remaining;
+    mask |= static_cast<U>(255) << shift;
+    if (shared_whole_bin || shift == 0) break;
     for (int i = tid; i < 256; i += topk_block) hist[i] = 0;
     __syncthreads();
     for (index_t base = 0; base < N; base += topk_block) {  // uniform: the warp votes together
       const index_t i = base + tid;
       const U b = i < N ? bits_at(i) : U(0);
-      const bool counted = i < N && (b & mask) == prefix;
-      const unsigned digit = static_cast<unsigned>(b >> shift) & 255u;
-      const unsigned voters = __ballot_sync(0xffffffffu, counted);
-      if (counted) {
-        const unsigned peers = __match_any_sync(voters, digit);
-        if (lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));  // integer: exact
-      }
+      warp_count(hist, i < N && (b & mask) == prefix,
+                 static_cast<unsigned>(b >> (shift - 8)) & 255u, lane);
     }
-    __syncthreads();
-    if (tid == 0) {
-      index_t above = 0;
-      int d = 255;
-      for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
-      shared_prefix = prefix | (static_cast<U>(d) << shift);
-      shared_remaining = remaining - above;
-      shared_whole_bin = hist[d] == remaining - above;
-    }
-    __syncthreads();
-    prefix = shared_prefix;
-    remaining = shared_remaining;
-    mask |= static_cast<U>(255) << shift;
-    if (shared_whole_bin) break;
   }
 
   // Collect, in index order, every pattern above the bin and the first `remaining` in it. Each
@@ -158,9 +236,7 @@ __global__ void __launch_bounds__(topk_block)
   Scan(scan_storage).ExclusiveSum(above, above_before);
   __syncthreads();
   Scan(scan_storage).ExclusiveSum(equal, equal_before);
-  T* cv = cand_val + r * k;
-  std::int32_t* ci = cand_idx + r * k;
-  index_t slot = above_before + min(index_t(equal_before), remaining);
+  index_t slot = above_before + min(index_t(equal_before), index_t(remaining));
   index_t equal_seen = equal_before;
   for (index_t i = begin; i < end; ++i) {
     const U full = bits_at(i), b = full & mask;
@@ -172,10 +248,11 @@ __global__ void __launch_bounds__(topk_block)
       ++slot;
     }
   }
-  if (k > topk_rank_limit) return;
+  if (!ranked) return;
   __syncthreads();
 
-  // Rank each candidate under (value desc, index asc): O(k^2 / threads) per row.
+  // Rank each candidate under (value desc, index asc): O(k^2 / threads) per row, from shared
+  // memory.
   for (index_t c = tid; c < k; c += topk_block) {
     const T v = cv[c];
     const std::int32_t id = ci[c];
