@@ -197,7 +197,7 @@ __global__ void segment_offsets_kernel(const Key* sorted, index_t P, index_t N,
 }
 
 // Columns each thread of a gather sums at once: that many independent loads in flight per
-// gathered row (one at a time left the gathers waiting on memory latency).
+// gathered row, where a loop over one column at a time waits on each row's load in turn.
 constexpr int gather_cols = 4;
 
 // out(n, c) (+)= sum over i in [0, count) of weight(i) rows(row(i), c), in order of i, for

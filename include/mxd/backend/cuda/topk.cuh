@@ -64,8 +64,8 @@ __device__ __forceinline__ double from_bits(unsigned long long b) {
 
 constexpr int topk_block = 512;
 
-/// Scores each thread loads at once while reading a row: enough requests in flight to keep
-/// HBM busy (one at a time left the load at about a third of the bandwidth).
+/// Scores each thread loads at once while reading a row: with one at a time, the two blocks of
+/// 512 threads an SM holds at GPT-2's N keep too few bytes in flight to cover HBM's latency.
 constexpr int topk_loads = 4;
 
 /// Largest k whose candidates are ranked inside the block (O(k^2 / threads) per row); above
