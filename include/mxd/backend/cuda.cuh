@@ -54,11 +54,16 @@ private:
   std::size_t bytes_ = 0;
 };
 
+// Every kernel in these headers is a template, so several .cu files of one program can include
+// them: a plain __global__ function's host stub would be defined in each.
+
 // dst[0, n) = bf16(src[0, n)), four at a time (src 16-byte aligned, dst 8-byte aligned).
-__global__ void to_bf16_flat_kernel(const float4* src, index_t n4, __nv_bfloat162* dst) {
+// V: float4.
+template <class V>
+__global__ void to_bf16_flat_kernel(const V* src, index_t n4, __nv_bfloat162* dst) {
   for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < n4;
        e += index_t(gridDim.x) * blockDim.x) {
-    const float4 f = __ldg(src + e);
+    const V f = __ldg(src + e);
     dst[2 * e] = __floats2bfloat162_rn(f.x, f.y);
     dst[2 * e + 1] = __floats2bfloat162_rn(f.z, f.w);
   }
@@ -66,7 +71,8 @@ __global__ void to_bf16_flat_kernel(const float4* src, index_t n4, __nv_bfloat16
 
 // dst = bf16(src), contiguous, from a strided or unaligned src: [rows, cols] with leading
 // dimension ld. Rows over blockIdx.y (grid-strided), columns over threads: no division.
-__global__ void to_bf16_rows_kernel(const float* src, index_t ld, index_t rows, index_t cols,
+template <class S>
+__global__ void to_bf16_rows_kernel(const S* src, index_t ld, index_t rows, index_t cols,
                                     __nv_bfloat16* dst) {
   for (index_t r = blockIdx.y; r < rows; r += gridDim.y)
     for (index_t c = blockIdx.x * index_t(blockDim.x) + threadIdx.x; c < cols;
@@ -496,14 +502,14 @@ struct backend<cuda> {
     const index_t n = src.size();
     if (n == 0) return;
     if (src.contiguous() && n % 4 == 0 && reinterpret_cast<std::uintptr_t>(src.data) % 16 == 0) {
-      MXD_CUDA_LAUNCH(cu::to_bf16_flat_kernel, cu::grid_for(n / 4, block), block, ctx.stream(),
-                      reinterpret_cast<const float4*>(src.data), n / 4,
+      MXD_CUDA_LAUNCH(cu::to_bf16_flat_kernel<float4>, cu::grid_for(n / 4, block), block,
+                      ctx.stream(), reinterpret_cast<const float4*>(src.data), n / 4,
                       reinterpret_cast<__nv_bfloat162*>(dst));
       return;
     }
     const dim3 grid(cu::grid_for(src.cols, block), unsigned(src.rows < 65535 ? src.rows : 65535));
-    cu::to_bf16_rows_kernel<<<grid, block, 0, ctx.stream()>>>(src.data, src.ld, src.rows,
-                                                              src.cols, dst);
+    cu::to_bf16_rows_kernel<float><<<grid, block, 0, ctx.stream()>>>(src.data, src.ld, src.rows,
+                                                                     src.cols, dst);
     MXD_CUDA_LAUNCH_CHECK();
   }
 
