@@ -551,7 +551,8 @@ struct backend<cuda> {
           static_cast<const std::int32_t*>(nullptr), static_cast<std::int32_t*>(nullptr),
           int(B * k), int(B), static_cast<const int*>(nullptr), static_cast<const int*>(nullptr),
           ctx.stream()));
-    const index_t sorted = sort ? B * k : 0;  // below, the block ranks its candidates itself
+    // Scratch only for the sort: up to topk_rank_limit the kernel ranks in shared memory.
+    const index_t sorted = sort ? B * k : 0;
     cu::ScratchCarver plan;
     plan.reserve<std::int32_t>(sorted);
     plan.reserve<T>(sorted);
