@@ -29,10 +29,13 @@ import lm  # noqa: E402
 
 # train_sentences 0: every short training fortune (11,964); 800 gave 20k rows, 60 epochs by 2400
 # steps, too few to train to a plateau. scaling_steps: k = 32 continued until the transcoders'
-# FVU stopped improving (about 6% or less for the last doubling, mean of three seeds).
+# FVU stopped improving (about 6% or less for the last doubling, mean of three seeds), and one
+# doubling further, because MxD's had not. sweep_steps: every k continued to a second length, a
+# k sweep past the first quarter epoch (k = 32's run there is the scaling chain's).
 CONFIG = dict(layer=3, max_length=64, train_sentences=0, eval_sentences=300, ks=[8, 16, 32, 64],
               hidden=1536, expansion=8, steps=150, batch=512, lr=4e-4, warmup=15,
-              scaling_k=32, scaling_steps=[600, 2400, 9600, 19200], seeds=[0, 1, 2])
+              scaling_k=32, scaling_steps=[600, 2400, 9600, 19200, 38400], sweep_steps=2400,
+              seeds=[0, 1, 2])
 FIRST_DUMP_SENTENCES = 800  # what a dump made before dump.json was written holds
 
 
@@ -258,9 +261,20 @@ def load_held_tokens(out, model, tok, held, c):
     return {n: v if n == "a" else v.long() for n, v in lm.load_file(path)[0].items()}  # saved as F32, exact
 
 
-def by_method(item):  # an aggregate's (key, stats) in the tables' order: method, then k or steps
-    (method, n), _ = item
-    return layers.METHODS.index(method), n
+def by_method(item):  # an aggregate's (key, stats) in the tables' order: method, then the rest of the key
+    key, _ = item
+    return layers.METHODS.index(key[0]), *key[1:]
+
+
+def k_sweep_table(rows):
+    """rows: one per (method, k, steps, seed); each cell the mean ± std over the seeds."""
+    lines = ["| method | steps | k | params | seeds | cosine to original | nearest neighbour kept | FVU (tool) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    agg = layers.aggregate(rows, ("method", "steps", "k"), ("cosine", "nn_agreement", "fvu"))
+    for (method, steps, k), a in sorted(agg.items(), key=by_method):
+        lines.append(f"| {method} | {steps} | {k} | {a['params']} | {a['n']} | {layers.pm(a['cosine'])} | "
+                     f"{layers.pm(a['nn_agreement'], 3)} | {layers.pm(a['fvu'])} |")
+    return lines
 
 
 LENGTH_STATS = ("tool_fvu", "fvu", "fvu_without_dim", "block_fvu", "pooled_cosine", "cosine", "nn_agreement")
@@ -383,12 +397,17 @@ def main(argv=None):
     ap.add_argument("--scaling-steps", type=int, nargs="*", default=CONFIG["scaling_steps"],
                     help=f"k = {CONFIG['scaling_k']}'s runs continued (--resume) to these lengths and "
                          f"judged by diagnose and by the sentence embeddings (default {' '.join(map(str, CONFIG['scaling_steps']))})")
+    ap.add_argument("--sweep-steps", type=int, default=CONFIG["sweep_steps"],
+                    help=f"every k's runs continued (--resume) to this length too, a second k sweep (default "
+                         f"{CONFIG['sweep_steps']}; 0: none)")
     ap.add_argument("--seeds", type=int, nargs="+", default=CONFIG["seeds"],
                     help=f"`mxd train --seed` of every layer (default {' '.join(map(str, CONFIG['seeds']))})")
     ap.add_argument("--train-sentences", type=int, default=CONFIG["train_sentences"],
                     help="training fortunes dumped (default 0: all 11,964 short ones); an --out "
                          "holds one dump, so another count needs another --out")
     args = ap.parse_args(argv)
+    if args.sweep_steps and args.sweep_steps <= args.steps:
+        raise SystemExit(f"--sweep-steps {args.sweep_steps} must be 0 or more than --steps {args.steps}")
     c = dict(CONFIG, train_sentences=args.train_sentences)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -419,6 +438,11 @@ def main(argv=None):
             d = run_dir(out, baseline, k, args.steps, seed)
             tool = layers.train_tool(args.mxd, acts, d, c, k, args.steps, seed, args.threads, log, flags=flags)
             trained += [(name, k, args.steps, seed, d, tool) for name in names]
+            if args.sweep_steps:  # constant lr after warm-up: the same run as the scaling chain's at k = 32
+                d2 = run_dir(out, baseline, k, args.sweep_steps, seed)
+                tool2 = layers.train_tool(args.mxd, acts, d2, c, k, args.sweep_steps, seed, args.threads, log,
+                                          resume=d, flags=flags)
+                trained += [(name, k, args.sweep_steps, seed, d2, tool2) for name in names]
             if k != c["scaling_k"]:
                 continue
             scaling += [(name, k, args.steps, seed, d, tool) for name in names]
@@ -454,7 +478,7 @@ def main(argv=None):
                          nn_agreement=agree, fvu=fvu))
         log(f"  {name:16s} k={k:3d} seed {seed} steps={steps:5d} cosine {cos:.4f} nn kept {agree:.3f} fvu {fvu:.4f}")
     diagnosis = run_diagnosis(model, tok, held, c, out, acts, ref,
-                              [r for r in rows if r["seed"] == args.seeds[0]], log)
+                              [r for r in rows if r["seed"] == args.seeds[0] and r["steps"] == args.steps], log)
     tokens = load_held_tokens(out, model, tok, held, c)
     training_length = []
     for name, k, steps, seed, d, tool in scaling:
@@ -467,20 +491,17 @@ def main(argv=None):
                                     **{n: r[n] for n in ("fvu", "block_fvu", "block_cosine", "pooled_cosine", "outlier_dimension")}))
         log(f"  {name:16s} k={k:3d} seed {seed} steps={steps:5d} fvu {r['fvu']:.4f} block fvu {r['block_fvu']:.4f} "
             f"pooled cosine {r['pooled_cosine']:.4f} cosine {cos:.4f} nn kept {agree:.3f}")
-    result = {"config": c, "ks": args.ks, "seeds": args.seeds, "steps": args.steps, "scaling_steps": args.scaling_steps,
+    result = {"config": c, "ks": args.ks, "seeds": args.seeds, "steps": args.steps, "sweep_steps": args.sweep_steps,
+              "scaling_steps": args.scaling_steps,
               "mean_ablated": {"cosine": abl[0], "nn_agreement": abl[1]}, "held_out_sentences": len(held),
               "train_sentences": len(train), "rows": rows, "diagnosis": diagnosis, "training_length": training_length}
     layers.write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     lines = [f"all-MiniLM-L6-v2, layer {c['layer']}'s MLP replaced; {len(held)} held-out fortunes; "
              f"mean-ablated MLP: cosine {abl[0]:.4f}, nearest neighbour kept {abl[1]:.3f}; each layer trained "
-             f"{args.steps} steps of {c['batch']} rows on the tokens of {len(train)} training fortunes, with "
-             f"each of seeds {', '.join(map(str, args.seeds))} (mean ± sample std over them).", "",
-             "| method | k | params | seeds | cosine to original | nearest neighbour kept | FVU (tool) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    agg = layers.aggregate(rows, ("method", "k"), ("cosine", "nn_agreement", "fvu"))
-    for (method, k), a in sorted(agg.items(), key=by_method):
-        lines.append(f"| {method} | {k} | {a['params']} | {a['n']} | {layers.pm(a['cosine'])} | "
-                     f"{layers.pm(a['nn_agreement'], 3)} | {layers.pm(a['fvu'])} |")
+             f"{args.steps} steps of {c['batch']} rows on the tokens of {len(train)} training fortunes"
+             + (f" and continued to {args.sweep_steps}" if args.sweep_steps else "") + ", with "
+             f"each of seeds {', '.join(map(str, args.seeds))} (mean ± sample std over them).", ""]
+    lines += k_sweep_table(rows)
     if diagnosis:
         lines += ["", f"The diagnosis below is of seed {args.seeds[0]}'s layers."]
     lines += diagnosis_table(diagnosis) + training_length_table(training_length)

@@ -95,6 +95,15 @@ def main():
                          "| mxd | 600 | 2 | 0.1600 ± 0.0141 | -23.8% | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | "
                          "0.1000 ± 0.0000 | 0.9800 ± 0.0000 | 0.9700 ± 0.0000 | 0.680 ± 0.000 |"],
           "over seeds, each cell is the mean ± std and the change is the means'")
+    sweep = [dict(method=m, k=k, steps=st, seed=sd, params=10, cosine=0.9 + sd / 100, nn_agreement=0.5, fvu=0.1)
+             for m in ("topk_transcoder", "mxd") for st in (2400, 150) for k in (64, 8) for sd in (0, 1)]
+    table = minilm.k_sweep_table(sweep)
+    check([line.split(" | ")[:3] for line in table[2:]] ==
+          [["| mxd", "150", "8"], ["| mxd", "150", "64"], ["| mxd", "2400", "8"], ["| mxd", "2400", "64"],
+           ["| topk_transcoder", "150", "8"], ["| topk_transcoder", "150", "64"],
+           ["| topk_transcoder", "2400", "8"], ["| topk_transcoder", "2400", "64"]]
+          and table[2].endswith("| 10 | 2 | 0.9050 ± 0.0071 | 0.500 ± 0.000 | 0.1000 ± 0.0000 |"),
+          "the k sweep's table: a row per method, length and k in that order, each over the seeds")
     print("1 passed, 0 failed")
 
 
