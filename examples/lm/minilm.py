@@ -499,7 +499,7 @@ def main(argv=None):
     lines = [f"all-MiniLM-L6-v2, layer {c['layer']}'s MLP replaced; {len(held)} held-out fortunes; "
              f"mean-ablated MLP: cosine {abl[0]:.4f}, nearest neighbour kept {abl[1]:.3f}; each layer trained "
              f"{args.steps} steps of {c['batch']} rows on the tokens of {len(train)} training fortunes"
-             + (f" and continued to {args.sweep_steps}" if args.sweep_steps else "") + ", with "
+             + (f" and continued to {args.sweep_steps} steps" if args.sweep_steps else "") + ", with "
              f"each of seeds {', '.join(map(str, args.seeds))} (mean ± sample std over them).", ""]
     lines += k_sweep_table(rows)
     if diagnosis:
